@@ -1,0 +1,1 @@
+//! ces-stream: live customer engagement scores.
