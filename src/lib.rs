@@ -1,1 +1,19 @@
-//! ces-stream: live customer engagement scores.
+//! ces-stream: live customer engagement scores from a Kafka clickstream.
+//!
+//! The crate is a functional core with an imperative shell around it:
+//!
+//! - core, pure and deterministic: [`model`] (the validated scoring model),
+//!   [`event`] (input parsing and reason codes), [`customers`] (compact
+//!   per-customer state), [`engine`] (scoring, sweeps, signals) and
+//!   [`output`] (output JSON);
+//! - shell: [`config`] (the file), [`replay`] (files), and the command line
+//!   in `main.rs`.
+
+pub mod config;
+pub mod customers;
+pub mod engine;
+pub mod event;
+pub mod model;
+pub mod output;
+pub mod replay;
+pub mod timestamp;

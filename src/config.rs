@@ -1,0 +1,864 @@
+//! The configuration file: its TOML format, its defaults, and its validation
+//! into the runtime [`Settings`] that the rest of the program trusts.
+//!
+//! The raw structs mirror the file one to one (`deny_unknown_fields`
+//! everywhere, so a typo is an error, not a silently ignored key). Every value
+//! is checked once, here, and any problem is reported with the key path and
+//! the reason before a single event is read.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    quote_key, Churn, Diversity, InputFormat, Model, ModelError, ModelParts, Normalization,
+    Signals, Tier,
+};
+use crate::timestamp::{duration_millis, Millis};
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("invalid config file {path}: {key}: {message}")]
+    Syntax {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A value is well-formed but not acceptable.
+    #[error("invalid config file {path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// A duration written as a humantime string (`"90s"`, `"1h"`, `"14d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let trimmed = text.trim();
+        if trimmed.starts_with('-') {
+            return Err(serde::de::Error::custom(format!(
+                "duration \"{text}\" is negative"
+            )));
+        }
+        humantime::parse_duration(trimmed)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{text}\": {e}")))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// The whole file. Only `[scoring.activities]` is required.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub scoring: RawScoring,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<Vec<RawTier>>,
+    #[serde(default)]
+    pub signals: RawSignals,
+    #[serde(default)]
+    pub input: RawInput,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawScoring {
+    /// Default 14d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_life: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalization: Option<RawNormalization>,
+    pub activities: IndexMap<String, RawActivity>,
+    /// Absent: no cross-channel bonus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<RawDiversity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormalizationKind {
+    Saturating,
+    Linear,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNormalization {
+    /// Default `saturating`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<NormalizationKind>,
+    /// Saturating only; default 40.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_score_at: Option<f64>,
+    /// Linear only; default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActivity {
+    /// Points per event; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+    /// Points per unit of the event's `value`; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_weight: Option<f64>,
+    /// Upper bound of the activity's decayed contribution; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<f64>,
+    /// Default `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiversity {
+    /// Default 30d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<HumanDuration>,
+    /// Default 0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bonus_per_channel: Option<f64>,
+    /// Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_channels: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSignals {
+    /// Default 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_interval: Option<HumanDuration>,
+    /// Default 5.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_delta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<RawChurn>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChurn {
+    /// Default 30d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lookback: Option<HumanDuration>,
+    /// Default 40.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_peak: Option<f64>,
+    /// Default 0.4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_ratio: Option<f64>,
+    /// Default 14d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactivity: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInput {
+    /// Default `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<InputFormat>,
+    /// Default 65536.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_bytes: Option<i64>,
+    /// Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_future_skew: Option<HumanDuration>,
+    /// Default 30d.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lateness: Option<HumanDuration>,
+    /// Segment `track` event name -> activity name.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub segment_events: IndexMap<String, String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model: Model,
+}
+
+const DAY: u64 = 86_400;
+
+impl Settings {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Settings::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let raw = parse_raw(text, path)?;
+        let model = build_model(&raw).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: e.key,
+            reason: e.reason,
+        })?;
+        Ok(Settings { model })
+    }
+
+    /// The configuration as it is in effect, every default filled in, as
+    /// TOML that loads back to the same settings.
+    pub fn effective_toml(&self) -> String {
+        let raw = effective_raw(&self.model);
+        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+    let syntax = |key: String, mut e: toml::de::Error| {
+        e.set_input(Some(text));
+        ConfigError::Syntax {
+            path: path.to_path_buf(),
+            key: if key.is_empty() || key == "." {
+                "(file)".into()
+            } else {
+                key
+            },
+            message: e.to_string().trim_end().to_string(),
+        }
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(String::new(), e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        syntax(key, e.into_inner())
+    })
+}
+
+/// A per-value check: `Err(reason)` becomes `ConfigError::Invalid` at `key`.
+fn check(key: &str, ok: bool, reason: &str) -> Result<(), ModelError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+fn millis(key: &str, d: Option<HumanDuration>, default: Duration) -> Result<Millis, ModelError> {
+    duration_millis(d.map_or(default, |d| d.0)).map_err(|reason| ModelError {
+        key: key.to_string(),
+        reason,
+    })
+}
+
+fn finite(key: &str, v: f64) -> Result<f64, ModelError> {
+    check(key, v.is_finite(), "must be a finite number")?;
+    Ok(v)
+}
+
+fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
+    let s = &raw.scoring;
+    let half_life = millis(
+        "scoring.half_life",
+        s.half_life,
+        Duration::from_secs(14 * DAY),
+    )?;
+    check("scoring.half_life", half_life > 0, "must be positive")?;
+
+    let normalization = build_normalization(s.normalization.as_ref())?;
+
+    let mut activities = Vec::with_capacity(s.activities.len());
+    for (name, a) in &s.activities {
+        let key = format!("scoring.activities.{}", quote_key(name));
+        check(&key, !name.is_empty(), "activity names cannot be empty")?;
+        let weight = finite(&format!("{key}.weight"), a.weight.unwrap_or(0.0))?;
+        let value_weight = finite(
+            &format!("{key}.value_weight"),
+            a.value_weight.unwrap_or(0.0),
+        )?;
+        if let Some(cap) = a.cap {
+            let key = format!("{key}.cap");
+            finite(&key, cap)?;
+            check(&key, cap > 0.0, &format!("must be > 0, got {cap}"))?;
+        }
+        if let Some(channel) = &a.channel {
+            check(
+                &format!("{key}.channel"),
+                !channel.is_empty(),
+                "channel names cannot be empty",
+            )?;
+        }
+        activities.push((name.clone(), weight, value_weight, a.cap, a.channel.clone()));
+    }
+
+    let diversity = match &s.diversity {
+        None => None,
+        Some(d) => {
+            let window = millis(
+                "scoring.diversity.window",
+                d.window,
+                Duration::from_secs(30 * DAY),
+            )?;
+            check("scoring.diversity.window", window > 0, "must be positive")?;
+            let bonus_per_channel = finite(
+                "scoring.diversity.bonus_per_channel",
+                d.bonus_per_channel.unwrap_or(0.1),
+            )?;
+            check(
+                "scoring.diversity.bonus_per_channel",
+                bonus_per_channel >= 0.0,
+                "must be >= 0",
+            )?;
+            let max_channels = d.max_channels.unwrap_or(4);
+            check(
+                "scoring.diversity.max_channels",
+                (1..=255).contains(&max_channels),
+                "must be between 1 and 255",
+            )?;
+            Some(Diversity {
+                window,
+                bonus_per_channel,
+                max_channels: max_channels as u32,
+            })
+        }
+    };
+
+    let tiers = build_tiers(raw.tiers.as_deref())?;
+    let signals = build_signals(&raw.signals)?;
+
+    let i = &raw.input;
+    let max_event_bytes = i.max_event_bytes.unwrap_or(65_536);
+    check(
+        "input.max_event_bytes",
+        max_event_bytes > 0,
+        "must be positive",
+    )?;
+    let max_future_skew = millis(
+        "input.max_future_skew",
+        i.max_future_skew,
+        Duration::from_secs(300),
+    )?;
+    let max_lateness = millis(
+        "input.max_lateness",
+        i.max_lateness,
+        Duration::from_secs(30 * DAY),
+    )?;
+    let segment_events = i
+        .segment_events
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+
+    Model::new(ModelParts {
+        half_life,
+        normalization,
+        activities,
+        diversity,
+        tiers,
+        signals,
+        format: i.format.unwrap_or(InputFormat::Auto),
+        max_event_bytes: usize::try_from(max_event_bytes).unwrap_or(usize::MAX),
+        max_future_skew,
+        max_lateness,
+        segment_events,
+    })
+}
+
+fn build_normalization(n: Option<&RawNormalization>) -> Result<Normalization, ModelError> {
+    let n = n.cloned().unwrap_or_default();
+    match n.kind.unwrap_or(NormalizationKind::Saturating) {
+        NormalizationKind::Saturating => {
+            check(
+                "scoring.normalization.max",
+                n.max.is_none(),
+                "only applies to kind = \"linear\"",
+            )?;
+            let half = finite(
+                "scoring.normalization.half_score_at",
+                n.half_score_at.unwrap_or(40.0),
+            )?;
+            check(
+                "scoring.normalization.half_score_at",
+                half > 0.0,
+                "must be > 0",
+            )?;
+            Ok(Normalization::Saturating {
+                half_score_at: half,
+            })
+        }
+        NormalizationKind::Linear => {
+            check(
+                "scoring.normalization.half_score_at",
+                n.half_score_at.is_none(),
+                "only applies to kind = \"saturating\"",
+            )?;
+            let max = finite("scoring.normalization.max", n.max.unwrap_or(100.0))?;
+            check("scoring.normalization.max", max > 0.0, "must be > 0")?;
+            Ok(Normalization::Linear { max })
+        }
+    }
+}
+
+fn default_tiers() -> Vec<Tier> {
+    vec![
+        Tier {
+            name: "very_disengaged".into(),
+            above: None,
+        },
+        Tier {
+            name: "somewhat_engaged".into(),
+            above: Some(40.0),
+        },
+        Tier {
+            name: "very_engaged".into(),
+            above: Some(75.0),
+        },
+    ]
+}
+
+fn build_tiers(raw: Option<&[RawTier]>) -> Result<Vec<Tier>, ModelError> {
+    let Some(raw) = raw else {
+        return Ok(default_tiers());
+    };
+    check("tiers", !raw.is_empty(), "at least one tier is required")?;
+    let mut tiers: Vec<Tier> = Vec::with_capacity(raw.len());
+    for (i, t) in raw.iter().enumerate() {
+        let key = format!("tiers[{i}]");
+        check(
+            &format!("{key}.name"),
+            !t.name.is_empty(),
+            "tier names cannot be empty",
+        )?;
+        check(
+            &format!("{key}.name"),
+            !tiers.iter().any(|prev| *prev.name == *t.name),
+            &format!("duplicate tier name \"{}\"", t.name),
+        )?;
+        match (i, t.above) {
+            (0, Some(_)) => {
+                return Err(ModelError {
+                    key: format!("{key}.above"),
+                    reason: "the lowest tier has no bound; remove `above`".into(),
+                })
+            }
+            (0, None) => {}
+            (_, None) => {
+                return Err(ModelError {
+                    key: format!("{key}.above"),
+                    reason: "required for every tier but the first (the lowest)".into(),
+                })
+            }
+            (_, Some(above)) => {
+                let key = format!("{key}.above");
+                finite(&key, above)?;
+                check(&key, (0.0..100.0).contains(&above), "must be in [0, 100)")?;
+                if let Some(prev) = tiers.last().and_then(|p| p.above) {
+                    check(
+                        &key,
+                        above > prev,
+                        &format!(
+                            "tiers out of order: {above} is not above the previous tier's bound {prev}; list tiers from lowest to highest"
+                        ),
+                    )?;
+                }
+            }
+        }
+        tiers.push(Tier {
+            name: t.name.clone().into_boxed_str(),
+            above: t.above,
+        });
+    }
+    Ok(tiers)
+}
+
+fn build_signals(raw: &RawSignals) -> Result<Signals, ModelError> {
+    let sweep_interval = millis(
+        "signals.sweep_interval",
+        raw.sweep_interval,
+        Duration::from_secs(3600),
+    )?;
+    check(
+        "signals.sweep_interval",
+        sweep_interval > 0,
+        "must be positive",
+    )?;
+    let min_delta = finite("signals.min_delta", raw.min_delta.unwrap_or(5.0))?;
+    check("signals.min_delta", min_delta >= 0.0, "must be >= 0")?;
+    let c = raw.churn.clone().unwrap_or_default();
+    let lookback = millis(
+        "signals.churn.lookback",
+        c.lookback,
+        Duration::from_secs(30 * DAY),
+    )?;
+    let min_peak = finite("signals.churn.min_peak", c.min_peak.unwrap_or(40.0))?;
+    check(
+        "signals.churn.min_peak",
+        (0.0..=100.0).contains(&min_peak),
+        "must be in [0, 100]",
+    )?;
+    let drop_ratio = finite("signals.churn.drop_ratio", c.drop_ratio.unwrap_or(0.4))?;
+    check(
+        "signals.churn.drop_ratio",
+        drop_ratio > 0.0 && drop_ratio <= 1.0,
+        "must be in (0, 1]",
+    )?;
+    let inactivity = millis(
+        "signals.churn.inactivity",
+        c.inactivity,
+        Duration::from_secs(14 * DAY),
+    )?;
+    check(
+        "signals.churn.inactivity",
+        inactivity > 0,
+        "must be positive",
+    )?;
+    Ok(Signals {
+        sweep_interval,
+        min_delta,
+        churn: Churn {
+            lookback,
+            min_peak,
+            drop_ratio,
+            inactivity,
+        },
+    })
+}
+
+fn dur(ms: Millis) -> Option<HumanDuration> {
+    Some(HumanDuration(Duration::from_millis(ms.max(0) as u64)))
+}
+
+/// The raw form of a model with every default written out.
+fn effective_raw(m: &Model) -> RawConfig {
+    let normalization = match m.normalization {
+        Normalization::Saturating { half_score_at } => RawNormalization {
+            kind: Some(NormalizationKind::Saturating),
+            half_score_at: Some(half_score_at),
+            max: None,
+        },
+        Normalization::Linear { max } => RawNormalization {
+            kind: Some(NormalizationKind::Linear),
+            half_score_at: None,
+            max: Some(max),
+        },
+    };
+    let activities = m
+        .activities
+        .iter()
+        .map(|a| {
+            (
+                a.name.to_string(),
+                RawActivity {
+                    weight: Some(a.weight),
+                    value_weight: Some(a.value_weight),
+                    cap: a.cap,
+                    channel: Some(m.channels[usize::from(a.channel)].to_string()),
+                },
+            )
+        })
+        .collect();
+    let churn = m.signals.churn;
+    RawConfig {
+        scoring: RawScoring {
+            half_life: dur(m.half_life),
+            normalization: Some(normalization),
+            activities,
+            diversity: m.diversity.map(|d| RawDiversity {
+                window: dur(d.window),
+                bonus_per_channel: Some(d.bonus_per_channel),
+                max_channels: Some(i64::from(d.max_channels)),
+            }),
+        },
+        tiers: Some(
+            m.tiers
+                .iter()
+                .map(|t| RawTier {
+                    name: t.name.to_string(),
+                    above: t.above,
+                })
+                .collect(),
+        ),
+        signals: RawSignals {
+            sweep_interval: dur(m.signals.sweep_interval),
+            min_delta: Some(m.signals.min_delta),
+            churn: Some(RawChurn {
+                lookback: dur(churn.lookback),
+                min_peak: Some(churn.min_peak),
+                drop_ratio: Some(churn.drop_ratio),
+                inactivity: dur(churn.inactivity),
+            }),
+        },
+        input: RawInput {
+            format: Some(m.input.format),
+            max_event_bytes: Some(m.input.max_event_bytes as i64),
+            max_future_skew: dur(m.input.max_future_skew),
+            max_lateness: dur(m.input.max_lateness),
+            segment_events: m
+                .input
+                .segment_events
+                .iter()
+                .map(|(name, id)| {
+                    (
+                        name.to_string(),
+                        m.activities[usize::from(*id)].name.to_string(),
+                    )
+                })
+                .collect(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, Path::new("test.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        match load(text) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const MINIMAL: &str = "[scoring.activities]\npage_view = { weight = 1.0 }\n";
+
+    #[test]
+    fn minimal_file_gets_spec_defaults() {
+        let m = load(MINIMAL).unwrap().model;
+        assert_eq!(m.half_life, 14 * 86_400_000);
+        assert_eq!(
+            m.normalization,
+            Normalization::Saturating {
+                half_score_at: 40.0
+            }
+        );
+        assert_eq!(m.diversity, None);
+        let names: Vec<_> = m.tiers.iter().map(|t| &*t.name).collect();
+        assert_eq!(
+            names,
+            ["very_disengaged", "somewhat_engaged", "very_engaged"]
+        );
+        assert_eq!(m.signals.sweep_interval, 3_600_000);
+        assert_eq!(m.signals.min_delta, 5.0);
+        assert_eq!(m.signals.churn.lookback, 30 * 86_400_000);
+        assert_eq!(m.signals.churn.min_peak, 40.0);
+        assert_eq!(m.signals.churn.drop_ratio, 0.4);
+        assert_eq!(m.signals.churn.inactivity, 14 * 86_400_000);
+        assert_eq!(m.input.format, InputFormat::Auto);
+        assert_eq!(m.input.max_event_bytes, 65_536);
+        assert_eq!(m.input.max_future_skew, 300_000);
+        assert_eq!(m.input.max_lateness, 30 * 86_400_000);
+        assert_eq!(&*m.channels[0], "default");
+        assert_eq!(m.activities[0].value_weight, 0.0);
+        assert_eq!(m.activities[0].cap, None);
+    }
+
+    #[test]
+    fn diversity_section_defaults_to_the_spec_example() {
+        let m = load(&format!("{MINIMAL}[scoring.diversity]\n"))
+            .unwrap()
+            .model;
+        assert_eq!(
+            m.diversity,
+            Some(Diversity {
+                window: 30 * 86_400_000,
+                bonus_per_channel: 0.1,
+                max_channels: 4
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        let e = err("[scoring.activities]\npage_view = { wieght = 1.0 }\n");
+        assert!(
+            e.contains("scoring.activities.page_view") && e.contains("unknown field `wieght`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[signals]\nmin_detla = 3\n"));
+        assert!(e.contains("signals") && e.contains("min_detla"), "{e}");
+        let e = err(&format!("{MINIMAL}[surprise]\n"));
+        assert!(e.contains("unknown field `surprise`"), "{e}");
+    }
+
+    #[test]
+    fn activities_are_required() {
+        let e = err("[scoring]\nhalf_life = \"14d\"\n");
+        assert!(e.contains("activities"), "{e}");
+        let e = err("[scoring.activities]\n");
+        assert!(e.contains("at least one activity"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_fail_with_key_and_reason() {
+        let cases = [
+            (
+                "[scoring]\nhalf_life = \"-14d\"\n",
+                "scoring.half_life",
+                "negative",
+            ),
+            (
+                "[scoring]\nhalf_life = \"0s\"\n",
+                "scoring.half_life",
+                "must be positive",
+            ),
+            (
+                "[scoring]\nhalf_life = \"14 fortnights\"\n",
+                "scoring.half_life",
+                "invalid duration",
+            ),
+            (
+                "[scoring.normalization]\nkind = \"cubic\"\n",
+                "scoring.normalization.kind",
+                "unknown variant `cubic`",
+            ),
+            (
+                "[scoring.normalization]\nhalf_score_at = 0\n",
+                "scoring.normalization.half_score_at",
+                "must be > 0",
+            ),
+            (
+                "[scoring.normalization]\nkind = \"linear\"\nmax = -1\n",
+                "scoring.normalization.max",
+                "must be > 0",
+            ),
+            (
+                "[scoring.normalization]\nkind = \"linear\"\nhalf_score_at = 3\n",
+                "scoring.normalization.half_score_at",
+                "only applies",
+            ),
+            ("[signals]\nmin_delta = -1\n", "signals.min_delta", ">= 0"),
+            (
+                "[signals]\nsweep_interval = \"0s\"\n",
+                "signals.sweep_interval",
+                "positive",
+            ),
+            (
+                "[signals.churn]\ndrop_ratio = 1.5\n",
+                "signals.churn.drop_ratio",
+                "(0, 1]",
+            ),
+            (
+                "[input]\nmax_event_bytes = 0\n",
+                "input.max_event_bytes",
+                "positive",
+            ),
+            (
+                "[input]\nformat = \"xml\"\n",
+                "input.format",
+                "unknown variant",
+            ),
+            (
+                "[input.segment_events]\n\"Order Completed\" = \"purchase\"\n",
+                "input.segment_events.\"Order Completed\"",
+                "not in [scoring.activities]",
+            ),
+            (
+                "[scoring.diversity]\nmax_channels = 0\n",
+                "scoring.diversity.max_channels",
+                "between 1 and 255",
+            ),
+        ];
+        for (extra, key, reason) in cases {
+            // Put the extra sections around the required activities table.
+            let text = if extra.starts_with("[scoring]") {
+                format!("{extra}{MINIMAL}")
+            } else {
+                format!("{MINIMAL}{extra}")
+            };
+            let e = err(&text);
+            assert!(e.contains(key) && e.contains(reason), "{text}\n=> {e}");
+        }
+    }
+
+    #[test]
+    fn caps_must_be_positive() {
+        for cap in ["0", "-3.5"] {
+            let e = err(&format!(
+                "[scoring.activities]\npage_view = {{ weight = 1.0, cap = {cap} }}\n"
+            ));
+            assert!(
+                e.contains("scoring.activities.page_view.cap") && e.contains("must be > 0"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn tiers_are_checked() {
+        let e = err(&format!(
+            "{MINIMAL}[[tiers]]\nname = \"low\"\n[[tiers]]\nname = \"high\"\nabove = 70\n[[tiers]]\nname = \"mid\"\nabove = 40\n"
+        ));
+        assert!(
+            e.contains("tiers[2].above") && e.contains("out of order"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[[tiers]]\nname = \"low\"\nabove = 10\n"));
+        assert!(
+            e.contains("tiers[0].above") && e.contains("lowest tier"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}[[tiers]]\nname = \"low\"\n[[tiers]]\nname = \"x\"\n"
+        ));
+        assert!(
+            e.contains("tiers[1].above") && e.contains("required"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}[[tiers]]\nname = \"a\"\n[[tiers]]\nname = \"a\"\nabove = 5\n"
+        ));
+        assert!(e.contains("duplicate tier name"), "{e}");
+    }
+
+    #[test]
+    fn effective_toml_round_trips() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+                .unwrap();
+        let first = load(&text).unwrap();
+        let printed = first.effective_toml();
+        let second = load(&printed).unwrap();
+        assert_eq!(printed, second.effective_toml());
+        assert_eq!(first.model.activities, second.model.activities);
+        assert_eq!(first.model.tiers, second.model.tiers);
+        assert_eq!(first.model.signals, second.model.signals);
+        assert_eq!(first.model.diversity, second.model.diversity);
+        assert_eq!(
+            first.model.input.segment_events,
+            second.model.input.segment_events
+        );
+    }
+}

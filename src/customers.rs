@@ -1,0 +1,441 @@
+//! The compact per-customer state store of one partition.
+//!
+//! A million customers must fit in about 150 MB, so there is no per-customer
+//! allocation: every customer is a fixed-size record of 32-bit words in one
+//! `Vec<u32>`, whose stride depends on the model (one word per activity sum,
+//! one per channel). Customer ids live back to back in one byte arena, and a
+//! `hashbrown::HashTable<u32>` maps an id to its record's slot. Customers are
+//! never removed one by one: a partition's state is dropped as a whole.
+//!
+//! Record layout, in words:
+//!
+//! | word            | content                                               |
+//! |-----------------|-------------------------------------------------------|
+//! | 0               | offset of the id in the arena                          |
+//! | 1               | id length (16 bits), emitted tier (8), flags (8)       |
+//! | 2-3             | `last_event_at` (i64 ms)                               |
+//! | 4-5             | `peak_at` (i64 ms)                                     |
+//! | 6               | `peak_score` (f32)                                     |
+//! | 7               | `emitted_score` (f32)                                  |
+//! | 8 ..            | one f32 decayed sum per activity, at `last_event_at`  |
+//! | then            | one channel time per channel (see below)               |
+//!
+//! The decayed sums are kept at one reference time, the customer's
+//! `last_event_at`, so that a customer with no new events costs nothing
+//! until it is evaluated. Sums are stored as f32 (computed in f64): their
+//! relative error, about 1e-7, is far below the model's 0.01-point tolerance.
+//!
+//! A channel time is the latest event with positive points in the channel.
+//! It only matters while it lies within the diversity window, so it is kept
+//! as its age at `last_event_at` in one u32 of milliseconds, with
+//! `EXPIRED` once older than the window. Windows too long for a u32 (about
+//! 49.7 days) switch to two words holding the absolute time instead.
+
+use hashbrown::HashTable;
+
+use crate::model::{Model, TierId};
+use crate::timestamp::Millis;
+
+/// Index of a customer's record.
+pub type Slot = u32;
+
+const HEADER_WORDS: usize = 8;
+/// A channel age meaning "no positive event within the window".
+const EXPIRED: u32 = u32::MAX;
+/// A wide channel time meaning "never".
+const NEVER: Millis = Millis::MIN;
+
+/// Per-customer boolean flags, in the record's flag byte.
+pub mod flags {
+    pub const EVER_ENGAGED: u8 = 1;
+    pub const AT_RISK: u8 = 2;
+    /// Changed since the last snapshot.
+    pub const DIRTY: u8 = 4;
+}
+
+/// Why the table cannot take another customer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableFull {
+    #[error("a partition cannot hold more than {} customers", u32::MAX)]
+    Customers,
+    #[error("a partition cannot hold more than 4 GiB of customer ids")]
+    Ids,
+}
+
+/// The shape of a record under a given model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub activities: usize,
+    pub channels: usize,
+    /// Channel times as absolute i64 (two words) instead of u32 ages.
+    pub wide_channels: bool,
+    /// Diversity window, for channel ages.
+    pub window: Millis,
+    stride: usize,
+}
+
+impl Layout {
+    pub fn for_model(model: &Model) -> Layout {
+        let activities = model.activities.len();
+        // Without diversity, channel times are never read: store none.
+        let (channels, window) = match model.diversity {
+            Some(d) => (model.channels.len(), d.window),
+            None => (0, 0),
+        };
+        let wide_channels = window >= Millis::from(EXPIRED);
+        let channel_words = if wide_channels { 2 } else { 1 };
+        Layout {
+            activities,
+            channels,
+            wide_channels,
+            window,
+            stride: HEADER_WORDS + activities + channels * channel_words,
+        }
+    }
+
+    /// Bytes of one record.
+    pub fn record_bytes(&self) -> usize {
+        self.stride * 4
+    }
+}
+
+/// All customers of one partition.
+pub struct CustomerTable {
+    layout: Layout,
+    words: Vec<u32>,
+    ids: Vec<u8>,
+    index: HashTable<Slot>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl std::fmt::Debug for CustomerTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomerTable")
+            .field("customers", &self.len())
+            .field("layout", &self.layout)
+            .finish()
+    }
+}
+
+/// A new customer's first values.
+pub struct NewCustomer {
+    pub last_event_at: Millis,
+    pub peak_at: Millis,
+}
+
+impl CustomerTable {
+    pub fn new(layout: Layout) -> CustomerTable {
+        CustomerTable {
+            layout,
+            words: Vec::new(),
+            ids: Vec::new(),
+            index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.len() / self.layout.stride
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    fn hash(&self, id: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    fn id_bytes<'a>(words: &[u32], ids: &'a [u8], stride: usize, slot: Slot) -> &'a [u8] {
+        let base = slot as usize * stride;
+        let start = words[base] as usize;
+        let len = (words[base + 1] & 0xffff) as usize;
+        &ids[start..start + len]
+    }
+
+    /// The slot of a customer, if known.
+    #[inline]
+    pub fn find(&self, id: &str) -> Option<Slot> {
+        let hash = self.hash(id.as_bytes());
+        let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
+        self.index
+            .find(hash, |&slot| {
+                Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
+            })
+            .copied()
+    }
+
+    /// The slot of a customer, adding it with `init` when unknown.
+    /// Returns the slot and whether it was added.
+    #[inline]
+    pub fn find_or_insert(
+        &mut self,
+        id: &str,
+        init: impl FnOnce() -> NewCustomer,
+    ) -> Result<(Slot, bool), TableFull> {
+        let hash = self.hash(id.as_bytes());
+        let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
+        if let Some(&slot) = self.index.find(hash, |&slot| {
+            Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
+        }) {
+            return Ok((slot, false));
+        }
+        let slot = self.push(id, init())?;
+        let hasher = &self.hasher;
+        let (words, ids) = (&self.words, &self.ids);
+        self.index.insert_unique(hash, slot, |&s| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+        });
+        Ok((slot, true))
+    }
+
+    fn push(&mut self, id: &str, init: NewCustomer) -> Result<Slot, TableFull> {
+        let slot = Slot::try_from(self.len()).map_err(|_| TableFull::Customers)?;
+        let offset = u32::try_from(self.ids.len()).map_err(|_| TableFull::Ids)?;
+        if self.ids.len() + id.len() > u32::MAX as usize {
+            return Err(TableFull::Ids);
+        }
+        self.ids.extend_from_slice(id.as_bytes());
+        let stride = self.layout.stride;
+        let base = self.words.len();
+        self.words.resize(base + stride, 0);
+        let rec = &mut self.words[base..base + stride];
+        rec[0] = offset;
+        rec[1] = id.len() as u32; // tier 0, no flags
+        let mut r = RecordMut {
+            w: rec,
+            layout: &self.layout,
+        };
+        r.set_i64(2, init.last_event_at);
+        r.set_i64(4, init.peak_at);
+        for c in 0..self.layout.channels {
+            r.clear_channel(c);
+        }
+        Ok(slot)
+    }
+
+    /// The id of the customer in `slot`.
+    pub fn id(&self, slot: Slot) -> &str {
+        let bytes = Self::id_bytes(&self.words, &self.ids, self.layout.stride, slot);
+        // Ids are copied from `&str`s, so they are valid UTF-8.
+        std::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    #[inline]
+    pub fn record(&self, slot: Slot) -> Record<'_> {
+        let base = slot as usize * self.layout.stride;
+        Record {
+            w: &self.words[base..base + self.layout.stride],
+            layout: &self.layout,
+        }
+    }
+
+    #[inline]
+    pub fn record_mut(&mut self, slot: Slot) -> RecordMut<'_> {
+        let base = slot as usize * self.layout.stride;
+        RecordMut {
+            w: &mut self.words[base..base + self.layout.stride],
+            layout: &self.layout,
+        }
+    }
+
+    /// The id and the mutable record of a slot, borrowed together.
+    #[inline]
+    pub fn id_and_record_mut(&mut self, slot: Slot) -> (&str, RecordMut<'_>) {
+        let stride = self.layout.stride;
+        let base = slot as usize * stride;
+        let rec = &mut self.words[base..base + stride];
+        let start = rec[0] as usize;
+        let len = (rec[1] & 0xffff) as usize;
+        let id = std::str::from_utf8(&self.ids[start..start + len]).unwrap_or("");
+        (
+            id,
+            RecordMut {
+                w: rec,
+                layout: &self.layout,
+            },
+        )
+    }
+
+    /// Bytes held by the table (capacity, not length).
+    pub fn heap_bytes(&self) -> usize {
+        self.words.capacity() * 4 + self.ids.capacity() + self.index.capacity() * 5
+    }
+}
+
+/// Read access to one customer's record.
+#[derive(Clone, Copy)]
+pub struct Record<'a> {
+    w: &'a [u32],
+    layout: &'a Layout,
+}
+
+/// Write access to one customer's record.
+pub struct RecordMut<'a> {
+    w: &'a mut [u32],
+    layout: &'a Layout,
+}
+
+macro_rules! getters {
+    () => {
+        #[inline]
+        fn get_i64(&self, at: usize) -> i64 {
+            (u64::from(self.w[at]) | (u64::from(self.w[at + 1]) << 32)) as i64
+        }
+        #[inline]
+        pub fn last_event_at(&self) -> Millis {
+            self.get_i64(2)
+        }
+        #[inline]
+        pub fn peak_at(&self) -> Millis {
+            self.get_i64(4)
+        }
+        #[inline]
+        pub fn peak_score(&self) -> f32 {
+            f32::from_bits(self.w[6])
+        }
+        #[inline]
+        pub fn emitted_score(&self) -> f32 {
+            f32::from_bits(self.w[7])
+        }
+        #[inline]
+        pub fn emitted_tier(&self) -> TierId {
+            (self.w[1] >> 16) as u8
+        }
+        #[inline]
+        pub fn flags(&self) -> u8 {
+            (self.w[1] >> 24) as u8
+        }
+        #[inline]
+        pub fn has(&self, flag: u8) -> bool {
+            self.flags() & flag != 0
+        }
+        /// Decayed sum of activity `k` at `last_event_at`.
+        #[inline]
+        pub fn sum(&self, k: usize) -> f32 {
+            f32::from_bits(self.w[HEADER_WORDS + k])
+        }
+        /// Time of the latest positive event in channel `c`, if it may still
+        /// lie within the diversity window.
+        #[inline]
+        pub fn channel_time(&self, c: usize) -> Option<Millis> {
+            let at = HEADER_WORDS + self.layout.activities;
+            if self.layout.wide_channels {
+                let t = self.get_i64(at + 2 * c);
+                (t != NEVER).then_some(t)
+            } else {
+                let age = self.w[at + c];
+                (age != EXPIRED).then(|| self.last_event_at() - Millis::from(age))
+            }
+        }
+    };
+}
+
+impl Record<'_> {
+    getters!();
+}
+
+impl RecordMut<'_> {
+    getters!();
+
+    #[inline]
+    fn set_i64(&mut self, at: usize, v: i64) {
+        self.w[at] = v as u64 as u32;
+        self.w[at + 1] = ((v as u64) >> 32) as u32;
+    }
+
+    #[inline]
+    pub fn set_peak(&mut self, score: f32, at: Millis) {
+        self.w[6] = score.to_bits();
+        self.set_i64(4, at);
+    }
+
+    #[inline]
+    pub fn set_emitted(&mut self, score: f32, tier: TierId) {
+        self.w[7] = score.to_bits();
+        self.w[1] = (self.w[1] & 0xff00_ffff) | (u32::from(tier) << 16);
+    }
+
+    #[inline]
+    pub fn set_flag(&mut self, flag: u8, on: bool) {
+        let f = if on {
+            self.flags() | flag
+        } else {
+            self.flags() & !flag
+        };
+        self.w[1] = (self.w[1] & 0x00ff_ffff) | (u32::from(f) << 24);
+    }
+
+    #[inline]
+    pub fn set_sum(&mut self, k: usize, v: f64) {
+        // Saturate instead of overflowing to infinity: inf - inf would be NaN.
+        let v = v.clamp(-(f32::MAX as f64), f32::MAX as f64) as f32;
+        self.w[HEADER_WORDS + k] = v.to_bits();
+    }
+
+    fn clear_channel(&mut self, c: usize) {
+        let at = HEADER_WORDS + self.layout.activities;
+        if self.layout.wide_channels {
+            self.set_i64(at + 2 * c, NEVER);
+        } else {
+            self.w[at + c] = EXPIRED;
+        }
+    }
+
+    /// Moves the reference time of the sums to `t > last_event_at`:
+    /// multiplies every sum by `factor` (the decay over the gap) and ages the
+    /// channel times.
+    #[inline]
+    pub fn advance_to(&mut self, t: Millis, factor: f64) {
+        let gap = t - self.last_event_at();
+        for k in 0..self.layout.activities {
+            let s = f64::from(self.sum(k)) * factor;
+            self.set_sum(k, s);
+        }
+        if !self.layout.wide_channels {
+            let at = HEADER_WORDS + self.layout.activities;
+            let window = self.layout.window;
+            for c in 0..self.layout.channels {
+                let age = self.w[at + c];
+                if age != EXPIRED {
+                    let new_age = Millis::from(age) + gap;
+                    self.w[at + c] = if new_age > window {
+                        EXPIRED
+                    } else {
+                        new_age as u32
+                    };
+                }
+            }
+        }
+        self.set_i64(2, t);
+    }
+
+    /// Records a positive event at `t <= last_event_at` in channel `c`.
+    #[inline]
+    pub fn touch_channel(&mut self, c: usize, t: Millis) {
+        let at = HEADER_WORDS + self.layout.activities;
+        if self.layout.wide_channels {
+            if self.channel_time(c).is_none_or(|prev| t > prev) {
+                self.set_i64(at + 2 * c, t);
+            }
+        } else {
+            let age = self.last_event_at() - t;
+            if age <= self.layout.window && (age as u32) < self.w[at + c] {
+                self.w[at + c] = age as u32;
+            }
+        }
+    }
+
+    pub fn as_record(&self) -> Record<'_> {
+        Record {
+            w: self.w,
+            layout: self.layout,
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The scoring engine of one partition: sections 3 to 5 of the spec.
+//!
+//! Pure and deterministic: no I/O and no clock. Time comes in as an
+//! argument (the replay clock or the live clock), signals go out through a
+//! [`SignalSink`], and the same inputs always give the same outputs.
+
+use crate::customers::{flags, CustomerTable, Layout, NewCustomer, Slot, TableFull};
+use crate::event::{Event, IgnoreReason};
+use crate::model::{Model, TierId};
+use crate::timestamp::Millis;
+use std::sync::Arc;
+
+/// What caused an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Event,
+    Decay,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Event => "event",
+            Cause::Decay => "decay",
+        }
+    }
+}
+
+/// The churn reasons of one evaluation, as a bit set in spec order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reasons(u8);
+
+impl Reasons {
+    pub const SCORE_DROP: Reasons = Reasons(1);
+    pub const INACTIVE: Reasons = Reasons(2);
+    pub const LOWEST_TIER: Reasons = Reasons(4);
+    const NAMES: [(Reasons, &'static str); 3] = [
+        (Reasons::SCORE_DROP, "score_drop"),
+        (Reasons::INACTIVE, "inactive"),
+        (Reasons::LOWEST_TIER, "lowest_tier"),
+    ];
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn contains(self, r: Reasons) -> bool {
+        self.0 & r.0 == r.0
+    }
+    fn insert(&mut self, r: Reasons) {
+        self.0 |= r.0;
+    }
+    /// The names of the reasons present, in spec order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::NAMES
+            .into_iter()
+            .filter(move |(r, _)| self.contains(*r))
+            .map(|(_, n)| n)
+    }
+}
+
+/// One output event of section 6, borrowed from the engine's state.
+#[derive(Debug, Clone, Copy)]
+pub struct Signal<'a> {
+    pub customer_id: &'a str,
+    pub at: Millis,
+    pub score: f64,
+    pub tier: TierId,
+    pub kind: SignalKind<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SignalKind<'a> {
+    ScoreChanged {
+        previous_score: f64,
+        previous_tier: TierId,
+        cause: Cause,
+        event_id: Option<&'a str>,
+        /// `c_k` per activity, in model order.
+        contributions: &'a [f64],
+    },
+    ChurnRisk {
+        peak_score: f64,
+        reasons: Reasons,
+        last_event_at: Millis,
+    },
+    ChurnRiskCleared,
+}
+
+impl SignalKind<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SignalKind::ScoreChanged { .. } => "score_changed",
+            SignalKind::ChurnRisk { .. } => "churn_risk",
+            SignalKind::ChurnRiskCleared => "churn_risk_cleared",
+        }
+    }
+}
+
+/// Receives the signals the engine emits, in order.
+pub trait SignalSink {
+    fn signal(&mut self, signal: &Signal<'_>);
+}
+
+impl<F: FnMut(&Signal<'_>)> SignalSink for F {
+    fn signal(&mut self, signal: &Signal<'_>) {
+        self(signal)
+    }
+}
+
+/// What became of an event handed to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied { new_customer: bool },
+    Ignored(IgnoreReason),
+}
+
+/// Why the engine could not apply an event. Not the event's fault: the
+/// partition's state is full.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Full(#[from] TableFull),
+}
+
+/// A customer's state evaluated at some time, without changing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub at: Millis,
+    pub score: f64,
+    pub tier: TierId,
+    /// `c_k` per activity, in model order.
+    pub contributions: Vec<f64>,
+    pub at_risk: bool,
+    pub peak_score: f64,
+    pub peak_at: Millis,
+    pub last_event_at: Millis,
+}
+
+/// The scoring state of one partition.
+pub struct Engine {
+    model: Arc<Model>,
+    table: CustomerTable,
+    watermark: Option<Millis>,
+    /// Scratch space for the contributions of one evaluation.
+    contributions: Vec<f64>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("customers", &self.table.len())
+            .field("watermark", &self.watermark)
+            .finish()
+    }
+}
+
+/// Score, tier and raw value of a record at `t`, filling `contributions`.
+struct Evaluated {
+    score: f64,
+    tier: TierId,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>) -> Engine {
+        let layout = Layout::for_model(&model);
+        let n = model.activities.len();
+        Engine {
+            model,
+            table: CustomerTable::new(layout),
+            watermark: None,
+            contributions: vec![0.0; n],
+        }
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn customers(&self) -> &CustomerTable {
+        &self.table
+    }
+
+    pub fn customers_mut(&mut self) -> &mut CustomerTable {
+        &mut self.table
+    }
+
+    /// The largest timestamp of the accepted events so far.
+    pub fn watermark(&self) -> Option<Millis> {
+        self.watermark
+    }
+
+    pub fn set_watermark(&mut self, w: Option<Millis>) {
+        self.watermark = w;
+    }
+
+    fn too_late(&self, t: Millis) -> bool {
+        self.watermark
+            .is_some_and(|w| t < w.saturating_sub(self.model.input.max_lateness))
+    }
+
+    /// Section 4, replay: the clock is the watermark, and crossing a
+    /// `sweep_interval` boundary first sweeps every known customer at that
+    /// boundary.
+    pub fn process_replay(
+        &mut self,
+        event: &Event<'_>,
+        sink: &mut impl SignalSink,
+    ) -> Result<Outcome, EngineError> {
+        if self.too_late(event.timestamp) {
+            return Ok(Outcome::Ignored(IgnoreReason::TooLate));
+        }
+        let t = event.timestamp;
+        let next = self.watermark.map_or(t, |w| w.max(t));
+        if let Some(w) = self.watermark {
+            let interval = self.model.signals.sweep_interval;
+            let boundary = next.div_euclid(interval);
+            if boundary > w.div_euclid(interval) {
+                self.sweep(boundary * interval, sink);
+            }
+        }
+        self.watermark = Some(next);
+        self.apply(event, next, sink)
+    }
+
+    /// Section 4, live: the clock is `max(watermark, now)`; sweeps are the
+    /// caller's, on wall time.
+    pub fn process_live(
+        &mut self,
+        event: &Event<'_>,
+        now: Millis,
+        sink: &mut impl SignalSink,
+    ) -> Result<Outcome, EngineError> {
+        if self.too_late(event.timestamp) {
+            return Ok(Outcome::Ignored(IgnoreReason::TooLate));
+        }
+        let next = self
+            .watermark
+            .map_or(event.timestamp, |w| w.max(event.timestamp));
+        self.watermark = Some(next);
+        self.apply(event, next.max(now), sink)
+    }
+
+    /// The live clock: never behind the watermark.
+    pub fn live_clock(&self, now: Millis) -> Millis {
+        self.watermark.map_or(now, |w| w.max(now))
+    }
+
+    /// Applies an accepted event at clock `t` (`t >= event.timestamp`) and
+    /// evaluates its customer.
+    pub fn apply(
+        &mut self,
+        event: &Event<'_>,
+        t: Millis,
+        sink: &mut impl SignalSink,
+    ) -> Result<Outcome, EngineError> {
+        let te = event.timestamp;
+        let (slot, new_customer) =
+            self.table
+                .find_or_insert(&event.customer_id, || NewCustomer {
+                    last_event_at: te,
+                    peak_at: t,
+                })?;
+        let model = &*self.model;
+        let activity = &model.activities[usize::from(event.activity)];
+        let points = activity.weight + activity.value_weight * event.value;
+        let mut rec = self.table.record_mut(slot);
+        let last = rec.last_event_at();
+        if te > last {
+            rec.advance_to(te, model.decay(te - last));
+        }
+        let k = usize::from(event.activity);
+        let last = rec.last_event_at();
+        let add = points * model.decay(last - te);
+        rec.set_sum(k, f64::from(rec.sum(k)) + add);
+        if points > 0.0 && model.diversity.is_some() {
+            let channel = event.channel.unwrap_or(activity.channel);
+            rec.touch_channel(usize::from(channel), te);
+        }
+        rec.set_flag(flags::DIRTY, true);
+        self.evaluate(slot, t, Cause::Event, event.event_id.as_deref(), sink);
+        Ok(Outcome::Applied { new_customer })
+    }
+
+    /// Evaluates every customer at `t` with cause `decay`.
+    pub fn sweep(&mut self, t: Millis, sink: &mut impl SignalSink) {
+        for slot in 0..self.table.len() as Slot {
+            self.evaluate(slot, t, Cause::Decay, None, sink);
+        }
+    }
+
+    /// Evaluates the customers in `slots` at `t` with cause `decay`; a live
+    /// sweep runs in chunks so that other work can interleave.
+    pub fn sweep_range(
+        &mut self,
+        slots: std::ops::Range<Slot>,
+        t: Millis,
+        sink: &mut impl SignalSink,
+    ) {
+        let end = slots.end.min(self.table.len() as Slot);
+        for slot in slots.start..end {
+            self.evaluate(slot, t, Cause::Decay, None, sink);
+        }
+    }
+
+    /// Section 3 for one record: fills `self.contributions`.
+    fn score_at(
+        model: &Model,
+        rec: crate::customers::Record<'_>,
+        t: Millis,
+        contributions: &mut [f64],
+    ) -> Evaluated {
+        let last = rec.last_event_at();
+        let factor = model.decay(t - last);
+        let mut total = 0.0;
+        for (k, a) in model.activities.iter().enumerate() {
+            let s = f64::from(rec.sum(k)) * factor;
+            let c = match a.cap {
+                Some(cap) => s.min(cap),
+                None => s,
+            };
+            contributions[k] = c;
+            total += c;
+        }
+        let mut diversity = 1.0;
+        if let Some(d) = model.diversity {
+            let n = (0..model.channels.len())
+                .filter(|&c| rec.channel_time(c).is_some_and(|tc| t - tc <= d.window))
+                .count() as u32;
+            if n >= 1 {
+                diversity = 1.0 + d.bonus_per_channel * f64::from(n.min(d.max_channels) - 1);
+            }
+        }
+        let raw = total.max(0.0) * diversity;
+        let score = model.normalize(raw);
+        Evaluated {
+            score,
+            tier: model.tier_of(score),
+        }
+    }
+
+    /// Section 5: evaluates one customer at `t` and emits what changed.
+    fn evaluate(
+        &mut self,
+        slot: Slot,
+        t: Millis,
+        cause: Cause,
+        event_id: Option<&str>,
+        sink: &mut impl SignalSink,
+    ) {
+        let model = &*self.model;
+        let (customer_id, mut rec) = self.table.id_and_record_mut(slot);
+        let Evaluated { score: s, tier } =
+            Self::score_at(model, rec.as_record(), t, &mut self.contributions);
+
+        // 2. Peak. Compared at the stored (f32) precision, so that the same
+        // score evaluated twice counts as reaching the peak again.
+        let churn = &model.signals.churn;
+        // Every change below is snapshot state: mark the record dirty.
+        let mut changed = false;
+        if s as f32 >= rec.peak_score() || t - rec.peak_at() > churn.lookback {
+            changed |= rec.peak_score() != s as f32 || rec.peak_at() != t;
+            rec.set_peak(s as f32, t);
+        }
+        // 3.
+        if tier > model.lowest_tier() && !rec.has(flags::EVER_ENGAGED) {
+            rec.set_flag(flags::EVER_ENGAGED, true);
+            changed = true;
+        }
+        // 4.
+        let emitted = f64::from(rec.emitted_score());
+        let emitted_tier = rec.emitted_tier();
+        if (s - emitted).abs() >= model.signals.min_delta || tier != emitted_tier {
+            sink.signal(&Signal {
+                customer_id,
+                at: t,
+                score: s,
+                tier,
+                kind: SignalKind::ScoreChanged {
+                    previous_score: emitted,
+                    previous_tier: emitted_tier,
+                    cause,
+                    event_id,
+                    contributions: &self.contributions,
+                },
+            });
+            rec.set_emitted(s as f32, tier);
+            changed = true;
+        }
+        // 5.
+        let peak = f64::from(rec.peak_score());
+        let ever_engaged = rec.has(flags::EVER_ENGAGED);
+        let mut reasons = Reasons::default();
+        if peak >= churn.min_peak && s <= peak * (1.0 - churn.drop_ratio) {
+            reasons.insert(Reasons::SCORE_DROP);
+        }
+        if ever_engaged && t - rec.last_event_at() >= churn.inactivity {
+            reasons.insert(Reasons::INACTIVE);
+        }
+        if ever_engaged && tier == model.lowest_tier() {
+            reasons.insert(Reasons::LOWEST_TIER);
+        }
+        let at_risk = rec.has(flags::AT_RISK);
+        if !at_risk && !reasons.is_empty() {
+            sink.signal(&Signal {
+                customer_id,
+                at: t,
+                score: s,
+                tier,
+                kind: SignalKind::ChurnRisk {
+                    peak_score: peak,
+                    reasons,
+                    last_event_at: rec.last_event_at(),
+                },
+            });
+            rec.set_flag(flags::AT_RISK, true);
+            changed = true;
+        } else if at_risk && reasons.is_empty() {
+            sink.signal(&Signal {
+                customer_id,
+                at: t,
+                score: s,
+                tier,
+                kind: SignalKind::ChurnRiskCleared,
+            });
+            rec.set_flag(flags::AT_RISK, false);
+            changed = true;
+        }
+        if changed {
+            rec.set_flag(flags::DIRTY, true);
+        }
+    }
+
+    /// The state of one customer at `t`, without changing anything.
+    pub fn view(&self, customer_id: &str, t: Millis) -> Option<CustomerView> {
+        self.table
+            .find(customer_id)
+            .map(|slot| self.view_slot(slot, t))
+    }
+
+    /// The state of the customer in `slot` at `t`.
+    pub fn view_slot(&self, slot: Slot, t: Millis) -> CustomerView {
+        let rec = self.table.record(slot);
+        let mut contributions = vec![0.0; self.model.activities.len()];
+        let t = t.max(rec.last_event_at());
+        let e = Self::score_at(&self.model, rec, t, &mut contributions);
+        CustomerView {
+            customer_id: self.table.id(slot).to_string(),
+            at: t,
+            score: e.score,
+            tier: e.tier,
+            contributions,
+            at_risk: rec.has(flags::AT_RISK),
+            peak_score: f64::from(rec.peak_score()),
+            peak_at: rec.peak_at(),
+            last_event_at: rec.last_event_at(),
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! Input events: parsing the native and Segment JSON formats into a
+//! validated [`Event`], or into the reason it cannot be scored.
+//!
+//! Parsing is on the hot path, so it never builds a JSON tree. A single
+//! `serde_json` pass walks the object, captures only the fields the model
+//! reads as borrowed raw JSON text (nested objects are walked in the same
+//! pass), and skips everything else while still checking its syntax. The
+//! captured fields are then interpreted in the order of the reason codes of
+//! spec section 1, so that an event with several faults reports the first.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::model::{ActivityId, ChannelId, InputFormat, Model};
+use crate::timestamp::{self, Millis};
+
+/// The longest customer id accepted, in bytes.
+pub const MAX_CUSTOMER_ID_BYTES: usize = 256;
+
+/// Why an event was refused; it goes to the dead-letter topic or file.
+/// Declared in the spec's order of precedence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InvalidReason {
+    TooLarge,
+    InvalidJson,
+    NotAnObject,
+    MissingCustomerId,
+    InvalidCustomerId,
+    MissingType,
+    InvalidTimestamp,
+    TimestampInFuture,
+    InvalidValue,
+}
+
+impl InvalidReason {
+    pub const ALL: [InvalidReason; 9] = [
+        InvalidReason::TooLarge,
+        InvalidReason::InvalidJson,
+        InvalidReason::NotAnObject,
+        InvalidReason::MissingCustomerId,
+        InvalidReason::InvalidCustomerId,
+        InvalidReason::MissingType,
+        InvalidReason::InvalidTimestamp,
+        InvalidReason::TimestampInFuture,
+        InvalidReason::InvalidValue,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::TooLarge => "too_large",
+            InvalidReason::InvalidJson => "invalid_json",
+            InvalidReason::NotAnObject => "not_an_object",
+            InvalidReason::MissingCustomerId => "missing_customer_id",
+            InvalidReason::InvalidCustomerId => "invalid_customer_id",
+            InvalidReason::MissingType => "missing_type",
+            InvalidReason::InvalidTimestamp => "invalid_timestamp",
+            InvalidReason::TimestampInFuture => "timestamp_in_future",
+            InvalidReason::InvalidValue => "invalid_value",
+        }
+    }
+}
+
+impl fmt::Display for InvalidReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a valid event was not scored; counted, never dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IgnoreReason {
+    /// The activity is not in `[scoring.activities]`.
+    UnknownActivity,
+    /// Older than the watermark minus `input.max_lateness`.
+    TooLate,
+    /// A Segment `identify`, `group` or `alias` call.
+    NotAnActivity,
+}
+
+impl IgnoreReason {
+    pub const ALL: [IgnoreReason; 3] = [
+        IgnoreReason::UnknownActivity,
+        IgnoreReason::TooLate,
+        IgnoreReason::NotAnActivity,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoreReason::UnknownActivity => "unknown_activity",
+            IgnoreReason::TooLate => "too_late",
+            IgnoreReason::NotAnActivity => "not_an_activity",
+        }
+    }
+}
+
+impl fmt::Display for IgnoreReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An invalid event: the reason code and a human-readable detail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub reason: InvalidReason,
+    pub detail: String,
+}
+
+/// A valid event, its fields borrowed from the input where possible.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<'a> {
+    pub customer_id: Cow<'a, str>,
+    pub activity: ActivityId,
+    pub timestamp: Millis,
+    /// 0 when the event has no value.
+    pub value: f64,
+    /// The event's own channel, when it names a configured one.
+    pub channel: Option<ChannelId>,
+    pub event_id: Option<Cow<'a, str>>,
+    /// `attributes.segment` (native format), for per-segment metrics.
+    pub segment: Option<Cow<'a, str>>,
+}
+
+/// The result of parsing one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parsed<'a> {
+    Event(Event<'a>),
+    Invalid(Invalid),
+    Ignored(IgnoreReason),
+}
+
+/// What the caller knows besides the payload. Replay passes the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ParseContext {
+    /// Used when the event has no timestamp (live mode: the Kafka message
+    /// timestamp). Without it a missing timestamp is `invalid_timestamp`.
+    pub fallback_timestamp: Option<Millis>,
+    /// Wall-clock time, for `timestamp_in_future` (live mode only).
+    pub now: Option<Millis>,
+}
+
+fn invalid<'a>(reason: InvalidReason, detail: impl Into<String>) -> Parsed<'a> {
+    Parsed::Invalid(Invalid {
+        reason,
+        detail: detail.into(),
+    })
+}
+
+/// Parses one event payload under the model's input rules.
+pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<'a> {
+    let max = model.input.max_event_bytes;
+    if payload.len() > max {
+        return invalid(
+            InvalidReason::TooLarge,
+            format!("event is {} bytes, over the limit of {max}", payload.len()),
+        );
+    }
+    let fields = match read_fields(payload) {
+        Ok(Some(fields)) => fields,
+        Ok(None) => {
+            return invalid(
+                InvalidReason::NotAnObject,
+                format!("expected a JSON object, got {}", json_kind(payload)),
+            )
+        }
+        Err(e) => return invalid(InvalidReason::InvalidJson, e.to_string()),
+    };
+    interpret(&fields, model, ctx)
+}
+
+/// Names the kind of a JSON document, for `not_an_object` details.
+fn json_kind(payload: &[u8]) -> &'static str {
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    }
+}
+
+/// The top-level keys the model reads, in both formats.
+#[derive(Default)]
+struct Fields<'a> {
+    customer_id: Option<&'a RawValue>,
+    kind: Option<&'a RawValue>,
+    timestamp: Option<&'a RawValue>,
+    value: Option<&'a RawValue>,
+    channel: Option<&'a RawValue>,
+    event_id: Option<&'a RawValue>,
+    attributes_segment: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
+    anonymous_id: Option<&'a RawValue>,
+    event: Option<&'a RawValue>,
+    message_id: Option<&'a RawValue>,
+    properties_revenue: Option<&'a RawValue>,
+    properties_value: Option<&'a RawValue>,
+}
+
+/// `Ok(None)` when the document is valid JSON but not an object.
+fn read_fields(payload: &[u8]) -> Result<Option<Fields<'_>>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let fields = (&mut de).deserialize_any(TopVisitor)?;
+    de.end()?;
+    Ok(fields)
+}
+
+/// A key of an object we capture from; everything else is `Other`.
+enum Key {
+    CustomerId,
+    Type,
+    Timestamp,
+    Value,
+    Channel,
+    EventId,
+    Attributes,
+    UserId,
+    AnonymousId,
+    Event,
+    MessageId,
+    Properties,
+    Revenue,
+    Segment,
+    Other,
+}
+
+impl Key {
+    fn of(s: &str) -> Key {
+        match s {
+            "customer_id" => Key::CustomerId,
+            "type" => Key::Type,
+            "timestamp" => Key::Timestamp,
+            "value" => Key::Value,
+            "channel" => Key::Channel,
+            "event_id" => Key::EventId,
+            "attributes" => Key::Attributes,
+            "userId" => Key::UserId,
+            "anonymousId" => Key::AnonymousId,
+            "event" => Key::Event,
+            "messageId" => Key::MessageId,
+            "properties" => Key::Properties,
+            "revenue" => Key::Revenue,
+            "segment" => Key::Segment,
+            _ => Key::Other,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(Key::of(v))
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// Accepts any JSON value, skipping it unless it is an object.
+trait ObjectVisitor<'de>: Sized {
+    type Out;
+    fn not_object(self) -> Self::Out;
+    fn object<A: MapAccess<'de>>(self, map: A) -> Result<Self::Out, A::Error>;
+}
+
+struct Any<V>(V);
+
+impl<'de, V: ObjectVisitor<'de>> Visitor<'de> for Any<V> {
+    type Value = V::Out;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Out, A::Error> {
+        self.0.object(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V::Out, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(self.0.not_object())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+    fn visit_unit<E>(self) -> Result<V::Out, E> {
+        Ok(self.0.not_object())
+    }
+}
+
+struct TopVisitor;
+
+impl<'de> Visitor<'de> for TopVisitor {
+    type Value = Option<Fields<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut f = Fields::default();
+        // Duplicate keys: the last one wins, as in most JSON readers.
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::CustomerId => f.customer_id = Some(map.next_value()?),
+                Key::Type => f.kind = Some(map.next_value()?),
+                Key::Timestamp => f.timestamp = Some(map.next_value()?),
+                Key::Value => f.value = Some(map.next_value()?),
+                Key::Channel => f.channel = Some(map.next_value()?),
+                Key::EventId => f.event_id = Some(map.next_value()?),
+                Key::UserId => f.user_id = Some(map.next_value()?),
+                Key::AnonymousId => f.anonymous_id = Some(map.next_value()?),
+                Key::Event => f.event = Some(map.next_value()?),
+                Key::MessageId => f.message_id = Some(map.next_value()?),
+                Key::Attributes => {
+                    f.attributes_segment = map.next_value_seed(Nested(Pick::Attributes))?.0;
+                }
+                Key::Properties => {
+                    let (revenue, value) = map.next_value_seed(Nested(Pick::Properties))?;
+                    f.properties_revenue = revenue;
+                    f.properties_value = value;
+                }
+                Key::Revenue | Key::Segment | Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(f))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Which nested object is being read.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// Native `attributes`: `segment`.
+    Attributes,
+    /// Segment `properties`: `revenue` and `value`.
+    Properties,
+}
+
+struct Nested(Pick);
+
+type NestedOut<'a> = (Option<&'a RawValue>, Option<&'a RawValue>);
+
+impl<'de> DeserializeSeed<'de> for Nested {
+    type Value = NestedOut<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(Any(self))
+    }
+}
+
+impl<'de> ObjectVisitor<'de> for Nested {
+    type Out = NestedOut<'de>;
+    fn not_object(self) -> Self::Out {
+        (None, None)
+    }
+    fn object<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Out, A::Error> {
+        let mut out: NestedOut<'de> = (None, None);
+        while let Some(key) = map.next_key::<Key>()? {
+            match (self.0, key) {
+                (Pick::Attributes, Key::Segment) | (Pick::Properties, Key::Revenue) => {
+                    out.0 = Some(map.next_value()?)
+                }
+                (Pick::Properties, Key::Value) => out.1 = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A captured field, classified by its raw JSON text.
+enum Val<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Number(&'a str),
+    Other(&'static str),
+}
+
+fn classify(raw: &RawValue) -> Val<'_> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'"') => {
+            let inner = &text[1..text.len() - 1];
+            if !inner.contains('\\') {
+                Val::Str(Cow::Borrowed(inner))
+            } else {
+                // Escapes: let serde_json decode them; the text is valid JSON.
+                match serde_json::from_str::<String>(text) {
+                    Ok(s) => Val::Str(Cow::Owned(s)),
+                    Err(_) => Val::Other("a string"),
+                }
+            }
+        }
+        Some(b'n') => Val::Null,
+        Some(b't' | b'f') => Val::Other("a boolean"),
+        Some(b'{') => Val::Other("an object"),
+        Some(b'[') => Val::Other("an array"),
+        _ => Val::Number(text),
+    }
+}
+
+/// `None` for an absent field or JSON `null`: optional fields treat both alike.
+fn present(raw: Option<&RawValue>) -> Option<Val<'_>> {
+    match raw.map(classify) {
+        None | Some(Val::Null) => None,
+        v => v,
+    }
+}
+
+fn describe(v: &Val<'_>) -> &'static str {
+    match v {
+        Val::Null => "null",
+        Val::Str(_) => "a string",
+        Val::Number(_) => "a number",
+        Val::Other(kind) => kind,
+    }
+}
+
+fn string<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+    match present(raw) {
+        Some(Val::Str(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The activity an event names, before it is looked up in the model.
+enum Activity<'a> {
+    Native(Cow<'a, str>),
+    Track(Cow<'a, str>),
+    Fixed(&'static str),
+}
+
+fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a> {
+    let native = match model.input.format {
+        InputFormat::Native => true,
+        InputFormat::Segment => false,
+        InputFormat::Auto => {
+            if f.customer_id.is_some() {
+                true
+            } else if f.user_id.is_some() || f.anonymous_id.is_some() {
+                false
+            } else {
+                return invalid(
+                    InvalidReason::MissingCustomerId,
+                    "no customer_id, userId or anonymousId",
+                );
+            }
+        }
+    };
+
+    // Customer id.
+    let (id_field, id_raw) = if native {
+        ("customer_id", f.customer_id)
+    } else {
+        match string(f.user_id) {
+            Some(s) if !s.is_empty() => ("userId", f.user_id),
+            _ => ("anonymousId", f.anonymous_id),
+        }
+    };
+    let customer_id = match present(id_raw) {
+        None if native => return invalid(InvalidReason::MissingCustomerId, "no customer_id"),
+        None => {
+            return invalid(
+                InvalidReason::MissingCustomerId,
+                "no non-empty userId and no anonymousId",
+            )
+        }
+        Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_CUSTOMER_ID_BYTES => s,
+        Some(Val::Str(s)) if s.is_empty() => {
+            return invalid(
+                InvalidReason::InvalidCustomerId,
+                format!("{id_field} is empty"),
+            )
+        }
+        Some(Val::Str(s)) => {
+            return invalid(
+                InvalidReason::InvalidCustomerId,
+                format!(
+                    "{id_field} is {} bytes, over the limit of {MAX_CUSTOMER_ID_BYTES}",
+                    s.len()
+                ),
+            )
+        }
+        Some(other) => {
+            return invalid(
+                InvalidReason::InvalidCustomerId,
+                format!("{id_field} must be a string, got {}", describe(&other)),
+            )
+        }
+    };
+
+    // Activity name.
+    let activity = if native {
+        match string(f.kind) {
+            Some(s) => Activity::Native(s),
+            None => {
+                return invalid(
+                    InvalidReason::MissingType,
+                    "type is missing or not a string",
+                )
+            }
+        }
+    } else {
+        match string(f.kind).as_deref() {
+            Some("track") => match string(f.event) {
+                Some(s) => Activity::Track(s),
+                None => {
+                    return invalid(
+                        InvalidReason::MissingType,
+                        "track call without a string event name",
+                    )
+                }
+            },
+            Some("page") => Activity::Fixed("page_view"),
+            Some("screen") => Activity::Fixed("screen_view"),
+            Some("identify" | "group" | "alias") => {
+                return Parsed::Ignored(IgnoreReason::NotAnActivity)
+            }
+            Some(other) => {
+                return invalid(
+                    InvalidReason::MissingType,
+                    format!("unsupported Segment call type \"{other}\""),
+                )
+            }
+            None => {
+                return invalid(
+                    InvalidReason::MissingType,
+                    "Segment type is missing or not a string",
+                )
+            }
+        }
+    };
+
+    // Timestamp.
+    let timestamp = match present(f.timestamp) {
+        None => match ctx.fallback_timestamp {
+            Some(t) => t,
+            None => return invalid(InvalidReason::InvalidTimestamp, "timestamp is missing"),
+        },
+        Some(Val::Str(s)) => match timestamp::parse_rfc3339(&s) {
+            Some(t) => t,
+            None => {
+                return invalid(
+                    InvalidReason::InvalidTimestamp,
+                    format!("\"{s}\" is not an RFC 3339 timestamp"),
+                )
+            }
+        },
+        Some(Val::Number(text)) => match text
+            .parse::<i64>()
+            .ok()
+            .and_then(timestamp::from_epoch_millis)
+        {
+            Some(t) => t,
+            None => {
+                return invalid(
+                    InvalidReason::InvalidTimestamp,
+                    format!("{text} is not an integer epoch-milliseconds timestamp in range"),
+                )
+            }
+        },
+        Some(other) => {
+            return invalid(
+                InvalidReason::InvalidTimestamp,
+                format!(
+                    "timestamp must be an RFC 3339 string or epoch milliseconds, got {}",
+                    describe(&other)
+                ),
+            )
+        }
+    };
+    if let Some(now) = ctx.now {
+        let limit = now.saturating_add(model.input.max_future_skew);
+        if timestamp > limit {
+            return invalid(
+                InvalidReason::TimestampInFuture,
+                format!(
+                    "{} is more than {} ahead of the clock",
+                    timestamp::format_rfc3339(timestamp),
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        model.input.max_future_skew.max(0) as u64
+                    ))
+                ),
+            );
+        }
+    }
+
+    // Value.
+    let (value_field, value_raw) = if native {
+        ("value", f.value)
+    } else if present(f.properties_revenue).is_some() {
+        ("properties.revenue", f.properties_revenue)
+    } else {
+        ("properties.value", f.properties_value)
+    };
+    let value = match present(value_raw) {
+        None => 0.0,
+        Some(Val::Number(text)) => match text.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => v,
+            _ => {
+                return invalid(
+                    InvalidReason::InvalidValue,
+                    format!("{value_field} must be a finite number >= 0, got {text}"),
+                )
+            }
+        },
+        Some(other) => {
+            return invalid(
+                InvalidReason::InvalidValue,
+                format!("{value_field} must be a number, got {}", describe(&other)),
+            )
+        }
+    };
+
+    // Valid; is it scorable?
+    let activity = match &activity {
+        Activity::Native(name) => model.activity(name),
+        Activity::Track(name) => model.segment_track_activity(name),
+        Activity::Fixed(name) => model.activity(name),
+    };
+    let Some(activity) = activity else {
+        return Parsed::Ignored(IgnoreReason::UnknownActivity);
+    };
+    let (channel, event_id, segment) = if native {
+        (
+            string(f.channel).and_then(|c| model.channel(&c)),
+            string(f.event_id),
+            string(f.attributes_segment),
+        )
+    } else {
+        (None, string(f.message_id), None)
+    };
+    Parsed::Event(Event {
+        customer_id,
+        activity,
+        timestamp,
+        value,
+        channel,
+        event_id,
+        segment,
+    })
+}

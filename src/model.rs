@@ -1,0 +1,291 @@
+//! The validated scoring model: the runtime form of the `[scoring]`,
+//! `[[tiers]]`, `[signals]` and `[input]` sections.
+//!
+//! Built once from the configuration file (see `config`), then trusted by the
+//! rest of the code: activities are indexed by a small integer, channels are
+//! interned, tiers are sorted, durations are milliseconds. Nothing here is
+//! re-checked on the hot path.
+
+use std::collections::HashMap;
+
+use crate::timestamp::Millis;
+
+/// Index of an activity in [`Model::activities`].
+pub type ActivityId = u16;
+/// Index of a channel in [`Model::channels`].
+pub type ChannelId = u8;
+/// Index of a tier in [`Model::tiers`]; 0 is the lowest.
+pub type TierId = u8;
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
+
+/// The complete scoring model of `shared/spec/scoring.md`.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// `scoring.half_life`.
+    pub half_life: Millis,
+    /// `1 / half_life`, so that decay is one multiplication and one `exp2`.
+    decay_per_ms: f64,
+    pub normalization: Normalization,
+    /// Activities in configuration order; output `contributions` use this order.
+    pub activities: Vec<Activity>,
+    activity_by_name: FastMap<Box<str>, ActivityId>,
+    /// Interned channel names: every activity's channel, `default` included
+    /// when an activity names none.
+    pub channels: Vec<Box<str>>,
+    channel_by_name: FastMap<Box<str>, ChannelId>,
+    pub diversity: Option<Diversity>,
+    /// Sorted by bound; `tiers[0]` is the lowest and has no bound.
+    pub tiers: Vec<Tier>,
+    pub signals: Signals,
+    pub input: InputRules,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activity {
+    pub name: Box<str>,
+    pub weight: f64,
+    pub value_weight: f64,
+    pub cap: Option<f64>,
+    pub channel: ChannelId,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Normalization {
+    /// `score = 100 * (1 - 2^(-raw / half_score_at))`.
+    Saturating { half_score_at: f64 },
+    /// `score = min(100, 100 * raw / max)`.
+    Linear { max: f64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Diversity {
+    pub window: Millis,
+    pub bonus_per_channel: f64,
+    pub max_channels: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    pub name: Box<str>,
+    /// The tier holds scores strictly above this bound; `None` for the lowest.
+    pub above: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Signals {
+    pub sweep_interval: Millis,
+    pub min_delta: f64,
+    pub churn: Churn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Churn {
+    pub lookback: Millis,
+    pub min_peak: f64,
+    pub drop_ratio: f64,
+    pub inactivity: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// Native if the object has `customer_id`, else Segment if it has
+    /// `userId` or `anonymousId`.
+    Auto,
+    Native,
+    Segment,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputRules {
+    pub format: InputFormat,
+    pub max_event_bytes: usize,
+    pub max_future_skew: Millis,
+    pub max_lateness: Millis,
+    /// Segment `track` event names mapped to activities, as configured.
+    pub segment_events: Vec<(Box<str>, ActivityId)>,
+    segment_lookup: FastMap<Box<str>, ActivityId>,
+}
+
+/// Everything needed to build a [`Model`]; `config` fills it from the file
+/// after checking each value, [`Model::new`] checks the cross-references.
+#[derive(Debug, Clone)]
+pub struct ModelParts {
+    pub half_life: Millis,
+    pub normalization: Normalization,
+    /// (name, weight, value_weight, cap, channel name)
+    pub activities: Vec<(String, f64, f64, Option<f64>, Option<String>)>,
+    pub diversity: Option<Diversity>,
+    pub tiers: Vec<Tier>,
+    pub signals: Signals,
+    pub format: InputFormat,
+    pub max_event_bytes: usize,
+    pub max_future_skew: Millis,
+    pub max_lateness: Millis,
+    pub segment_events: Vec<(String, String)>,
+}
+
+/// The channel of activities that name none.
+pub const DEFAULT_CHANNEL: &str = "default";
+
+/// A cross-reference problem found while building the model: the key path
+/// and the reason, for `ConfigError`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Model {
+    pub fn new(parts: ModelParts) -> Result<Model, ModelError> {
+        let err = |key: String, reason: String| Err(ModelError { key, reason });
+        if parts.activities.is_empty() {
+            return err(
+                "scoring.activities".into(),
+                "at least one activity is required".into(),
+            );
+        }
+        if parts.activities.len() > usize::from(ActivityId::MAX) {
+            return err("scoring.activities".into(), "too many activities".into());
+        }
+        let mut channels: Vec<Box<str>> = Vec::new();
+        let mut channel_by_name = FastMap::default();
+        let mut activities = Vec::with_capacity(parts.activities.len());
+        let mut activity_by_name = FastMap::default();
+        for (name, weight, value_weight, cap, channel) in parts.activities {
+            let channel_name = channel.unwrap_or_else(|| DEFAULT_CHANNEL.to_string());
+            let channel = match channel_by_name.get(channel_name.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let Ok(id) = ChannelId::try_from(channels.len()) else {
+                        return err(
+                            format!("scoring.activities.{name}.channel"),
+                            "too many channels (at most 255)".into(),
+                        );
+                    };
+                    channels.push(channel_name.clone().into_boxed_str());
+                    channel_by_name.insert(channel_name.into_boxed_str(), id);
+                    id
+                }
+            };
+            let id = activities.len() as ActivityId;
+            activity_by_name.insert(name.clone().into_boxed_str(), id);
+            activities.push(Activity {
+                name: name.into_boxed_str(),
+                weight,
+                value_weight,
+                cap,
+                channel,
+            });
+        }
+        if parts.tiers.len() > usize::from(TierId::MAX) {
+            return err("tiers".into(), "too many tiers (at most 255)".into());
+        }
+        let mut segment_events = Vec::with_capacity(parts.segment_events.len());
+        let mut segment_lookup = FastMap::default();
+        for (event, activity) in parts.segment_events {
+            let Some(&id) = activity_by_name.get(activity.as_str()) else {
+                return err(
+                    format!("input.segment_events.{}", quote_key(&event)),
+                    format!(
+                        "maps to activity \"{activity}\", which is not in [scoring.activities]"
+                    ),
+                );
+            };
+            segment_lookup.insert(event.clone().into_boxed_str(), id);
+            segment_events.push((event.into_boxed_str(), id));
+        }
+        Ok(Model {
+            half_life: parts.half_life,
+            decay_per_ms: 1.0 / parts.half_life as f64,
+            normalization: parts.normalization,
+            activities,
+            activity_by_name,
+            channels,
+            channel_by_name,
+            diversity: parts.diversity,
+            tiers: parts.tiers,
+            signals: parts.signals,
+            input: InputRules {
+                format: parts.format,
+                max_event_bytes: parts.max_event_bytes,
+                max_future_skew: parts.max_future_skew,
+                max_lateness: parts.max_lateness,
+                segment_events,
+                segment_lookup,
+            },
+        })
+    }
+
+    pub fn activity(&self, name: &str) -> Option<ActivityId> {
+        self.activity_by_name.get(name).copied()
+    }
+
+    pub fn channel(&self, name: &str) -> Option<ChannelId> {
+        self.channel_by_name.get(name).copied()
+    }
+
+    /// The activity of a Segment `track` event: its mapping, else its own name.
+    pub fn segment_track_activity(&self, event: &str) -> Option<ActivityId> {
+        match self.input.segment_lookup.get(event) {
+            Some(&id) => Some(id),
+            None => self.activity(event),
+        }
+    }
+
+    /// `2^(-dt / half_life)`: the weight left after `dt` milliseconds.
+    #[inline]
+    pub fn decay(&self, dt: Millis) -> f64 {
+        (-(dt as f64) * self.decay_per_ms).exp2()
+    }
+
+    /// Maps a raw engagement value to the 0-100 score.
+    #[inline]
+    pub fn normalize(&self, raw: f64) -> f64 {
+        let s = match self.normalization {
+            Normalization::Saturating { half_score_at } => {
+                100.0 * (1.0 - (-raw / half_score_at).exp2())
+            }
+            Normalization::Linear { max } => 100.0 * raw / max,
+        };
+        s.clamp(0.0, 100.0)
+    }
+
+    /// The last tier whose bound is below `score`, else the lowest.
+    #[inline]
+    pub fn tier_of(&self, score: f64) -> TierId {
+        let mut tier = 0;
+        for (i, t) in self.tiers.iter().enumerate().skip(1) {
+            match t.above {
+                Some(above) if above < score => tier = i,
+                _ => break,
+            }
+        }
+        tier as TierId
+    }
+
+    pub fn tier_name(&self, tier: TierId) -> &str {
+        self.tiers
+            .get(usize::from(tier))
+            .map(|t| &*t.name)
+            .unwrap_or("")
+    }
+
+    pub fn lowest_tier(&self) -> TierId {
+        0
+    }
+}
+
+/// Writes a TOML key, quoted when it is not a bare key.
+pub fn quote_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    }
+}

@@ -1,0 +1,230 @@
+//! `ces-stream replay`: the scoring model over a JSONL file (spec section 7).
+//!
+//! The imperative shell around the engine for files: read lines, parse,
+//! process with the replay clock, write outputs and dead letters, count.
+//! The same code serves the command, the golden tests and the benchmarks.
+
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::{Engine, EngineError, Outcome, Signal, SignalKind};
+use crate::event::{self, IgnoreReason, InvalidReason, ParseContext, Parsed};
+use crate::model::Model;
+use crate::output::{push_json_str, Encoder};
+
+/// Why a replay stopped before the end of its input.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("cannot read the input: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("cannot write the outputs: {0}")]
+    WriteOutput(#[source] std::io::Error),
+    #[error("cannot write the dead letters: {0}")]
+    WriteDeadLetter(#[source] std::io::Error),
+    #[error("line {line}: {source}")]
+    Engine { line: u64, source: EngineError },
+}
+
+/// Counts of one replay, printed as its summary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Every line, blank ones included.
+    pub lines: u64,
+    /// Non-blank lines.
+    pub events: u64,
+    pub accepted: u64,
+    pub invalid: [u64; InvalidReason::ALL.len()],
+    pub ignored: [u64; IgnoreReason::ALL.len()],
+    /// score_changed, churn_risk, churn_risk_cleared.
+    pub outputs: [u64; 3],
+    pub customers: u64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn invalid_total(&self) -> u64 {
+        self.invalid.iter().sum()
+    }
+
+    pub fn invalid_count(&self, r: InvalidReason) -> u64 {
+        self.invalid[r as usize]
+    }
+
+    pub fn ignored_count(&self, r: IgnoreReason) -> u64 {
+        self.ignored[r as usize]
+    }
+
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The human-readable summary for stderr.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "replay: {} events in {:.2}s ({:.0} events/s), {} customers",
+            self.events,
+            self.elapsed.as_secs_f64(),
+            self.events_per_second(),
+            self.customers
+        );
+        let _ = writeln!(s, "  accepted {:>12}", self.accepted);
+        let _ = writeln!(s, "  invalid  {:>12}", self.invalid_total());
+        for r in InvalidReason::ALL {
+            if self.invalid_count(r) > 0 {
+                let _ = writeln!(s, "    {:<22}{:>10}", r.as_str(), self.invalid_count(r));
+            }
+        }
+        let _ = writeln!(s, "  ignored  {:>12}", self.ignored.iter().sum::<u64>());
+        for r in IgnoreReason::ALL {
+            if self.ignored_count(r) > 0 {
+                let _ = writeln!(s, "    {:<22}{:>10}", r.as_str(), self.ignored_count(r));
+            }
+        }
+        let _ = writeln!(s, "  outputs  {:>12}", self.outputs.iter().sum::<u64>());
+        for (name, n) in ["score_changed", "churn_risk", "churn_risk_cleared"]
+            .iter()
+            .zip(self.outputs)
+        {
+            let _ = writeln!(s, "    {name:<22}{n:>10}");
+        }
+        s
+    }
+}
+
+/// Called every so many lines with the number of bytes read so far.
+pub type Progress<'a> = &'a mut dyn FnMut(u64);
+
+/// Flush the output buffer to its writer past this size.
+const FLUSH_BYTES: usize = 1 << 16;
+
+/// Replays `input` through a fresh engine.
+pub fn replay(
+    model: Arc<Model>,
+    input: impl BufRead,
+    output: impl Write,
+    dead_letters: Option<&mut dyn Write>,
+    progress: Option<Progress<'_>>,
+) -> Result<(Engine, Summary), ReplayError> {
+    let mut engine = Engine::new(model);
+    let summary = replay_into(&mut engine, input, output, dead_letters, progress)?;
+    Ok((engine, summary))
+}
+
+/// Replays `input` through `engine`.
+pub fn replay_into(
+    engine: &mut Engine,
+    mut input: impl BufRead,
+    mut output: impl Write,
+    mut dead_letters: Option<&mut dyn Write>,
+    mut progress: Option<Progress<'_>>,
+) -> Result<Summary, ReplayError> {
+    let started = Instant::now();
+    let model = Arc::clone(engine.model());
+    let encoder = Encoder::new(&model);
+    let mut summary = Summary::default();
+    let mut line = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(FLUSH_BYTES * 2);
+    let mut dead = Vec::new();
+    let mut bytes_read = 0u64;
+    let mut outputs = [0u64; 3];
+
+    loop {
+        line.clear();
+        let n = input
+            .read_until(b'\n', &mut line)
+            .map_err(ReplayError::Read)?;
+        if n == 0 {
+            break;
+        }
+        bytes_read += n as u64;
+        summary.lines += 1;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
+            continue;
+        }
+        summary.events += 1;
+
+        match event::parse(&line, &model, ParseContext::default()) {
+            Parsed::Event(ev) => {
+                let mut sink = |s: &Signal<'_>| {
+                    outputs[kind_index(&s.kind)] += 1;
+                    encoder.encode(s, &mut out);
+                    out.push(b'\n');
+                };
+                match engine.process_replay(&ev, &mut sink) {
+                    Ok(Outcome::Applied { .. }) => summary.accepted += 1,
+                    Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
+                    Err(source) => {
+                        return Err(ReplayError::Engine {
+                            line: summary.lines,
+                            source,
+                        })
+                    }
+                }
+            }
+            Parsed::Ignored(r) => summary.ignored[r as usize] += 1,
+            Parsed::Invalid(inv) => {
+                summary.invalid[inv.reason as usize] += 1;
+                if let Some(w) = dead_letters.as_deref_mut() {
+                    dead.clear();
+                    write_dead_letter(&mut dead, summary.lines, inv.reason, &inv.detail, &line);
+                    w.write_all(&dead).map_err(ReplayError::WriteDeadLetter)?;
+                }
+            }
+        }
+        if out.len() >= FLUSH_BYTES {
+            output.write_all(&out).map_err(ReplayError::WriteOutput)?;
+            out.clear();
+        }
+        if summary.lines % 16_384 == 0 {
+            if let Some(p) = progress.as_mut() {
+                p(bytes_read);
+            }
+        }
+    }
+    output.write_all(&out).map_err(ReplayError::WriteOutput)?;
+    output.flush().map_err(ReplayError::WriteOutput)?;
+    if let Some(w) = dead_letters {
+        w.flush().map_err(ReplayError::WriteDeadLetter)?;
+    }
+    if let Some(p) = progress.as_mut() {
+        p(bytes_read);
+    }
+    summary.outputs = outputs;
+    summary.customers = engine.customers().len() as u64;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn kind_index(kind: &SignalKind<'_>) -> usize {
+    match kind {
+        SignalKind::ScoreChanged { .. } => 0,
+        SignalKind::ChurnRisk { .. } => 1,
+        SignalKind::ChurnRiskCleared => 2,
+    }
+}
+
+/// `{"line": N, "reason": "...", "detail": "...", "payload": "..."}` + newline.
+fn write_dead_letter(
+    out: &mut Vec<u8>,
+    line: u64,
+    reason: InvalidReason,
+    detail: &str,
+    payload: &[u8],
+) {
+    out.extend_from_slice(b"{\"line\":");
+    out.extend_from_slice(itoa::Buffer::new().format(line).as_bytes());
+    out.extend_from_slice(b",\"reason\":\"");
+    out.extend_from_slice(reason.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"detail\":");
+    push_json_str(out, detail);
+    out.extend_from_slice(b",\"payload\":");
+    push_json_str(out, &String::from_utf8_lossy(payload));
+    out.extend_from_slice(b"}\n");
+}
