@@ -24,8 +24,9 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 pub struct Model {
     /// `scoring.half_life`.
     pub half_life: Millis,
-    /// `1 / half_life`, so that decay is one multiplication and one `exp2`.
-    decay_per_ms: f64,
+    /// `half_life` as f64. Decay divides by it (rather than multiplying by
+    /// its inverse) so that whole half-lives decay exactly by powers of 2.
+    half_life_f64: f64,
     pub normalization: Normalization,
     /// Activities in configuration order; output `contributions` use this order.
     pub activities: Vec<Activity>,
@@ -198,7 +199,7 @@ impl Model {
         }
         Ok(Model {
             half_life: parts.half_life,
-            decay_per_ms: 1.0 / parts.half_life as f64,
+            half_life_f64: parts.half_life as f64,
             normalization: parts.normalization,
             activities,
             activity_by_name,
@@ -237,7 +238,7 @@ impl Model {
     /// `2^(-dt / half_life)`: the weight left after `dt` milliseconds.
     #[inline]
     pub fn decay(&self, dt: Millis) -> f64 {
-        (-(dt as f64) * self.decay_per_ms).exp2()
+        (-(dt as f64) / self.half_life_f64).exp2()
     }
 
     /// Maps a raw engagement value to the 0-100 score.
