@@ -6,8 +6,8 @@
 //!   [`event`] (input parsing and reason codes), [`customers`] (compact
 //!   per-customer state), [`engine`] (scoring, sweeps, signals) and
 //!   [`output`] (output JSON);
-//! - shell: [`config`] (the file), [`replay`] (files), and the command line
-//!   in `main.rs`.
+//! - shell: [`config`] (the file), [`replay`] (files), [`synth`] (synthetic
+//!   clickstreams), and the command line in `main.rs`.
 
 pub mod config;
 pub mod customers;
@@ -16,4 +16,5 @@ pub mod event;
 pub mod model;
 pub mod output;
 pub mod replay;
+pub mod synth;
 pub mod timestamp;

@@ -44,6 +44,30 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Generate a synthetic clickstream (personas, bots, a few malformed events).
+    Generate {
+        /// Write JSONL to this file (`-` for stdout).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Number of events.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Number of distinct customers.
+        #[arg(long, default_value_t = 100_000)]
+        customers: u64,
+        /// Random seed: the same seed gives the same stream.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Time of the first event (RFC 3339).
+        #[arg(long, default_value = "2026-09-01T00:00:00Z")]
+        start: String,
+        /// Time covered by the stream.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        span: std::time::Duration,
+        /// Share of malformed events.
+        #[arg(long, default_value_t = 0.001)]
+        malformed: f64,
+    },
     /// Validate a configuration file and print the effective model, defaults filled in.
     CheckConfig {
         /// The configuration file.
@@ -69,6 +93,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", settings.effective_toml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate {
+            output,
+            events,
+            customers,
+            seed,
+            start,
+            span,
+            malformed,
+        } => {
+            let start = ces_stream::timestamp::parse_rfc3339(&start)
+                .with_context(|| format!("--start {start:?} is not an RFC 3339 time"))?;
+            let span = ces_stream::timestamp::duration_millis(span).map_err(anyhow::Error::msg)?;
+            let out: Box<dyn Write> = if output.as_os_str() == "-" {
+                Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
+            } else {
+                Box::new(create(&output)?)
+            };
+            generate_file(out, events, customers, seed, start, span, malformed)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Replay {
             config,
             input,
@@ -80,6 +124,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_replay(settings, input, output, dead_letter, no_progress)
         }
     }
+}
+
+fn generate_file(
+    mut out: impl Write,
+    events: u64,
+    customers: u64,
+    seed: u64,
+    start: i64,
+    span: i64,
+    malformed: f64,
+) -> anyhow::Result<()> {
+    use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
+    let mut synth = Synth::new(SynthOptions {
+        customers,
+        seed,
+        malformed,
+        ..SynthOptions::default()
+    });
+    let mut ev = SynthEvent::default();
+    let step = span as f64 / events.max(1) as f64;
+    for i in 0..events {
+        let t = start + (i as f64 * step) as i64;
+        synth.next(t, i as f64 / events.max(1) as f64, &mut ev);
+        out.write_all(&ev.payload)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn create(path: &PathBuf) -> anyhow::Result<BufWriter<File>> {

@@ -40,30 +40,99 @@ fn every_reason_code() {
     let m = model(MODEL);
     let ts = r#""timestamp": "2026-11-20T10:15:00Z""#;
     let cases: Vec<(String, InvalidReason)> = vec![
-        (format!(r#"{{"customer_id": "c-1", "type": "page_view", {ts}, "pad": "{}"}}"#, "x".repeat(400)), InvalidReason::TooLarge),
-        (r#"{"customer_id": "c-1", "type": "#.into(), InvalidReason::InvalidJson),
-        (r#"{"customer_id": "c-1"} trailing"#.into(), InvalidReason::InvalidJson),
+        (
+            format!(
+                r#"{{"customer_id": "c-1", "type": "page_view", {ts}, "pad": "{}"}}"#,
+                "x".repeat(400)
+            ),
+            InvalidReason::TooLarge,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "#.into(),
+            InvalidReason::InvalidJson,
+        ),
+        (
+            r#"{"customer_id": "c-1"} trailing"#.into(),
+            InvalidReason::InvalidJson,
+        ),
         ("".into(), InvalidReason::InvalidJson),
-        (r#"[{"customer_id": "c-1"}]"#.into(), InvalidReason::NotAnObject),
+        (
+            r#"[{"customer_id": "c-1"}]"#.into(),
+            InvalidReason::NotAnObject,
+        ),
         (r#""c-1""#.into(), InvalidReason::NotAnObject),
         ("42".into(), InvalidReason::NotAnObject),
         ("null".into(), InvalidReason::NotAnObject),
-        (format!(r#"{{"type": "page_view", {ts}}}"#), InvalidReason::MissingCustomerId),
-        (format!(r#"{{"customer_id": null, "type": "page_view", {ts}}}"#), InvalidReason::MissingCustomerId),
-        (format!(r#"{{"customer_id": "", "type": "page_view", {ts}}}"#), InvalidReason::InvalidCustomerId),
-        (format!(r#"{{"customer_id": 42, "type": "page_view", {ts}}}"#), InvalidReason::InvalidCustomerId),
-        (format!(r#"{{"customer_id": "{}", "type": "page_view", {ts}}}"#, "c".repeat(257)), InvalidReason::InvalidCustomerId),
-        (format!(r#"{{"customer_id": "c-1", {ts}}}"#), InvalidReason::MissingType),
-        (format!(r#"{{"customer_id": "c-1", "type": 3, {ts}}}"#), InvalidReason::MissingType),
-        (r#"{"customer_id": "c-1", "type": "page_view"}"#.into(), InvalidReason::InvalidTimestamp),
-        (r#"{"customer_id": "c-1", "type": "page_view", "timestamp": "2026-13-01T00:00:00Z"}"#.into(), InvalidReason::InvalidTimestamp),
-        (r#"{"customer_id": "c-1", "type": "page_view", "timestamp": "2026-11-20 10:15"}"#.into(), InvalidReason::InvalidTimestamp),
-        (r#"{"customer_id": "c-1", "type": "page_view", "timestamp": 1.5e12}"#.into(), InvalidReason::InvalidTimestamp),
-        (r#"{"customer_id": "c-1", "type": "page_view", "timestamp": true}"#.into(), InvalidReason::InvalidTimestamp),
-        (r#"{"customer_id": "c-1", "type": "page_view", "timestamp": 99999999999999999999}"#.into(), InvalidReason::InvalidTimestamp),
-        (format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": -1}}"#), InvalidReason::InvalidValue),
-        (format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": "49.9"}}"#), InvalidReason::InvalidValue),
-        (format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": 1e400}}"#), InvalidReason::InvalidValue),
+        (
+            format!(r#"{{"type": "page_view", {ts}}}"#),
+            InvalidReason::MissingCustomerId,
+        ),
+        (
+            format!(r#"{{"customer_id": null, "type": "page_view", {ts}}}"#),
+            InvalidReason::MissingCustomerId,
+        ),
+        (
+            format!(r#"{{"customer_id": "", "type": "page_view", {ts}}}"#),
+            InvalidReason::InvalidCustomerId,
+        ),
+        (
+            format!(r#"{{"customer_id": 42, "type": "page_view", {ts}}}"#),
+            InvalidReason::InvalidCustomerId,
+        ),
+        (
+            format!(
+                r#"{{"customer_id": "{}", "type": "page_view", {ts}}}"#,
+                "c".repeat(257)
+            ),
+            InvalidReason::InvalidCustomerId,
+        ),
+        (
+            format!(r#"{{"customer_id": "c-1", {ts}}}"#),
+            InvalidReason::MissingType,
+        ),
+        (
+            format!(r#"{{"customer_id": "c-1", "type": 3, {ts}}}"#),
+            InvalidReason::MissingType,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view"}"#.into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view", "timestamp": "2026-13-01T00:00:00Z"}"#
+                .into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view", "timestamp": "2026-11-20 10:15"}"#
+                .into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view", "timestamp": 1.5e12}"#.into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view", "timestamp": true}"#.into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            r#"{"customer_id": "c-1", "type": "page_view", "timestamp": 99999999999999999999}"#
+                .into(),
+            InvalidReason::InvalidTimestamp,
+        ),
+        (
+            format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": -1}}"#),
+            InvalidReason::InvalidValue,
+        ),
+        (
+            format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": "49.9"}}"#),
+            InvalidReason::InvalidValue,
+        ),
+        (
+            format!(r#"{{"customer_id": "c-1", "type": "purchase", {ts}, "value": 1e400}}"#),
+            InvalidReason::InvalidValue,
+        ),
     ];
     for (payload, expected) in cases {
         assert_eq!(replay_reason(&m, &payload), Some(expected), "{payload}");
@@ -171,7 +240,8 @@ fn native_fields() {
 #[test]
 fn segment_fields() {
     let m = model(MODEL);
-    let p = br#"{"type": "track", "event": "Order Completed", "userId": "u-1", "anonymousId": "a-1",
+    let p =
+        br#"{"type": "track", "event": "Order Completed", "userId": "u-1", "anonymousId": "a-1",
         "messageId": "m-1", "timestamp": "2026-11-20T00:00:00Z",
         "properties": {"revenue": 120.5, "value": 3}, "context": {"ip": "1.2.3.4"}}"#;
     let Parsed::Event(e) = parse(p, &m, ParseContext::default()) else {
@@ -204,13 +274,34 @@ fn segment_fields() {
     assert_eq!(e.activity, m.activity("screen_view").unwrap());
 
     let bad = [
-        (r#"{"type": "track", "userId": "u", "timestamp": 0}"#, InvalidReason::MissingType),
-        (r#"{"type": "purchase", "userId": "u", "timestamp": 0}"#, InvalidReason::MissingType),
-        (r#"{"event": "Order Completed", "userId": "u", "timestamp": 0}"#, InvalidReason::MissingType),
-        (r#"{"type": "track", "event": "x", "userId": "", "timestamp": 0}"#, InvalidReason::MissingCustomerId),
-        (r#"{"type": "track", "event": "x", "userId": 5, "anonymousId": 6, "timestamp": 0}"#, InvalidReason::InvalidCustomerId),
-        (r#"{"type": "track", "event": "purchase", "userId": "u", "timestamp": 0, "properties": {"revenue": "12"}}"#, InvalidReason::InvalidValue),
-        (r#"{"type": "track", "event": "purchase", "userId": "u", "timestamp": 0, "properties": {"revenue": null, "value": -2}}"#, InvalidReason::InvalidValue),
+        (
+            r#"{"type": "track", "userId": "u", "timestamp": 0}"#,
+            InvalidReason::MissingType,
+        ),
+        (
+            r#"{"type": "purchase", "userId": "u", "timestamp": 0}"#,
+            InvalidReason::MissingType,
+        ),
+        (
+            r#"{"event": "Order Completed", "userId": "u", "timestamp": 0}"#,
+            InvalidReason::MissingType,
+        ),
+        (
+            r#"{"type": "track", "event": "x", "userId": "", "timestamp": 0}"#,
+            InvalidReason::MissingCustomerId,
+        ),
+        (
+            r#"{"type": "track", "event": "x", "userId": 5, "anonymousId": 6, "timestamp": 0}"#,
+            InvalidReason::InvalidCustomerId,
+        ),
+        (
+            r#"{"type": "track", "event": "purchase", "userId": "u", "timestamp": 0, "properties": {"revenue": "12"}}"#,
+            InvalidReason::InvalidValue,
+        ),
+        (
+            r#"{"type": "track", "event": "purchase", "userId": "u", "timestamp": 0, "properties": {"revenue": null, "value": -2}}"#,
+            InvalidReason::InvalidValue,
+        ),
     ];
     for (p, r) in bad {
         assert_eq!(replay_reason(&m, p), Some(r), "{p}");

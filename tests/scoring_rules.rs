@@ -55,7 +55,12 @@ fn value_weight_adds_points_per_unit_of_value() {
     let m = model(&linear(EVERY_EVAL));
     let (out, _, _) = replay_lines(
         &m,
-        &[ev_with("c", "buy", T0, json!({"value": 20, "event_id": "e-9"}))],
+        &[ev_with(
+            "c",
+            "buy",
+            T0,
+            json!({"value": 20, "event_id": "e-9"}),
+        )],
     );
     assert_eq!(out.len(), 1);
     assert_eq!(f(&out[0]["score"]), 20.0);
@@ -76,7 +81,10 @@ fn negative_weights_subtract_and_the_raw_value_floors_at_zero() {
         ],
     );
     assert_eq!(scores(&out), [0.0, 5.0, 0.0]);
-    assert_eq!(out[1]["contributions"], json!({"buy": 20.0, "unsub": -15.0}));
+    assert_eq!(
+        out[1]["contributions"],
+        json!({"buy": 20.0, "unsub": -15.0})
+    );
     assert_eq!(
         out[2]["contributions"],
         json!({"buy": 20.0, "unsub": -15.0, "nps": -10.0})
@@ -124,11 +132,11 @@ fn diversity_multiplies_by_the_channels_active_in_the_window() {
     let (out, _, _) = replay_lines(
         &m,
         &[
-            ev("c", "visit", T0),                                // web: 1
-            ev("c", "buy", T0),                                  // + shop: (1 + 10) * 1.5
-            ev_with("c", "nps", T0, json!({"value": 10})),       // 3 channels, max 2
-            ev("d", "visit", T0),                                // d: web
-            ev("d", "unsub", T0),                                // negative: mail does not count
+            ev("c", "visit", T0),                               // web: 1
+            ev("c", "buy", T0),                                 // + shop: (1 + 10) * 1.5
+            ev_with("c", "nps", T0, json!({"value": 10})),      // 3 channels, max 2
+            ev("d", "visit", T0),                               // d: web
+            ev("d", "unsub", T0),                               // negative: mail does not count
             ev_with("d", "buy", T0, json!({"channel": "web"})), // own channel: still only web
         ],
     );
@@ -221,7 +229,12 @@ fn tier_bounds_are_exclusive() {
     let tiers: Vec<_> = out.iter().map(|o| o["tier"].as_str().unwrap()).collect();
     assert_eq!(
         tiers,
-        ["very_disengaged", "somewhat_engaged", "somewhat_engaged", "very_engaged"]
+        [
+            "very_disengaged",
+            "somewhat_engaged",
+            "somewhat_engaged",
+            "very_engaged"
+        ]
     );
     assert_eq!(scores(&out), [40.0, 41.0, 75.0, 75.01]);
 }
@@ -281,7 +294,13 @@ fn churn_risk_for_lowest_tier_then_cleared() {
     let kinds: Vec<_> = out.iter().map(|o| o["kind"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["score_changed", "score_changed", "churn_risk", "score_changed", "churn_risk_cleared"]
+        [
+            "score_changed",
+            "score_changed",
+            "churn_risk",
+            "score_changed",
+            "churn_risk_cleared"
+        ]
     );
 }
 
@@ -354,16 +373,18 @@ fn churn_risk_for_inactivity_found_by_a_sweep() {
 
 #[test]
 fn sweeps_run_once_per_crossed_boundary_over_known_customers() {
-    let m = model(&linear("[signals]\nsweep_interval = \"1h\"\nmin_delta = 0.0\n"));
+    let m = model(&linear(
+        "[signals]\nsweep_interval = \"1h\"\nmin_delta = 0.0\n",
+    ));
     let min = 60_000;
     let (out, _, _) = replay_lines(
         &m,
         &[
             ev("a", "visit", T0 + 30 * min),
-            ev("b", "visit", T0 + HOUR - 1),      // same interval: no sweep
-            ev("c", "visit", T0 + HOUR),          // boundary: sweep a and b at T0+1h
+            ev("b", "visit", T0 + HOUR - 1), // same interval: no sweep
+            ev("c", "visit", T0 + HOUR),     // boundary: sweep a and b at T0+1h
             ev("d", "visit", T0 + 5 * HOUR + 30 * min), // four boundaries: one sweep at T0+5h
-            ev("e", "visit", T0 + 2 * HOUR),      // late: no sweep
+            ev("e", "visit", T0 + 2 * HOUR), // late: no sweep
             ev("f", "visit", T0 + 5 * HOUR + 59 * min), // same interval: no sweep
         ],
     );
@@ -393,7 +414,10 @@ fn sweeps_run_once_per_crossed_boundary_over_known_customers() {
     let e = out.iter().find(|o| o["customer_id"] == "e").unwrap();
     assert_eq!(e["at"], "2026-11-20T05:30:00.000Z");
     // Decay outputs carry no event_id.
-    assert!(out.iter().filter(|o| o["cause"] == "decay").all(|o| o.get("event_id").is_none()));
+    assert!(out
+        .iter()
+        .filter(|o| o["cause"] == "decay")
+        .all(|o| o.get("event_id").is_none()));
 }
 
 #[test]
@@ -416,7 +440,10 @@ fn too_late_and_unknown_events_are_counted_and_do_not_move_the_watermark() {
         summary.ignored_count(ces_stream::event::IgnoreReason::UnknownActivity),
         1
     );
-    assert_eq!(summary.ignored_count(ces_stream::event::IgnoreReason::TooLate), 1);
+    assert_eq!(
+        summary.ignored_count(ces_stream::event::IgnoreReason::TooLate),
+        1
+    );
     assert_eq!(summary.invalid_total(), 1);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["line"], 3);
@@ -447,7 +474,11 @@ fn dead_letters_keep_line_numbers_and_payloads() {
         .collect();
     assert_eq!(
         got,
-        [(4, "invalid_json"), (5, "not_an_object"), (6, "missing_type")]
+        [
+            (4, "invalid_json"),
+            (5, "not_an_object"),
+            (6, "missing_type")
+        ]
     );
     assert_eq!(dead[0]["payload"], "{not json");
     assert_eq!(dead[2]["payload"], lines[5]);

@@ -1,0 +1,182 @@
+//! Property tests of the scoring core: order independence, invalid events
+//! leave no trace, scores stay within [0, 100].
+
+mod common;
+
+use std::sync::Arc;
+
+use ces_stream::engine::Engine;
+use ces_stream::model::Model;
+use ces_stream::replay;
+use common::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+const ACTIVITIES: [&str; 8] = [
+    "page_view",
+    "purchase",
+    "renewal",
+    "unsubscribe",
+    "nps_response",
+    "support_ticket",
+    "social_share",
+    "webinar", // not configured
+];
+
+#[derive(Debug, Clone)]
+struct Ev {
+    customer: u8,
+    activity: usize,
+    offset: i64,
+    value: Option<f64>,
+    channel: Option<&'static str>,
+}
+
+impl Ev {
+    fn line(&self) -> String {
+        let mut v = json!({
+            "customer_id": format!("c{}", self.customer),
+            "type": ACTIVITIES[self.activity],
+            "timestamp": T0 + self.offset,
+        });
+        if let Some(x) = self.value {
+            v["value"] = json!(x);
+        }
+        if let Some(c) = self.channel {
+            v["channel"] = json!(c);
+        }
+        v.to_string()
+    }
+}
+
+fn event() -> impl Strategy<Value = Ev> {
+    (
+        0u8..6,
+        0..ACTIVITIES.len(),
+        // Within 20 days: never too late under the default 30d lateness.
+        0i64..20 * DAY,
+        prop::option::of(prop_oneof![0.0..20.0f64, 0.0..1e6f64]),
+        prop::option::of(prop::sample::select(vec!["web", "email", "social", "tv"])),
+    )
+        .prop_map(|(customer, activity, offset, value, channel)| Ev {
+            customer,
+            activity,
+            offset,
+            value,
+            channel,
+        })
+}
+
+/// Ways to break a valid event so that it must be dead-lettered.
+fn corrupt(line: &str, how: u8) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    match how % 8 {
+        0 => return line[..line.len() / 2].to_string(),
+        1 => return format!("[{line}]"),
+        2 => {
+            v.as_object_mut().unwrap().remove("customer_id");
+        }
+        3 => v["customer_id"] = json!(""),
+        4 => v["type"] = json!(null),
+        5 => v["timestamp"] = json!("2026-02-30T00:00:00Z"),
+        6 => v["value"] = json!(-0.5),
+        _ => v["value"] = json!("12"),
+    }
+    v.to_string()
+}
+
+fn run(model: &Arc<Model>, lines: &[String]) -> (Engine, Vec<u8>) {
+    let mut out = Vec::new();
+    let (engine, _) = replay::replay(
+        Arc::clone(model),
+        lines.join("\n").as_bytes(),
+        &mut out,
+        None,
+        None,
+    )
+    .unwrap();
+    (engine, out)
+}
+
+fn final_scores(engine: &Engine, at: i64) -> Vec<(String, f64, u8)> {
+    let mut v: Vec<_> = (0..6)
+        .filter_map(|c| engine.view(&format!("c{c}"), at))
+        .map(|view| (view.customer_id, view.score, view.tier))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn final_scores_do_not_depend_on_event_order(
+        events in prop::collection::vec(event(), 1..60),
+        seed in any::<u64>(),
+    ) {
+        let m = default_model();
+        let lines: Vec<String> = events.iter().map(Ev::line).collect();
+        let mut shuffled = lines.clone();
+        // A deterministic shuffle from the seed.
+        let mut state = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+            shuffled.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let at = T0 + 21 * DAY;
+        let (a, _) = run(&m, &lines);
+        let (b, _) = run(&m, &shuffled);
+        let (sa, sb) = (final_scores(&a, at), final_scores(&b, at));
+        prop_assert_eq!(sa.len(), sb.len());
+        for (x, y) in sa.iter().zip(&sb) {
+            prop_assert_eq!(&x.0, &y.0);
+            prop_assert!((x.1 - y.1).abs() < 1e-3, "{} vs {}", x.1, y.1);
+        }
+    }
+
+    #[test]
+    fn invalid_events_change_nothing(
+        events in prop::collection::vec(event(), 1..40),
+        bad in prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..10),
+    ) {
+        let m = default_model();
+        let lines: Vec<String> = events.iter().map(Ev::line).collect();
+        let mut mixed = lines.clone();
+        for (at, how) in &bad {
+            let source = &lines[at.index(lines.len())];
+            let pos = at.index(mixed.len() + 1);
+            mixed.insert(pos, corrupt(source, *how));
+        }
+        let (a, out_a) = run(&m, &lines);
+        let (b, out_b) = run(&m, &mixed);
+        prop_assert_eq!(String::from_utf8(out_a).unwrap(), String::from_utf8(out_b).unwrap());
+        let at = T0 + 25 * DAY;
+        prop_assert_eq!(final_scores(&a, at), final_scores(&b, at));
+        prop_assert_eq!(a.watermark(), b.watermark());
+    }
+
+    #[test]
+    fn scores_stay_within_0_and_100(
+        events in prop::collection::vec(event(), 1..80),
+        huge in prop::collection::vec((0u8..6, prop_oneof![Just(1e300f64), Just(f64::MAX), 1e30..1e40f64]), 0..4),
+    ) {
+        let m = default_model();
+        let mut lines: Vec<String> = events.iter().map(Ev::line).collect();
+        for (c, v) in huge {
+            lines.push(json!({"customer_id": format!("c{c}"), "type": "purchase", "timestamp": T0, "value": v}).to_string());
+            lines.push(json!({"customer_id": format!("c{c}"), "type": "nps_response", "timestamp": T0, "value": v}).to_string());
+        }
+        let (engine, out) = run(&m, &lines);
+        for o in parse_jsonl(&out) {
+            let s = f(&o["score"]);
+            prop_assert!((0.0..=100.0).contains(&s), "{o}");
+            if let Some(p) = o.get("previous_score") {
+                prop_assert!((0.0..=100.0).contains(&f(p)), "{o}");
+            }
+        }
+        for (_, s, _) in final_scores(&engine, T0 + 40 * DAY) {
+            prop_assert!((0.0..=100.0).contains(&s));
+        }
+    }
+}
