@@ -11,12 +11,12 @@
 //!
 //! | word            | content                                               |
 //! |-----------------|-------------------------------------------------------|
-//! | 0               | offset of the id in the arena                          |
-//! | 1               | id length (16 bits), emitted tier (8), flags (8)       |
-//! | 2-3             | `last_event_at` (i64 ms)                               |
-//! | 4-5             | `peak_at` (i64 ms)                                     |
-//! | 6               | `peak_score` (f32)                                     |
-//! | 7               | `emitted_score` (f32)                                  |
+//! | 0               | id length (16 bits), emitted tier (8), flags (8)       |
+//! | 1-3             | the id if at most 12 bytes, else its arena offset      |
+//! | 4-5             | `last_event_at` (i64 ms)                               |
+//! | 6-7             | `peak_at` (i64 ms)                                     |
+//! | 8               | `peak_score` (f32)                                     |
+//! | 9               | `emitted_score` (f32)                                  |
 //! | 8 ..            | one f32 decayed sum per activity, at `last_event_at`  |
 //! | then            | one channel time per channel (see below)               |
 //!
@@ -39,7 +39,9 @@ use crate::timestamp::Millis;
 /// Index of a customer's record.
 pub type Slot = u32;
 
-const HEADER_WORDS: usize = 8;
+const HEADER_WORDS: usize = 10;
+/// Ids up to this many bytes are stored in the record.
+const INLINE_ID: usize = 12;
 /// A channel age meaning "no positive event within the window".
 const EXPIRED: u32 = u32::MAX;
 /// A wide channel time meaning "never".
@@ -106,6 +108,11 @@ pub struct CustomerTable {
     ids: Vec<u8>,
     index: HashTable<Slot>,
     hasher: foldhash::fast::RandomState,
+    /// Per customer, the sweep (counted from `wake_base`) up to which
+    /// evaluating it cannot change anything; 0 when unknown. Kept apart from
+    /// the records so that a sweep scans 2 bytes per customer, not a record.
+    wake: Vec<u16>,
+    wake_base: i64,
 }
 
 impl std::fmt::Debug for CustomerTable {
@@ -131,6 +138,8 @@ impl CustomerTable {
             ids: Vec::new(),
             index: HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
+            wake: Vec::new(),
+            wake_base: 0,
         }
     }
 
@@ -151,11 +160,10 @@ impl CustomerTable {
         self.hasher.hash_one(id)
     }
 
-    fn id_bytes<'a>(words: &[u32], ids: &'a [u8], stride: usize, slot: Slot) -> &'a [u8] {
+    #[inline]
+    fn id_bytes<'a>(words: &'a [u32], ids: &'a [u8], stride: usize, slot: Slot) -> &'a [u8] {
         let base = slot as usize * stride;
-        let start = words[base] as usize;
-        let len = (words[base + 1] & 0xffff) as usize;
-        &ids[start..start + len]
+        id_of(&words[base..base + 4], ids)
     }
 
     /// The slot of a customer, if known.
@@ -168,6 +176,22 @@ impl CustomerTable {
                 Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
             })
             .copied()
+    }
+
+    /// Starts loading the record of `id` into the cache, if it exists, so
+    /// that a lookup a little later does not wait for memory. Only a hint.
+    #[inline]
+    pub fn prefetch(&self, id: &str) {
+        let hash = self.hash(id.as_bytes());
+        let (words, stride) = (&self.words, self.layout.stride);
+        // Every candidate of the probe is prefetched; none is compared.
+        self.index.find(hash, |&slot| {
+            let base = slot as usize * stride;
+            if let Some(rec) = words.get(base..base + stride) {
+                prefetch_lines(rec);
+            }
+            false
+        });
     }
 
     /// The slot of a customer, adding it with `init` when unknown.
@@ -197,23 +221,30 @@ impl CustomerTable {
 
     fn push(&mut self, id: &str, init: NewCustomer) -> Result<Slot, TableFull> {
         let slot = Slot::try_from(self.len()).map_err(|_| TableFull::Customers)?;
-        let offset = u32::try_from(self.ids.len()).map_err(|_| TableFull::Ids)?;
-        if self.ids.len() + id.len() > u32::MAX as usize {
-            return Err(TableFull::Ids);
-        }
-        self.ids.extend_from_slice(id.as_bytes());
         let stride = self.layout.stride;
         let base = self.words.len();
-        self.words.resize(base + stride, 0);
+        if id.len() > INLINE_ID {
+            let offset = u32::try_from(self.ids.len()).map_err(|_| TableFull::Ids)?;
+            if self.ids.len() + id.len() > u32::MAX as usize {
+                return Err(TableFull::Ids);
+            }
+            self.ids.extend_from_slice(id.as_bytes());
+            self.words.resize(base + stride, 0);
+            self.words[base + 1] = offset;
+        } else {
+            self.words.resize(base + stride, 0);
+            let inline: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words[base + 1..base + 4]);
+            inline[..id.len()].copy_from_slice(id.as_bytes());
+        }
+        self.wake.push(0);
         let rec = &mut self.words[base..base + stride];
-        rec[0] = offset;
-        rec[1] = id.len() as u32; // tier 0, no flags
+        rec[0] = id.len() as u32; // tier 0, no flags
         let mut r = RecordMut {
             w: rec,
             layout: &self.layout,
         };
-        r.set_i64(2, init.last_event_at);
-        r.set_i64(4, init.peak_at);
+        r.set_i64(4, init.last_event_at);
+        r.set_i64(6, init.peak_at);
         for c in 0..self.layout.channels {
             r.clear_channel(c);
         }
@@ -245,15 +276,22 @@ impl CustomerTable {
         }
     }
 
-    /// The id and the mutable record of a slot, borrowed together.
+    /// The mutable record of a slot, with a way to get its id: the id is
+    /// only decoded when a signal needs it.
     #[inline]
-    pub fn id_and_record_mut(&mut self, slot: Slot) -> (&str, RecordMut<'_>) {
+    pub fn id_and_record_mut(&mut self, slot: Slot) -> (CustomerId<'_>, RecordMut<'_>) {
         let stride = self.layout.stride;
         let base = slot as usize * stride;
         let rec = &mut self.words[base..base + stride];
-        let start = rec[0] as usize;
-        let len = (rec[1] & 0xffff) as usize;
-        let id = std::str::from_utf8(&self.ids[start..start + len]).unwrap_or("");
+        let len = (rec[0] & 0xffff) as usize;
+        let id = if len <= INLINE_ID {
+            let mut inline = [0u8; INLINE_ID];
+            inline.copy_from_slice(bytemuck::cast_slice::<u32, u8>(&rec[1..4]));
+            CustomerId::Inline(inline, len as u8)
+        } else {
+            let start = rec[1] as usize;
+            CustomerId::Arena(&self.ids[start..start + len])
+        };
         (
             id,
             RecordMut {
@@ -265,7 +303,86 @@ impl CustomerTable {
 
     /// Bytes held by the table (capacity, not length).
     pub fn heap_bytes(&self) -> usize {
-        self.words.capacity() * 4 + self.ids.capacity() + self.index.capacity() * 5
+        self.words.capacity() * 4
+            + self.ids.capacity()
+            + self.index.capacity() * 5
+            + self.wake.capacity() * 2
+    }
+
+    /// The wake-up marks of all customers, relative to [`Self::wake_base`].
+    pub fn wakes(&self) -> &[u16] {
+        &self.wake
+    }
+
+    pub fn wake_base(&self) -> i64 {
+        self.wake_base
+    }
+
+    #[inline]
+    pub fn set_wake(&mut self, slot: Slot, w: u16) {
+        self.wake[slot as usize] = w;
+    }
+
+    /// Moves the base of the wake-up marks to `base`, keeping every mark's
+    /// absolute value where it still fits and forgetting it (0) otherwise.
+    pub fn rebase_wakes(&mut self, base: i64) {
+        let shift = base - self.wake_base;
+        for w in &mut self.wake {
+            let abs = i64::from(*w) - shift;
+            *w = if *w == 0 || abs <= 0 {
+                0
+            } else {
+                abs.min(i64::from(u16::MAX)) as u16
+            };
+        }
+        self.wake_base = base;
+    }
+}
+
+/// Asks the CPU to bring `words` into the cache.
+#[inline]
+fn prefetch_lines(words: &[u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for line in words.chunks(16) {
+            // SAFETY: SSE is part of the x86_64 baseline, and a prefetch
+            // neither reads nor writes memory; the pointer is in bounds.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = words;
+}
+
+/// The id bytes of a record whose first 4 words are `head`.
+#[inline]
+fn id_of<'a>(head: &'a [u32], ids: &'a [u8]) -> &'a [u8] {
+    let len = (head[0] & 0xffff) as usize;
+    if len <= INLINE_ID {
+        &bytemuck::cast_slice::<u32, u8>(&head[1..4])[..len]
+    } else {
+        let start = head[1] as usize;
+        &ids[start..start + len]
+    }
+}
+
+/// A customer's id, copied out of its record when short, so that the
+/// record can be written while the id is in use; decoded only when needed.
+#[derive(Clone, Copy)]
+pub enum CustomerId<'a> {
+    Inline([u8; INLINE_ID], u8),
+    Arena(&'a [u8]),
+}
+
+impl CustomerId<'_> {
+    pub fn as_str(&self) -> &str {
+        let bytes = match self {
+            CustomerId::Inline(b, len) => &b[..usize::from(*len)],
+            CustomerId::Arena(b) => b,
+        };
+        // Ids are copied from `&str`s, so they are valid UTF-8.
+        std::str::from_utf8(bytes).unwrap_or("")
     }
 }
 
@@ -290,27 +407,27 @@ macro_rules! getters {
         }
         #[inline]
         pub fn last_event_at(&self) -> Millis {
-            self.get_i64(2)
-        }
-        #[inline]
-        pub fn peak_at(&self) -> Millis {
             self.get_i64(4)
         }
         #[inline]
+        pub fn peak_at(&self) -> Millis {
+            self.get_i64(6)
+        }
+        #[inline]
         pub fn peak_score(&self) -> f32 {
-            f32::from_bits(self.w[6])
+            f32::from_bits(self.w[8])
         }
         #[inline]
         pub fn emitted_score(&self) -> f32 {
-            f32::from_bits(self.w[7])
+            f32::from_bits(self.w[9])
         }
         #[inline]
         pub fn emitted_tier(&self) -> TierId {
-            (self.w[1] >> 16) as u8
+            (self.w[0] >> 16) as u8
         }
         #[inline]
         pub fn flags(&self) -> u8 {
-            (self.w[1] >> 24) as u8
+            (self.w[0] >> 24) as u8
         }
         #[inline]
         pub fn has(&self, flag: u8) -> bool {
@@ -352,14 +469,14 @@ impl RecordMut<'_> {
 
     #[inline]
     pub fn set_peak(&mut self, score: f32, at: Millis) {
-        self.w[6] = score.to_bits();
-        self.set_i64(4, at);
+        self.w[8] = score.to_bits();
+        self.set_i64(6, at);
     }
 
     #[inline]
     pub fn set_emitted(&mut self, score: f32, tier: TierId) {
-        self.w[7] = score.to_bits();
-        self.w[1] = (self.w[1] & 0xff00_ffff) | (u32::from(tier) << 16);
+        self.w[9] = score.to_bits();
+        self.w[0] = (self.w[0] & 0xff00_ffff) | (u32::from(tier) << 16);
     }
 
     #[inline]
@@ -369,7 +486,7 @@ impl RecordMut<'_> {
         } else {
             self.flags() & !flag
         };
-        self.w[1] = (self.w[1] & 0x00ff_ffff) | (u32::from(f) << 24);
+        self.w[0] = (self.w[0] & 0x00ff_ffff) | (u32::from(f) << 24);
     }
 
     #[inline]
@@ -413,7 +530,7 @@ impl RecordMut<'_> {
                 }
             }
         }
-        self.set_i64(2, t);
+        self.set_i64(4, t);
     }
 
     /// Records a positive event at `t <= last_event_at` in channel `c`.

@@ -4,7 +4,7 @@
 //! argument (the replay clock or the live clock), signals go out through a
 //! [`SignalSink`], and the same inputs always give the same outputs.
 
-use crate::customers::{flags, CustomerTable, Layout, NewCustomer, Slot, TableFull};
+use crate::customers::{flags, CustomerTable, Layout, NewCustomer, Record, Slot, TableFull};
 use crate::event::{Event, IgnoreReason};
 use crate::model::{Model, TierId};
 use crate::timestamp::Millis;
@@ -137,6 +137,7 @@ pub struct CustomerView {
     pub last_event_at: Millis,
 }
 
+pub static SWEEP_EVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The scoring state of one partition.
 pub struct Engine {
     model: Arc<Model>,
@@ -144,6 +145,9 @@ pub struct Engine {
     watermark: Option<Millis>,
     /// Scratch space for the contributions of one evaluation.
     contributions: Vec<f64>,
+    /// Sweeps only ever run at multiples of `sweep_interval` later than any
+    /// evaluation so far (replay); lets sweeps skip more customers.
+    sweeps_on_grid: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -155,8 +159,12 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Score, tier and raw value of a record at `t`, filling `contributions`.
+/// A record's score at one time, split the way the quiet-horizon bounds
+/// need it: positive and negative contributions and the diversity factor.
 struct Evaluated {
+    positive: f64,
+    negative: f64,
+    diversity: f64,
     score: f64,
     tier: TierId,
 }
@@ -170,7 +178,14 @@ impl Engine {
             table: CustomerTable::new(layout),
             watermark: None,
             contributions: vec![0.0; n],
+            sweeps_on_grid: true,
         }
+    }
+
+    /// For live mode: sweeps run at any time, not only on the replay grid.
+    pub fn with_sweeps_anytime(mut self) -> Engine {
+        self.sweeps_on_grid = false;
+        self
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -179,6 +194,12 @@ impl Engine {
 
     pub fn customers(&self) -> &CustomerTable {
         &self.table
+    }
+
+    /// Starts loading a customer's state into the cache ahead of its event.
+    #[inline]
+    pub fn prefetch(&self, customer_id: &str) {
+        self.table.prefetch(customer_id);
     }
 
     pub fn customers_mut(&mut self) -> &mut CustomerTable {
@@ -284,13 +305,15 @@ impl Engine {
 
     /// Evaluates every customer at `t` with cause `decay`.
     pub fn sweep(&mut self, t: Millis, sink: &mut impl SignalSink) {
-        for slot in 0..self.table.len() as Slot {
-            self.evaluate(slot, t, Cause::Decay, None, sink);
-        }
+        self.sweep_range(0..Slot::MAX, t, sink);
     }
 
     /// Evaluates the customers in `slots` at `t` with cause `decay`; a live
     /// sweep runs in chunks so that other work can interleave.
+    ///
+    /// Customers whose wake-up mark shows that an evaluation at `t` cannot
+    /// change anything are skipped: the result is the same as evaluating
+    /// them, at a fraction of the cost (see [`Engine::quiet_until`]).
     pub fn sweep_range(
         &mut self,
         slots: std::ops::Range<Slot>,
@@ -298,44 +321,67 @@ impl Engine {
         sink: &mut impl SignalSink,
     ) {
         let end = slots.end.min(self.table.len() as Slot);
+        let interval = self.model.signals.sweep_interval;
+        // Skip a customer when t <= (base + wake) * interval.
+        let need = (t + interval - 1).div_euclid(interval) - self.table.wake_base();
         for slot in slots.start..end {
+            let w = self.table.wakes()[slot as usize];
+            if w != 0 && i64::from(w) >= need {
+                continue;
+            }
+            SWEEP_EVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.evaluate(slot, t, Cause::Decay, None, sink);
         }
     }
 
-    /// Section 3 for one record: fills `self.contributions`.
+    /// Section 3 for one record at `t`. Fills `contributions` if given.
+    #[inline]
     fn score_at(
         model: &Model,
-        rec: crate::customers::Record<'_>,
+        rec: Record<'_>,
         t: Millis,
-        contributions: &mut [f64],
+        mut contributions: Option<&mut [f64]>,
     ) -> Evaluated {
-        let last = rec.last_event_at();
-        let factor = model.decay(t - last);
-        let mut total = 0.0;
+        let factor = model.decay(t - rec.last_event_at());
+        let (mut positive, mut negative) = (0.0, 0.0);
         for (k, a) in model.activities.iter().enumerate() {
             let s = f64::from(rec.sum(k)) * factor;
             let c = match a.cap {
                 Some(cap) => s.min(cap),
                 None => s,
             };
-            contributions[k] = c;
-            total += c;
-        }
-        let mut diversity = 1.0;
-        if let Some(d) = model.diversity {
-            let n = (0..model.channels.len())
-                .filter(|&c| rec.channel_time(c).is_some_and(|tc| t - tc <= d.window))
-                .count() as u32;
-            if n >= 1 {
-                diversity = 1.0 + d.bonus_per_channel * f64::from(n.min(d.max_channels) - 1);
+            if let Some(out) = contributions.as_deref_mut() {
+                out[k] = c;
+            }
+            if c >= 0.0 {
+                positive += c;
+            } else {
+                negative += c;
             }
         }
-        let raw = total.max(0.0) * diversity;
-        let score = model.normalize(raw);
+        let diversity = Self::diversity_at(model, rec, t);
+        let score = model.normalize((positive + negative).max(0.0) * diversity);
         Evaluated {
+            positive,
+            negative,
+            diversity,
             score,
             tier: model.tier_of(score),
+        }
+    }
+
+    #[inline]
+    fn diversity_at(model: &Model, rec: Record<'_>, t: Millis) -> f64 {
+        let Some(d) = model.diversity else {
+            return 1.0;
+        };
+        let n = (0..model.channels.len())
+            .filter(|&c| rec.channel_time(c).is_some_and(|tc| t - tc <= d.window))
+            .count() as u32;
+        if n >= 1 {
+            1.0 + d.bonus_per_channel * f64::from(n.min(d.max_channels) - 1)
+        } else {
+            1.0
         }
     }
 
@@ -349,16 +395,21 @@ impl Engine {
         sink: &mut impl SignalSink,
     ) {
         let model = &*self.model;
+        let wake_base = self.table.wake_base();
         let (customer_id, mut rec) = self.table.id_and_record_mut(slot);
-        let Evaluated { score: s, tier } =
-            Self::score_at(model, rec.as_record(), t, &mut self.contributions);
+        let now = Self::score_at(model, rec.as_record(), t, Some(&mut self.contributions));
+        let (s, tier) = (now.score, now.tier);
 
         // 2. Peak. Compared at the stored (f32) precision, so that the same
         // score evaluated twice counts as reaching the peak again.
         let churn = &model.signals.churn;
         // Every change below is snapshot state: mark the record dirty.
         let mut changed = false;
-        if s as f32 >= rec.peak_score() || t - rec.peak_at() > churn.lookback {
+        // A peak of 0 replaced by a score of 0 is left alone: while the peak
+        // is 0 every evaluation resets it, so its time can never matter, and
+        // leaving it keeps fully decayed customers from changing at every sweep.
+        let peak_noop = s as f32 == 0.0 && rec.peak_score() == 0.0;
+        if (s as f32 >= rec.peak_score() || t - rec.peak_at() > churn.lookback) && !peak_noop {
             changed |= rec.peak_score() != s as f32 || rec.peak_at() != t;
             rec.set_peak(s as f32, t);
         }
@@ -372,7 +423,7 @@ impl Engine {
         let emitted_tier = rec.emitted_tier();
         if (s - emitted).abs() >= model.signals.min_delta || tier != emitted_tier {
             sink.signal(&Signal {
-                customer_id,
+                customer_id: customer_id.as_str(),
                 at: t,
                 score: s,
                 tier,
@@ -403,7 +454,7 @@ impl Engine {
         let at_risk = rec.has(flags::AT_RISK);
         if !at_risk && !reasons.is_empty() {
             sink.signal(&Signal {
-                customer_id,
+                customer_id: customer_id.as_str(),
                 at: t,
                 score: s,
                 tier,
@@ -417,7 +468,7 @@ impl Engine {
             changed = true;
         } else if at_risk && reasons.is_empty() {
             sink.signal(&Signal {
-                customer_id,
+                customer_id: customer_id.as_str(),
                 at: t,
                 score: s,
                 tier,
@@ -429,6 +480,94 @@ impl Engine {
         if changed {
             rec.set_flag(flags::DIRTY, true);
         }
+
+        let wake = Self::quiet_until(model, rec.as_record(), t, &now, self.sweeps_on_grid);
+        let interval = model.signals.sweep_interval;
+        match wake {
+            Some(n) if n - wake_base >= i64::from(u16::MAX) || n - wake_base < 1 => {
+                // Out of the marks' range: move the base to the current sweep.
+                self.table.rebase_wakes(t.div_euclid(interval));
+                let rel = n - self.table.wake_base();
+                let w = rel.clamp(0, i64::from(u16::MAX)) as u16;
+                self.table.set_wake(slot, w);
+            }
+            Some(n) => self.table.set_wake(slot, (n - wake_base) as u16),
+            None => self.table.set_wake(slot, 0),
+        }
+    }
+
+    /// The quiet horizon of a customer just evaluated at `t`: the index of
+    /// the last sweep up to which, without new events, no evaluation can
+    /// change its state or emit anything. `None` when it cannot be shown.
+    ///
+    /// Without events, the positive contributions only shrink, the negative
+    /// ones only grow toward 0 and the diversity multiplier only drops, so
+    /// over `(t, t2]` the score lies between the score built from the
+    /// smallest positive and negative parts and the one built from the
+    /// largest. If that whole range keeps every rule of section 5 on the
+    /// same side (no emission, no new peak, the same tier and churn
+    /// reasons), every evaluation in the window would change nothing.
+    fn quiet_until(
+        model: &Model,
+        rec: Record<'_>,
+        t: Millis,
+        now: &Evaluated,
+        grid: bool,
+    ) -> Option<i64> {
+        // Far from the range where f64 rounding cannot matter: always evaluate.
+        if now.positive > 1e12 || now.negative < -1e12 {
+            return None;
+        }
+        let interval = model.signals.sweep_interval;
+        let n = t.div_euclid(interval);
+        // With sweeps on the grid (replay), the next sweep is at the next
+        // boundary: the score can only be as high as it is there.
+        let next = if grid {
+            Some(Self::score_at(model, rec, (n + 1) * interval, None))
+        } else {
+            None
+        };
+        let upper = next.as_ref().unwrap_or(now);
+        let churn = &model.signals.churn;
+        let peak = rec.peak_score();
+        let emitted = f64::from(rec.emitted_score());
+        let emitted_tier = rec.emitted_tier();
+        let ever = rec.has(flags::EVER_ENGAGED);
+        let inactive_at = rec.last_event_at().saturating_add(churn.inactivity);
+        let drop_at = f64::from(peak) * (1.0 - churn.drop_ratio);
+        // The window must keep `score_drop` as it is now: the window may
+        // start after `t` (on the grid), so constant is not enough.
+        let dropped = now.score <= drop_at;
+        // Allowance for rounding between these bounds and a real evaluation.
+        const MARGIN: f64 = 1e-7;
+        for steps in [256, 32, 4, 1] {
+            let t2 = (n + steps) * interval;
+            // An expiring peak resets; a peak of 0 is reset by any score anyway.
+            if t2 - rec.peak_at() > churn.lookback && peak != 0.0 {
+                continue;
+            }
+            if ever && t < inactive_at && t2 >= inactive_at {
+                continue;
+            }
+            let later = Self::score_at(model, rec, t2, None);
+            let lo = model.normalize((later.positive + now.negative).max(0.0) * later.diversity)
+                - MARGIN;
+            let hi = model.normalize((upper.positive + later.negative).max(0.0) * upper.diversity)
+                + MARGIN;
+            // No new peak: below it, or stuck at a peak of 0 (see `evaluate`).
+            let no_peak = (hi as f32) < peak
+                || (peak == 0.0 && upper.positive + later.negative <= 0.0);
+            let quiet = no_peak
+                && hi - emitted < model.signals.min_delta
+                && emitted - lo < model.signals.min_delta
+                && model.tier_of(lo) == emitted_tier
+                && model.tier_of(hi) == emitted_tier
+                && (f64::from(peak) < churn.min_peak || if dropped { hi <= drop_at } else { lo > drop_at });
+            if quiet {
+                return Some(n + steps);
+            }
+        }
+        None
     }
 
     /// The state of one customer at `t`, without changing anything.
@@ -443,7 +582,7 @@ impl Engine {
         let rec = self.table.record(slot);
         let mut contributions = vec![0.0; self.model.activities.len()];
         let t = t.max(rec.last_event_at());
-        let e = Self::score_at(&self.model, rec, t, &mut contributions);
+        let e = Self::score_at(&self.model, rec, t, Some(&mut contributions));
         CustomerView {
             customer_id: self.table.id(slot).to_string(),
             at: t,

@@ -100,6 +100,10 @@ pub type Progress<'a> = &'a mut dyn FnMut(u64);
 
 /// Flush the output buffer to its writer past this size.
 const FLUSH_BYTES: usize = 1 << 16;
+/// Lines read and parsed at a time.
+const BATCH: usize = 256;
+/// How many events ahead a customer's state is prefetched.
+const PREFETCH_DISTANCE: usize = 8;
 
 /// Replays `input` through a fresh engine.
 pub fn replay(
@@ -126,66 +130,91 @@ pub fn replay_into(
     let model = Arc::clone(engine.model());
     let encoder = Encoder::new(&model);
     let mut summary = Summary::default();
-    let mut line = Vec::with_capacity(1024);
     let mut out = Vec::with_capacity(FLUSH_BYTES * 2);
     let mut dead = Vec::new();
     let mut bytes_read = 0u64;
     let mut outputs = [0u64; 3];
+    // Lines are read and parsed in batches, so that each customer's state
+    // can be prefetched a few events before it is needed: with a million
+    // customers, waiting for memory is most of the cost of an event.
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH * 256);
+    let mut lines: Vec<(u64, std::ops::Range<usize>)> = Vec::with_capacity(BATCH);
 
     loop {
-        line.clear();
-        let n = input
-            .read_until(b'\n', &mut line)
-            .map_err(ReplayError::Read)?;
-        if n == 0 {
+        batch.clear();
+        lines.clear();
+        while lines.len() < BATCH {
+            let start = batch.len();
+            let n = input
+                .read_until(b'\n', &mut batch)
+                .map_err(ReplayError::Read)?;
+            if n == 0 {
+                break;
+            }
+            bytes_read += n as u64;
+            summary.lines += 1;
+            let mut end = batch.len();
+            if batch[end - 1] == b'\n' {
+                end -= 1;
+            }
+            if batch[start..end]
+                .iter()
+                .all(|b| matches!(b, b' ' | b'\t' | b'\r'))
+            {
+                continue;
+            }
+            lines.push((summary.lines, start..end));
+        }
+        if lines.is_empty() {
             break;
         }
-        bytes_read += n as u64;
-        summary.lines += 1;
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        }
-        if line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r')) {
-            continue;
-        }
-        summary.events += 1;
+        summary.events += lines.len() as u64;
+        let parsed: Vec<Parsed<'_>> = lines
+            .iter()
+            .map(|(_, range)| event::parse(&batch[range.clone()], &model, ParseContext::default()))
+            .collect();
 
-        match event::parse(&line, &model, ParseContext::default()) {
-            Parsed::Event(ev) => {
-                let mut sink = |s: &Signal<'_>| {
-                    outputs[kind_index(&s.kind)] += 1;
-                    encoder.encode(s, &mut out);
-                    out.push(b'\n');
-                };
-                match engine.process_replay(&ev, &mut sink) {
-                    Ok(Outcome::Applied { .. }) => summary.accepted += 1,
-                    Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
-                    Err(source) => {
-                        return Err(ReplayError::Engine {
-                            line: summary.lines,
-                            source,
-                        })
+        for (i, p) in parsed.iter().enumerate() {
+            if let Some(Parsed::Event(ahead)) = parsed.get(i + PREFETCH_DISTANCE) {
+                engine.prefetch(&ahead.customer_id);
+            }
+            let line_no = lines[i].0;
+            match p {
+                Parsed::Event(ev) => {
+                    let mut sink = |s: &Signal<'_>| {
+                        outputs[kind_index(&s.kind)] += 1;
+                        encoder.encode(s, &mut out);
+                        out.push(b'\n');
+                    };
+                    match engine.process_replay(ev, &mut sink) {
+                        Ok(Outcome::Applied { .. }) => summary.accepted += 1,
+                        Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
+                        Err(source) => {
+                            return Err(ReplayError::Engine {
+                                line: line_no,
+                                source,
+                            })
+                        }
+                    }
+                }
+                Parsed::Ignored(r) => summary.ignored[*r as usize] += 1,
+                Parsed::Invalid(inv) => {
+                    summary.invalid[inv.reason as usize] += 1;
+                    if let Some(w) = dead_letters.as_deref_mut() {
+                        dead.clear();
+                        let payload = &batch[lines[i].1.clone()];
+                        write_dead_letter(&mut dead, line_no, inv.reason, &inv.detail, payload);
+                        w.write_all(&dead).map_err(ReplayError::WriteDeadLetter)?;
                     }
                 }
             }
-            Parsed::Ignored(r) => summary.ignored[r as usize] += 1,
-            Parsed::Invalid(inv) => {
-                summary.invalid[inv.reason as usize] += 1;
-                if let Some(w) = dead_letters.as_deref_mut() {
-                    dead.clear();
-                    write_dead_letter(&mut dead, summary.lines, inv.reason, &inv.detail, &line);
-                    w.write_all(&dead).map_err(ReplayError::WriteDeadLetter)?;
-                }
+            if out.len() >= FLUSH_BYTES {
+                output.write_all(&out).map_err(ReplayError::WriteOutput)?;
+                out.clear();
             }
         }
-        if out.len() >= FLUSH_BYTES {
-            output.write_all(&out).map_err(ReplayError::WriteOutput)?;
-            out.clear();
-        }
-        if summary.lines % 16_384 == 0 {
-            if let Some(p) = progress.as_mut() {
-                p(bytes_read);
-            }
+        if let Some(p) = progress.as_mut() {
+            p(bytes_read);
         }
     }
     output.write_all(&out).map_err(ReplayError::WriteOutput)?;
