@@ -137,7 +137,6 @@ pub struct CustomerView {
     pub last_event_at: Millis,
 }
 
-pub static SWEEP_EVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The scoring state of one partition.
 pub struct Engine {
     model: Arc<Model>,
@@ -329,7 +328,6 @@ impl Engine {
             if w != 0 && i64::from(w) >= need {
                 continue;
             }
-            SWEEP_EVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.evaluate(slot, t, Cause::Decay, None, sink);
         }
     }
@@ -520,54 +518,112 @@ impl Engine {
         }
         let interval = model.signals.sweep_interval;
         let n = t.div_euclid(interval);
-        // With sweeps on the grid (replay), the next sweep is at the next
-        // boundary: the score can only be as high as it is there.
-        let next = if grid {
-            Some(Self::score_at(model, rec, (n + 1) * interval, None))
-        } else {
-            None
-        };
-        let upper = next.as_ref().unwrap_or(now);
         let churn = &model.signals.churn;
+        let min_delta = model.signals.min_delta;
         let peak = rec.peak_score();
         let emitted = f64::from(rec.emitted_score());
-        let emitted_tier = rec.emitted_tier();
-        let ever = rec.has(flags::EVER_ENGAGED);
+        let emitted_tier = usize::from(rec.emitted_tier());
+
+        // Time limits: an expiring peak resets (a peak of 0 is reset by any
+        // score anyway), and `inactive` must not flip inside the window.
+        let mut last_t2 = Millis::MAX;
+        if peak != 0.0 {
+            last_t2 = rec.peak_at().saturating_add(churn.lookback);
+        }
         let inactive_at = rec.last_event_at().saturating_add(churn.inactivity);
+        if rec.has(flags::EVER_ENGAGED) && t < inactive_at {
+            last_t2 = last_t2.min(inactive_at - 1);
+        }
+
+        // Score limits the window must stay strictly within. The window may
+        // start after `t` (on the grid), so each rule must keep the value it
+        // has now, not merely stay constant.
         let drop_at = f64::from(peak) * (1.0 - churn.drop_ratio);
-        // The window must keep `score_drop` as it is now: the window may
-        // start after `t` (on the grid), so constant is not enough.
-        let dropped = now.score <= drop_at;
+        let drop_applies = f64::from(peak) >= churn.min_peak;
+        let dropped = drop_applies && now.score <= drop_at;
+        let mut floor = emitted - min_delta;
+        let mut ceiling = emitted + min_delta;
+        if let Some(above) = model.tiers[emitted_tier].above {
+            floor = floor.max(above);
+        }
+        if let Some(next) = model.tiers.get(emitted_tier + 1).and_then(|t| t.above) {
+            ceiling = ceiling.min(next);
+        }
+        if drop_applies {
+            if dropped {
+                ceiling = ceiling.min(drop_at);
+            } else {
+                floor = floor.max(drop_at);
+            }
+        }
+        // Below the peak even at f32 precision (see `evaluate`); a peak of 0
+        // instead needs the score to stay 0.
+        if peak > 0.0 {
+            ceiling = ceiling.min(f64::from(peak) * (1.0 - f64::from(f32::EPSILON)));
+        }
         // Allowance for rounding between these bounds and a real evaluation.
         const MARGIN: f64 = 1e-7;
-        for steps in [256, 32, 4, 1] {
+        let (floor, ceiling) = (floor + MARGIN, ceiling - MARGIN);
+        if ceiling <= 0.0 || floor >= 100.0 {
+            return None;
+        }
+        // Compared as raw values: normalization is increasing.
+        let raw_floor = if floor < 0.0 {
+            -1.0
+        } else {
+            model.raw_for_score(floor)
+        };
+        let raw_ceiling = if ceiling > 100.0 {
+            f64::INFINITY
+        } else {
+            model.raw_for_score(ceiling)
+        };
+
+        // Bounds start at the next possible sweep: the next boundary on the
+        // grid, else now.
+        let t1 = if grid { (n + 1) * interval } else { t };
+        let at_t1 = if grid {
+            Self::parts_at(model, rec, t1)
+        } else {
+            (now.positive, now.negative, now.diversity)
+        };
+        let (p1, n1, d1) = at_t1;
+        for steps in [256i64, 32, 4, 1] {
             let t2 = (n + steps) * interval;
-            // An expiring peak resets; a peak of 0 is reset by any score anyway.
-            if t2 - rec.peak_at() > churn.lookback && peak != 0.0 {
+            if t2 > last_t2 {
                 continue;
             }
-            if ever && t < inactive_at && t2 >= inactive_at {
-                continue;
-            }
-            let later = Self::score_at(model, rec, t2, None);
-            let lo = model.normalize((later.positive + now.negative).max(0.0) * later.diversity)
-                - MARGIN;
-            let hi = model.normalize((upper.positive + later.negative).max(0.0) * upper.diversity)
-                + MARGIN;
-            // No new peak: below it, or stuck at a peak of 0 (see `evaluate`).
-            let no_peak = (hi as f32) < peak
-                || (peak == 0.0 && upper.positive + later.negative <= 0.0);
-            let quiet = no_peak
-                && hi - emitted < model.signals.min_delta
-                && emitted - lo < model.signals.min_delta
-                && model.tier_of(lo) == emitted_tier
-                && model.tier_of(hi) == emitted_tier
-                && (f64::from(peak) < churn.min_peak || if dropped { hi <= drop_at } else { lo > drop_at });
+            // Without events, the positive part decays at least as fast as
+            // `g` and the negative part exactly as fast (it has no cap).
+            let g = model.decay(t2 - t1);
+            let lo = (p1 * g + n1).max(0.0) * Self::diversity_at(model, rec, t2);
+            let hi = (p1 + n1 * g).max(0.0) * d1;
+            let quiet = lo > raw_floor && hi < raw_ceiling && (peak != 0.0 || hi <= 0.0);
             if quiet {
                 return Some(n + steps);
             }
         }
         None
+    }
+
+    /// Positive and negative contributions and diversity at `t`.
+    #[inline]
+    fn parts_at(model: &Model, rec: Record<'_>, t: Millis) -> (f64, f64, f64) {
+        let factor = model.decay(t - rec.last_event_at());
+        let (mut positive, mut negative) = (0.0, 0.0);
+        for (k, a) in model.activities.iter().enumerate() {
+            let s = f64::from(rec.sum(k)) * factor;
+            let c = match a.cap {
+                Some(cap) => s.min(cap),
+                None => s,
+            };
+            if c >= 0.0 {
+                positive += c;
+            } else {
+                negative += c;
+            }
+        }
+        (positive, negative, Self::diversity_at(model, rec, t))
     }
 
     /// The state of one customer at `t`, without changing anything.

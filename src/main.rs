@@ -213,7 +213,6 @@ fn run_replay(
         b.finish_and_clear();
     }
     eprint!("{}", summary.render());
-    eprintln!("sweep evals {}", ces_stream::engine::SWEEP_EVALS.load(std::sync::atomic::Ordering::Relaxed));
     if summary.invalid_total() > 0 && dead_letter.is_none() {
         eprintln!("  (invalid events were only counted: pass --dead-letter FILE to keep them)");
     }

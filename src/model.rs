@@ -238,6 +238,9 @@ impl Model {
     /// `2^(-dt / half_life)`: the weight left after `dt` milliseconds.
     #[inline]
     pub fn decay(&self, dt: Millis) -> f64 {
+        if dt == 0 {
+            return 1.0;
+        }
         (-(dt as f64) / self.half_life_f64).exp2()
     }
 
@@ -251,6 +254,17 @@ impl Model {
             Normalization::Linear { max } => 100.0 * raw / max,
         };
         s.clamp(0.0, 100.0)
+    }
+
+    /// The raw value whose score is `score`, for `score` in [0, 100): the
+    /// inverse of [`Model::normalize`].
+    pub fn raw_for_score(&self, score: f64) -> f64 {
+        match self.normalization {
+            Normalization::Saturating { half_score_at } => {
+                -half_score_at * (1.0 - score / 100.0).log2()
+            }
+            Normalization::Linear { max } => score * max / 100.0,
+        }
     }
 
     /// The last tier whose bound is below `score`, else the lowest.

@@ -41,11 +41,29 @@ fn json_str(s: &str) -> String {
     String::from_utf8(v).unwrap_or_default()
 }
 
-/// Appends a number rounded to 2 decimals.
+/// Appends a number rounded to 2 decimals, written as the shortest
+/// decimal that reads back as the rounded value (`63.2`, `55.0`, `0.07`).
 #[inline]
 pub fn push_score(out: &mut Vec<u8>, x: f64) {
-    let mut b = ryu::Buffer::new();
-    out.extend_from_slice(b.format(round2(x)).as_bytes());
+    let cents = (x * 100.0).round();
+    if cents.abs() < 1e15 {
+        // Exact in i64 and in f64: print the digits directly instead of
+        // running the general float formatter.
+        let c = cents as i64;
+        if c < 0 {
+            out.push(b'-');
+        }
+        let c = c.unsigned_abs();
+        out.extend_from_slice(itoa::Buffer::new().format(c / 100).as_bytes());
+        out.push(b'.');
+        let frac = (c % 100) as u8;
+        out.push(b'0' + frac / 10);
+        if frac % 10 != 0 {
+            out.push(b'0' + frac % 10);
+        }
+    } else {
+        out.extend_from_slice(ryu::Buffer::new().format(cents / 100.0).as_bytes());
+    }
 }
 
 #[inline]
@@ -194,6 +212,24 @@ mod tests {
                 "tier": "somewhat_engaged", "previous_tier": "somewhat_engaged", "cause": "event",
                 "event_id": "e-1", "contributions": {"purchase": 30.12}})
         );
+    }
+
+    #[test]
+    fn scores_print_like_the_rounded_float() {
+        for x in [
+            0.0, 0.004, 0.005, 0.07, 0.1, 1.0, 55.0, 63.2049, 63.205, 99.999, 100.0, -15.0, -0.07,
+            1234.5678, 1e13, 3.4e38, -3.4e38, 12.995,
+        ] {
+            let mut out = Vec::new();
+            push_score(&mut out, x);
+            let text = String::from_utf8(out).unwrap();
+            let back: f64 = text.parse().unwrap();
+            assert_eq!(back, round2(x), "{x} printed as {text}");
+            let mut ryu = ryu::Buffer::new();
+            if round2(x).abs() < 1e13 {
+                assert_eq!(text, ryu.format(round2(x)), "{x}");
+            }
+        }
     }
 
     #[test]
