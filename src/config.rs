@@ -13,8 +13,8 @@ use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    quote_key, Churn, Diversity, InputFormat, Model, ModelError, ModelParts, Normalization,
-    Signals, Tier,
+    quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
+    Normalization, Signals, Tier,
 };
 use crate::timestamp::{duration_millis, Millis};
 
@@ -317,7 +317,13 @@ fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
                 "channel names cannot be empty",
             )?;
         }
-        activities.push((name.clone(), weight, value_weight, a.cap, a.channel.clone()));
+        activities.push(ActivityParts {
+            name: name.clone(),
+            weight,
+            value_weight,
+            cap: a.cap,
+            channel: a.channel.clone(),
+        });
     }
 
     let diversity = match &s.diversity {

@@ -115,8 +115,7 @@ pub struct InputRules {
 pub struct ModelParts {
     pub half_life: Millis,
     pub normalization: Normalization,
-    /// (name, weight, value_weight, cap, channel name)
-    pub activities: Vec<(String, f64, f64, Option<f64>, Option<String>)>,
+    pub activities: Vec<ActivityParts>,
     pub diversity: Option<Diversity>,
     pub tiers: Vec<Tier>,
     pub signals: Signals,
@@ -125,6 +124,16 @@ pub struct ModelParts {
     pub max_future_skew: Millis,
     pub max_lateness: Millis,
     pub segment_events: Vec<(String, String)>,
+}
+
+/// One activity as configured; `channel` is `None` for the default channel.
+#[derive(Debug, Clone)]
+pub struct ActivityParts {
+    pub name: String,
+    pub weight: f64,
+    pub value_weight: f64,
+    pub cap: Option<f64>,
+    pub channel: Option<String>,
 }
 
 /// The channel of activities that name none.
@@ -154,7 +163,14 @@ impl Model {
         let mut channel_by_name = FastMap::default();
         let mut activities = Vec::with_capacity(parts.activities.len());
         let mut activity_by_name = FastMap::default();
-        for (name, weight, value_weight, cap, channel) in parts.activities {
+        for ActivityParts {
+            name,
+            weight,
+            value_weight,
+            cap,
+            channel,
+        } in parts.activities
+        {
             let channel_name = channel.unwrap_or_else(|| DEFAULT_CHANNEL.to_string());
             let channel = match channel_by_name.get(channel_name.as_str()) {
                 Some(&id) => id,

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of `ces-stream replay` (issue: scoring engine).
+#
+# Generates a file of EVENTS events over CUSTOMERS customers (default 5M over
+# 1M, one day of traffic), then measures in the same run:
+#   - the parse-only baseline: serde_json parsing every line into a struct;
+#   - replay of the same file (outputs to /dev/null), on one core;
+#   - resident memory of replay, minus that of replaying an empty file,
+#     per customer.
+# Prints the ratios. Usage: scripts/bench-replay.sh [EVENTS] [CUSTOMERS] [SPAN]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS=${1:-5000000}
+CUSTOMERS=${2:-1000000}
+SPAN=${3:-1d}
+DATA=target/bench-data
+mkdir -p "$DATA"
+cargo build --release --bin ces-stream --example parse_baseline >&2
+BIN=target/release/ces-stream
+FILE="$DATA/events-$EVENTS-$CUSTOMERS-$SPAN.jsonl"
+[ -s "$FILE" ] || "$BIN" generate --output "$FILE" --events "$EVENTS" --customers "$CUSTOMERS" --span "$SPAN"
+echo "input: $FILE ($(du -h "$FILE" | cut -f1), $EVENTS events)"
+cat "$FILE" > /dev/null # warm the page cache for both runs
+
+# Pin to one core where taskset exists: the goal is per core.
+PIN=()
+command -v taskset >/dev/null && PIN=(taskset -c 0)
+
+base=$( { /usr/bin/time -f "%e" "${PIN[@]}" target/release/examples/parse_baseline "$FILE" 2>&1 >/dev/null; } | tail -1)
+empty_rss=$( { /usr/bin/time -f "%M" "$BIN" replay --config config/default.toml --input /dev/null --output /dev/null 2>&1; } | tail -1)
+summary=$( { /usr/bin/time -f "time %e rss %M" "${PIN[@]}" "$BIN" replay --config config/default.toml --input "$FILE" --output /dev/null --no-progress 2>&1; } )
+echo "$summary" | head -1
+replay=$(echo "$summary" | awk '/^time/ {print $2}')
+rss=$(echo "$summary" | awk '/^time/ {print $4}')
+customers=$(echo "$summary" | sed -n 's/.*, \([0-9]*\) customers$/\1/p')
+awk -v e="$EVENTS" -v b="$base" -v r="$replay" -v rss="$rss" -v er="$empty_rss" -v c="$customers" 'BEGIN {
+  printf "parse-only baseline: %.2fs (%.0f events/s)\n", b, e / b
+  printf "replay:              %.2fs (%.0f events/s)\n", r, e / r
+  printf "replay / baseline:   %.2fx (goal <= 1.5x)\n", r / b
+  printf "memory: %d KiB resident for %d customers: %.1f bytes/customer (goal <= 150)\n", rss - er, c, (rss - er) * 1024 / c
+}'
