@@ -16,6 +16,7 @@ use crate::model::{
     quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
     Normalization, Signals, Tier,
 };
+use crate::kafka::settings::KafkaSettings;
 use crate::timestamp::{duration_millis, Millis};
 
 /// Why a configuration file was refused.
@@ -78,6 +79,9 @@ pub struct RawConfig {
     pub signals: RawSignals,
     #[serde(default)]
     pub input: RawInput,
+    /// Only `run` needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<RawKafka>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -204,40 +208,161 @@ pub struct RawInput {
     pub segment_events: IndexMap<String, String>,
 }
 
+/// A librdkafka property value: written as a TOML string, number or boolean.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(s) => f.write_str(s),
+            OptionValue::Integer(i) => write!(f, "{i}"),
+            OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// `[kafka]`: where `ces-stream run` reads and writes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers; default `localhost:9092`. Env: `CES_KAFKA_BROKERS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// Consumer group; default `ces-stream`. Env: `CES_KAFKA_GROUP_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Topics to read; a name starting with `^` is a regex subscription.
+    /// Required. Env: `CES_KAFKA_INPUT_TOPICS` (comma-separated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_topics: Option<Vec<String>>,
+    /// Default `ces-signals`. Env: `CES_KAFKA_OUTPUT_TOPIC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_topic: Option<String>,
+    /// Default `ces-dead-letters`. Env: `CES_KAFKA_DEAD_LETTER_TOPIC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// How long a shutdown may take to flush and commit; default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<HumanDuration>,
+    /// How often acknowledged offsets are committed; default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_interval: Option<HumanDuration>,
+    /// librdkafka properties for both the consumer and the producer.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub options: IndexMap<String, OptionValue>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub consumer_options: IndexMap<String, OptionValue>,
+    /// librdkafka properties for the producer only.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub producer_options: IndexMap<String, OptionValue>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub model: Model,
+    /// `None` without a `[kafka]` section (enough for `replay`).
+    pub kafka: Option<KafkaSettings>,
 }
+
+/// The environment variables that override `[kafka]` keys.
+pub const KAFKA_ENV: [(&str, &str); 5] = [
+    ("CES_KAFKA_BROKERS", "brokers"),
+    ("CES_KAFKA_GROUP_ID", "group_id"),
+    ("CES_KAFKA_INPUT_TOPICS", "input_topics"),
+    ("CES_KAFKA_OUTPUT_TOPIC", "output_topic"),
+    ("CES_KAFKA_DEAD_LETTER_TOPIC", "dead_letter_topic"),
+];
 
 const DAY: u64 = 86_400;
 
 impl Settings {
-    /// Reads, parses and validates a configuration file.
+    /// Reads, parses and validates a configuration file, with the
+    /// `CES_KAFKA_*` environment variables overriding `[kafka]` keys.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Settings::from_toml(&text, path)
+        Settings::from_toml_with_env(&text, path, |k| std::env::var(k).ok())
     }
 
     /// Parses and validates configuration text; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
-        let raw = parse_raw(text, path)?;
-        let model = build_model(&raw).map_err(|e| ConfigError::Invalid {
+        Settings::from_toml_with_env(text, path, |_| None)
+    }
+
+    /// As [`Settings::from_toml`], with `env` looking up the overrides.
+    pub fn from_toml_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let mut raw = parse_raw(text, path)?;
+        apply_env(&mut raw, env);
+        let invalid = |e: ModelError| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: e.key,
             reason: e.reason,
-        })?;
-        Ok(Settings { model })
+        };
+        let model = build_model(&raw).map_err(invalid)?;
+        let kafka = raw
+            .kafka
+            .as_ref()
+            .map(KafkaSettings::from_raw)
+            .transpose()
+            .map_err(invalid)?;
+        Ok(Settings { model, kafka })
+    }
+
+    /// The `[kafka]` settings, or why `run` cannot start without them.
+    pub fn kafka(&self) -> Result<&KafkaSettings, ConfigError> {
+        self.kafka.as_ref().ok_or_else(|| ConfigError::Invalid {
+            path: PathBuf::from("(config)"),
+            key: "kafka".into(),
+            reason: "a [kafka] section (or CES_KAFKA_* variables) is required to run against Kafka"
+                .into(),
+        })
     }
 
     /// The configuration as it is in effect, every default filled in, as
     /// TOML that loads back to the same settings.
     pub fn effective_toml(&self) -> String {
-        let raw = effective_raw(&self.model);
+        let raw = effective_raw(self);
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
+fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
+    for (var, key) in KAFKA_ENV {
+        let Some(value) = env(var) else { continue };
+        let k = raw.kafka.get_or_insert_with(RawKafka::default);
+        match key {
+            "brokers" => k.brokers = Some(value),
+            "group_id" => k.group_id = Some(value),
+            "input_topics" => {
+                k.input_topics = Some(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(String::from)
+                        .collect(),
+                )
+            }
+            "output_topic" => k.output_topic = Some(value),
+            _ => k.dead_letter_topic = Some(value),
+        }
     }
 }
 
@@ -262,7 +387,7 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 /// A per-value check: `Err(reason)` becomes `ConfigError::Invalid` at `key`.
-fn check(key: &str, ok: bool, reason: &str) -> Result<(), ModelError> {
+pub(crate) fn check(key: &str, ok: bool, reason: &str) -> Result<(), ModelError> {
     if ok {
         Ok(())
     } else {
@@ -563,8 +688,15 @@ fn dur(ms: Millis) -> Option<HumanDuration> {
     Some(HumanDuration(Duration::from_millis(ms.max(0) as u64)))
 }
 
+/// The raw form of the settings with every default written out.
+fn effective_raw(settings: &Settings) -> RawConfig {
+    let mut raw = effective_model(&settings.model);
+    raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
+    raw
+}
+
 /// The raw form of a model with every default written out.
-fn effective_raw(m: &Model) -> RawConfig {
+fn effective_model(m: &Model) -> RawConfig {
     let normalization = match m.normalization {
         Normalization::Saturating { half_score_at } => RawNormalization {
             kind: Some(NormalizationKind::Saturating),
@@ -640,6 +772,7 @@ fn effective_raw(m: &Model) -> RawConfig {
                 })
                 .collect(),
         },
+        kafka: None,
     }
 }
 

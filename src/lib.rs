@@ -13,6 +13,7 @@ pub mod config;
 pub mod customers;
 pub mod engine;
 pub mod event;
+pub mod kafka;
 pub mod model;
 pub mod output;
 pub mod replay;

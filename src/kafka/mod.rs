@@ -1,0 +1,3 @@
+//! ces-stream on Kafka: the `run` pipeline and what it is built from.
+
+pub mod settings;

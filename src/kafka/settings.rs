@@ -1,0 +1,315 @@
+//! The validated `[kafka]` section, and the librdkafka client configurations
+//! built from it.
+//!
+//! Users may pass any librdkafka property through `[kafka.options]` (both
+//! clients), `[kafka.consumer_options]` or `[kafka.producer_options]`:
+//! security, SASL, TLS, compression, timeouts. Properties whose value
+//! ces-stream's guarantees depend on are refused with the reason.
+
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use rdkafka::ClientConfig;
+
+use crate::config::{check, HumanDuration, OptionValue, RawKafka};
+use crate::model::ModelError;
+
+/// Properties ces-stream sets itself, and why a user may not.
+const OWNED: [(&str, &str); 9] = [
+    ("bootstrap.servers", "set it with kafka.brokers"),
+    ("metadata.broker.list", "set it with kafka.brokers"),
+    ("group.id", "set it with kafka.group_id"),
+    (
+        "enable.auto.commit",
+        "ces-stream commits an offset only once every output of the events before it is acknowledged",
+    ),
+    (
+        "enable.auto.offset.store",
+        "ces-stream commits an offset only once every output of the events before it is acknowledged",
+    ),
+    (
+        "enable.idempotence",
+        "the producer is always idempotent, so that retries never reorder or duplicate within a partition",
+    ),
+    ("transactional.id", "ces-stream does not use transactions"),
+    (
+        "partition.assignment.strategy",
+        "ces-stream picks the assignor that keeps each customer's partition together",
+    ),
+    ("group.protocol", "ces-stream uses the classic consumer group protocol"),
+];
+
+/// Validated `[kafka]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub input_topics: Vec<String>,
+    pub output_topic: String,
+    pub dead_letter_topic: String,
+    pub shutdown_timeout: Duration,
+    pub commit_interval: Duration,
+    pub options: Vec<(String, String)>,
+    pub consumer_options: Vec<(String, String)>,
+    pub producer_options: Vec<(String, String)>,
+}
+
+fn err(key: String, reason: impl Into<String>) -> ModelError {
+    ModelError {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn options(
+    section: &str,
+    raw: &IndexMap<String, OptionValue>,
+) -> Result<Vec<(String, String)>, ModelError> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (k, v) in raw {
+        let key = format!("kafka.{section}.{}", crate::model::quote_key(k));
+        if let Some((_, why)) = OWNED.iter().find(|(name, _)| name == k) {
+            return Err(err(key, format!("cannot be set: {why}")));
+        }
+        // Let librdkafka check the name and the value now, not at start-up
+        // of a client after events were read.
+        let value = v.to_string();
+        let mut probe = ClientConfig::new();
+        probe.set(k, &value);
+        if let Err(e) = probe.create_native_config() {
+            return Err(err(key, e.to_string()));
+        }
+        out.push((k.clone(), value));
+    }
+    Ok(out)
+}
+
+impl KafkaSettings {
+    pub(crate) fn from_raw(raw: &RawKafka) -> Result<KafkaSettings, ModelError> {
+        let brokers = raw.brokers.clone().unwrap_or_else(|| "localhost:9092".into());
+        check("kafka.brokers", !brokers.trim().is_empty(), "cannot be empty")?;
+        let group_id = raw.group_id.clone().unwrap_or_else(|| "ces-stream".into());
+        check("kafka.group_id", !group_id.trim().is_empty(), "cannot be empty")?;
+        let input_topics = raw.input_topics.clone().unwrap_or_default();
+        check(
+            "kafka.input_topics",
+            !input_topics.is_empty(),
+            "at least one input topic is required (or set CES_KAFKA_INPUT_TOPICS)",
+        )?;
+        for (i, t) in input_topics.iter().enumerate() {
+            check(
+                &format!("kafka.input_topics[{i}]"),
+                !t.trim().is_empty(),
+                "topic names cannot be empty",
+            )?;
+        }
+        let output_topic = raw.output_topic.clone().unwrap_or_else(|| "ces-signals".into());
+        let dead_letter_topic = raw
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| "ces-dead-letters".into());
+        for (key, topic) in [
+            ("kafka.output_topic", &output_topic),
+            ("kafka.dead_letter_topic", &dead_letter_topic),
+        ] {
+            check(key, !topic.trim().is_empty(), "cannot be empty")?;
+            check(
+                key,
+                !input_topics.contains(topic),
+                &format!("\"{topic}\" is also an input topic: ces-stream would read its own output"),
+            )?;
+        }
+        let duration = |key: &str, d: Option<HumanDuration>, default: u64| {
+            let d = d.map_or(Duration::from_secs(default), |d| d.0);
+            if d.is_zero() {
+                Err(err(key.into(), "must be positive"))
+            } else {
+                Ok(d)
+            }
+        };
+        Ok(KafkaSettings {
+            brokers,
+            group_id,
+            input_topics,
+            output_topic,
+            dead_letter_topic,
+            shutdown_timeout: duration("kafka.shutdown_timeout", raw.shutdown_timeout, 30)?,
+            commit_interval: duration("kafka.commit_interval", raw.commit_interval, 1)?,
+            options: options("options", &raw.options)?,
+            consumer_options: options("consumer_options", &raw.consumer_options)?,
+            producer_options: options("producer_options", &raw.producer_options)?,
+        })
+    }
+
+    pub(crate) fn to_raw(&self) -> RawKafka {
+        let table = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(k, v)| (k.clone(), OptionValue::Text(v.clone())))
+                .collect()
+        };
+        RawKafka {
+            brokers: Some(self.brokers.clone()),
+            group_id: Some(self.group_id.clone()),
+            input_topics: Some(self.input_topics.clone()),
+            output_topic: Some(self.output_topic.clone()),
+            dead_letter_topic: Some(self.dead_letter_topic.clone()),
+            shutdown_timeout: Some(HumanDuration(self.shutdown_timeout)),
+            commit_interval: Some(HumanDuration(self.commit_interval)),
+            options: table(&self.options),
+            consumer_options: table(&self.consumer_options),
+            producer_options: table(&self.producer_options),
+        }
+    }
+
+    /// Whether the subscription may cover several topics. Their partitions
+    /// with the same number must then be assigned together, which only the
+    /// range assignor guarantees; a single topic uses cooperative-sticky.
+    pub fn several_topics(&self) -> bool {
+        self.input_topics.len() > 1 || self.input_topics.iter().any(|t| t.starts_with('^'))
+    }
+
+    pub fn assignment_strategy(&self) -> &'static str {
+        if self.several_topics() {
+            "range"
+        } else {
+            "cooperative-sticky"
+        }
+    }
+
+    /// The consumer's configuration: ces-stream's settings, then the user's.
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("partition.assignment.strategy", self.assignment_strategy())
+            // Defaults a user may override:
+            .set("auto.offset.reset", "earliest")
+            // Fetch responses sooner than librdkafka's 500 ms default: the
+            // end-to-end latency goal is tens of milliseconds.
+            .set("fetch.wait.max.ms", "100");
+        for (k, v) in self.options.iter().chain(&self.consumer_options) {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The producer's configuration: idempotent, then the user's options.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5");
+        for (k, v) in self.options.iter().chain(&self.producer_options) {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Settings;
+    use std::path::Path;
+
+    const MODEL: &str = "[scoring.activities]\npage_view = { weight = 1.0 }\n";
+
+    fn load(kafka: &str, env: &[(&str, &str)]) -> Result<Settings, String> {
+        let text = format!("{MODEL}{kafka}");
+        Settings::from_toml_with_env(&text, Path::new("t.toml"), |k| {
+            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_passthrough() {
+        let s = load(
+            "[kafka]\ninput_topics = [\"clicks\"]\n[kafka.options]\n\"security.protocol\" = \"plaintext\"\n\"fetch.wait.max.ms\" = 10\n",
+            &[],
+        )
+        .unwrap();
+        let k = s.kafka.unwrap();
+        assert_eq!(k.brokers, "localhost:9092");
+        assert_eq!(k.group_id, "ces-stream");
+        assert_eq!(k.output_topic, "ces-signals");
+        assert_eq!(k.dead_letter_topic, "ces-dead-letters");
+        assert_eq!(k.assignment_strategy(), "cooperative-sticky");
+        let c = k.consumer_config();
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(c.get("security.protocol"), Some("plaintext"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        let p = k.producer_config();
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("security.protocol"), Some("plaintext"));
+    }
+
+    #[test]
+    fn several_topics_use_the_range_assignor() {
+        let s = load("[kafka]\ninput_topics = [\"a\", \"b\"]\n", &[]).unwrap();
+        assert_eq!(s.kafka.unwrap().assignment_strategy(), "range");
+        let s = load("[kafka]\ninput_topics = [\"^clicks-.*\"]\n", &[]).unwrap();
+        assert_eq!(s.kafka.unwrap().assignment_strategy(), "range");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let s = load(
+            "[kafka]\nbrokers = \"file:9092\"\ninput_topics = [\"a\"]\n",
+            &[
+                ("CES_KAFKA_BROKERS", "env:9092"),
+                ("CES_KAFKA_INPUT_TOPICS", "x, y"),
+                ("CES_KAFKA_GROUP_ID", "g2"),
+            ],
+        )
+        .unwrap();
+        let k = s.kafka.unwrap();
+        assert_eq!(k.brokers, "env:9092");
+        assert_eq!(k.input_topics, ["x", "y"]);
+        assert_eq!(k.group_id, "g2");
+        // The environment alone is enough.
+        let s = load("", &[("CES_KAFKA_INPUT_TOPICS", "clicks")]).unwrap();
+        assert_eq!(s.kafka.unwrap().input_topics, ["clicks"]);
+    }
+
+    #[test]
+    fn owned_and_unknown_options_are_refused() {
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\n[kafka.options]\n\"enable.auto.commit\" = true\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("kafka.options.\"enable.auto.commit\"") && e.contains("cannot be set"), "{e}");
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\n[kafka.consumer_options]\n\"group.id\" = \"x\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("kafka.group_id"), "{e}");
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\n[kafka.options]\n\"no.such.property\" = 1\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("no.such.property"), "{e}");
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\n[kafka.producer_options]\n\"compression.type\" = \"bogus\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("compression.type"), "{e}");
+    }
+
+    #[test]
+    fn topics_are_checked() {
+        let e = load("[kafka]\nbrokers = \"b:1\"\n", &[]).unwrap_err();
+        assert!(e.contains("kafka.input_topics") && e.contains("at least one"), "{e}");
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\noutput_topic = \"a\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("kafka.output_topic") && e.contains("input topic"), "{e}");
+    }
+}
