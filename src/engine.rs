@@ -147,6 +147,10 @@ pub struct Engine {
     /// Sweeps only ever run at multiples of `sweep_interval` later than any
     /// evaluation so far (replay); lets sweeps skip more customers.
     sweeps_on_grid: bool,
+    /// Customers per emitted tier, and customers at risk: kept as the
+    /// state changes, so that metrics never scan the table.
+    tier_counts: Vec<u64>,
+    at_risk: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -172,12 +176,15 @@ impl Engine {
     pub fn new(model: Arc<Model>) -> Engine {
         let layout = Layout::for_model(&model);
         let n = model.activities.len();
+        let model_tiers = model.tiers.len();
         Engine {
             model,
             table: CustomerTable::new(layout),
             watermark: None,
             contributions: vec![0.0; n],
             sweeps_on_grid: true,
+            tier_counts: vec![0; model_tiers],
+            at_risk: 0,
         }
     }
 
@@ -203,6 +210,29 @@ impl Engine {
 
     pub fn customers_mut(&mut self) -> &mut CustomerTable {
         &mut self.table
+    }
+
+    /// Customers per tier (by the last emitted tier), lowest first.
+    pub fn tier_counts(&self) -> &[u64] {
+        &self.tier_counts
+    }
+
+    /// Customers currently at risk of churn.
+    pub fn at_risk_count(&self) -> u64 {
+        self.at_risk
+    }
+
+    /// Recounts tiers and risk from the table (after a restore).
+    pub fn recount(&mut self) {
+        self.tier_counts.iter_mut().for_each(|c| *c = 0);
+        self.at_risk = 0;
+        for slot in 0..self.table.len() as Slot {
+            let rec = self.table.record(slot);
+            if let Some(c) = self.tier_counts.get_mut(usize::from(rec.emitted_tier())) {
+                *c += 1;
+            }
+            self.at_risk += u64::from(rec.has(flags::AT_RISK));
+        }
     }
 
     /// The largest timestamp of the accepted events so far.
@@ -281,6 +311,9 @@ impl Engine {
                     last_event_at: te,
                     peak_at: t,
                 })?;
+        if new_customer {
+            self.tier_counts[0] += 1;
+        }
         let model = &*self.model;
         let activity = &model.activities[usize::from(event.activity)];
         let points = activity.weight + activity.value_weight * event.value;
@@ -434,6 +467,10 @@ impl Engine {
                 },
             });
             rec.set_emitted(s as f32, tier);
+            if tier != emitted_tier {
+                self.tier_counts[usize::from(emitted_tier)] -= 1;
+                self.tier_counts[usize::from(tier)] += 1;
+            }
             changed = true;
         }
         // 5.
@@ -463,6 +500,7 @@ impl Engine {
                 },
             });
             rec.set_flag(flags::AT_RISK, true);
+            self.at_risk += 1;
             changed = true;
         } else if at_risk && reasons.is_empty() {
             sink.signal(&Signal {
@@ -473,6 +511,7 @@ impl Engine {
                 kind: SignalKind::ChurnRiskCleared,
             });
             rec.set_flag(flags::AT_RISK, false);
+            self.at_risk -= 1;
             changed = true;
         }
         if changed {

@@ -20,12 +20,28 @@ use ces_stream::replay;
     about = "Live customer engagement scores from a Kafka clickstream"
 )]
 struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    /// Levels come from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Consume touchpoints from Kafka, score them live, publish signals.
+    Run {
+        /// The configuration file, with a [kafka] section (or CES_KAFKA_* variables).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Score a JSONL file of events and write the output events as JSONL.
     Replay {
         /// The configuration file (only the scoring sections are needed).
@@ -44,24 +60,34 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
-    /// Generate a synthetic clickstream (personas, bots, a few malformed events).
+    /// Generate a synthetic clickstream (personas, bots, a few malformed
+    /// events) into a JSONL file or a Kafka topic.
     Generate {
-        /// Write JSONL to this file (`-` for stdout).
-        #[arg(long, short)]
-        output: PathBuf,
-        /// Number of events.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
+        /// Write JSONL to this file (`-` for stdout), in simulated time.
+        #[arg(long, short, conflicts_with_all = ["brokers", "topic"], required_unless_present = "topic")]
+        output: Option<PathBuf>,
+        /// Produce to Kafka at these bootstrap servers, in live time.
+        #[arg(long, requires = "topic")]
+        brokers: Option<String>,
+        /// The Kafka topic to produce to.
+        #[arg(long, requires = "brokers")]
+        topic: Option<String>,
+        /// Events per second to Kafka (0: as fast as possible).
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Number of events (a file needs it; Kafka runs until Ctrl-C without it).
+        #[arg(long)]
+        events: Option<u64>,
         /// Number of distinct customers.
         #[arg(long, default_value_t = 100_000)]
         customers: u64,
         /// Random seed: the same seed gives the same stream.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Time of the first event (RFC 3339).
+        /// File only: time of the first event (RFC 3339).
         #[arg(long, default_value = "2026-09-01T00:00:00Z")]
         start: String,
-        /// Time covered by the stream.
+        /// File only: time covered by the stream.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         span: std::time::Duration,
         /// Share of malformed events.
@@ -75,8 +101,21 @@ enum Command {
     },
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -88,6 +127,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { config } => {
+            let settings = Settings::load(&config)?;
+            settings.kafka()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(ces_stream::service::run(settings, ces_stream::shutdown::signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { file } => {
             let settings = Settings::load(&file)?;
             print!("{}", settings.effective_toml());
@@ -95,6 +141,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Generate {
             output,
+            brokers,
+            topic,
+            rate,
             events,
             customers,
             seed,
@@ -102,6 +151,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             span,
             malformed,
         } => {
+            let opts = ces_stream::synth::SynthOptions {
+                customers,
+                seed,
+                malformed,
+                ..Default::default()
+            };
+            if let (Some(brokers), Some(topic)) = (brokers, topic) {
+                let target = ces_stream::generate::KafkaTarget {
+                    brokers,
+                    topic,
+                    rate,
+                    events,
+                    cycle: std::time::Duration::from_secs(600),
+                    options: Vec::new(),
+                };
+                let running = ces_stream::generate::spawn(target, opts);
+                let stop = std::sync::Arc::clone(&running.stop);
+                let runtime = tokio::runtime::Runtime::new()?;
+                let sent = std::sync::Arc::clone(&running.sent);
+                runtime.spawn(async move {
+                    ces_stream::shutdown::signal().await;
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                let result = running
+                    .thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?;
+                result.context("cannot produce to Kafka")?;
+                eprintln!(
+                    "generate: {} events sent",
+                    sent.load(std::sync::atomic::Ordering::SeqCst)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let output = output.context("--output or --brokers/--topic is required")?;
+            let events = events.unwrap_or(1_000_000);
             let start = ces_stream::timestamp::parse_rfc3339(&start)
                 .with_context(|| format!("--start {start:?} is not an RFC 3339 time"))?;
             let span = ces_stream::timestamp::duration_millis(span).map_err(anyhow::Error::msg)?;
@@ -110,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Box::new(create(&output)?)
             };
-            generate_file(out, events, customers, seed, start, span, malformed)?;
+            ces_stream::generate::to_file(out, events, opts, start, span)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Replay {
@@ -124,34 +209,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_replay(settings, input, output, dead_letter, no_progress)
         }
     }
-}
-
-fn generate_file(
-    mut out: impl Write,
-    events: u64,
-    customers: u64,
-    seed: u64,
-    start: i64,
-    span: i64,
-    malformed: f64,
-) -> anyhow::Result<()> {
-    use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
-    let mut synth = Synth::new(SynthOptions {
-        customers,
-        seed,
-        malformed,
-        ..SynthOptions::default()
-    });
-    let mut ev = SynthEvent::default();
-    let step = span as f64 / events.max(1) as f64;
-    for i in 0..events {
-        let t = start + (i as f64 * step) as i64;
-        synth.next(t, i as f64 / events.max(1) as f64, &mut ev);
-        out.write_all(&ev.payload)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    Ok(())
 }
 
 fn create(path: &PathBuf) -> anyhow::Result<BufWriter<File>> {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests of the scoring core.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::path::Path;
 use std::sync::Arc;
 

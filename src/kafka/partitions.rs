@@ -1,0 +1,123 @@
+//! The scoring state of the input partitions this instance owns.
+//!
+//! Input is keyed by customer id, so a customer's events all land in one
+//! partition number (of every co-partitioned input topic): each partition
+//! number has its own [`Engine`], created when the partition is assigned
+//! and dropped when it is revoked. The registry is a `DashMap` because other
+//! tasks (the HTTP API, metrics) read it while the consumer thread writes.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::engine::Engine;
+use crate::model::Model;
+use crate::timestamp::Millis;
+
+/// One partition's state.
+#[derive(Debug)]
+pub struct PartitionState {
+    pub engine: Engine,
+    /// The last clock time used, so that the live clock never runs backwards
+    /// when the wall clock does.
+    pub clock: Millis,
+    /// Per input topic, the group's committed offset when the partition was
+    /// assigned. Events below it are being processed again to rebuild the
+    /// state: their outputs were already acknowledged before that commit,
+    /// so they are not published twice, and sweeps wait until the state has
+    /// caught up.
+    pub silent_below: Vec<(String, i64)>,
+}
+
+impl PartitionState {
+    pub fn new(model: Arc<Model>) -> PartitionState {
+        PartitionState::from_engine(Engine::new(model))
+    }
+
+    pub fn from_engine(engine: Engine) -> PartitionState {
+        PartitionState {
+            engine: engine.with_sweeps_anytime(),
+            clock: Millis::MIN,
+            silent_below: Vec::new(),
+        }
+    }
+
+    /// Whether the message at `offset` of `topic` only rebuilds state.
+    /// Reaching the committed offset ends the rebuild of that topic.
+    pub fn is_rebuilding(&mut self, topic: &str, offset: i64) -> bool {
+        let Some(i) = self.silent_below.iter().position(|(t, _)| t == topic) else {
+            return false;
+        };
+        let committed = self.silent_below[i].1;
+        if offset + 1 >= committed {
+            // The last message already published, or a later one: caught up.
+            self.silent_below.swap_remove(i);
+        }
+        offset < committed
+    }
+
+    /// Whether every topic of the partition has caught up.
+    pub fn caught_up(&self) -> bool {
+        self.silent_below.is_empty()
+    }
+
+    /// The live clock for an event or a sweep at wall time `now`:
+    /// `max(watermark, now)`, never behind a time already used.
+    pub fn clock_at(&mut self, now: Millis) -> Millis {
+        self.clock = self.clock.max(self.engine.live_clock(now));
+        self.clock
+    }
+}
+
+/// A shared handle on one partition's state.
+pub type SharedPartition = Arc<Mutex<PartitionState>>;
+
+/// The partitions owned by this instance, by partition number.
+#[derive(Debug, Default, Clone)]
+pub struct Partitions {
+    map: Arc<DashMap<i32, SharedPartition>>,
+}
+
+impl Partitions {
+    pub fn get(&self, partition: i32) -> Option<SharedPartition> {
+        self.map.get(&partition).map(|e| Arc::clone(e.value()))
+    }
+
+    /// The state of `partition`, created with `create` if absent.
+    pub fn get_or_insert_with(
+        &self,
+        partition: i32,
+        create: impl FnOnce() -> PartitionState,
+    ) -> SharedPartition {
+        Arc::clone(
+            self.map
+                .entry(partition)
+                .or_insert_with(|| Arc::new(Mutex::new(create())))
+                .value(),
+        )
+    }
+
+    pub fn insert(&self, partition: i32, state: PartitionState) {
+        self.map.insert(partition, Arc::new(Mutex::new(state)));
+    }
+
+    pub fn remove(&self, partition: i32) -> Option<SharedPartition> {
+        self.map.remove(&partition).map(|(_, v)| v)
+    }
+
+    /// Partition numbers owned, sorted.
+    pub fn numbers(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.map.iter().map(|e| *e.key()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}

@@ -1,0 +1,650 @@
+//! `ces-stream run`: the Kafka pipeline.
+//!
+//! One consumer-group member on a dedicated thread: poll, parse, score,
+//! produce, and every so often sweep, commit and refresh gauges. The
+//! producer is idempotent and acknowledges on its own thread; an input
+//! offset is committed only once everything produced for the events before
+//! it is acknowledged (see `delivery`). Backpressure: when the producer's
+//! queue is full, the consumer waits, so a slow broker slows consumption
+//! instead of growing memory. Rebalances run inside `poll` (see
+//! `rebalance`). Shutdown is a future handed to [`run`].
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus::IntCounter;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::config::Settings;
+use crate::engine::{Outcome, Signal, SignalKind};
+use crate::event::{self, ParseContext, Parsed};
+use crate::kafka::delivery::{copy_headers, headers, is_permanent, Delivery, OffsetTracker, Retry, Source};
+use crate::kafka::partitions::{PartitionState, Partitions};
+use crate::kafka::rebalance::{GroupContext, PartitionHooks};
+use crate::kafka::settings::KafkaSettings;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::output::Encoder;
+use crate::timestamp::now_millis;
+
+/// Why the pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot create the Kafka {client}: {source}")]
+    Client {
+        client: &'static str,
+        source: KafkaError,
+    },
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
+    #[error("topic {topic:?} ({role}) does not exist on {brokers}: create it first")]
+    MissingTopic {
+        topic: String,
+        role: &'static str,
+        brokers: String,
+    },
+    #[error("cannot reach the brokers at {brokers}: {source}")]
+    Unreachable { brokers: String, source: KafkaError },
+    #[error("producer failed: {0}")]
+    Producer(String),
+    #[error("partition {partition}: {source}")]
+    Engine {
+        partition: i32,
+        source: crate::engine::EngineError,
+    },
+    #[error("the pipeline thread stopped unexpectedly")]
+    Panicked,
+}
+
+/// What the pipeline shares with the rest of the process.
+#[derive(Clone)]
+pub struct Shared {
+    pub model: Arc<Model>,
+    pub partitions: Partitions,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(model: Arc<Model>) -> Shared {
+        let metrics = Metrics::new(&model);
+        Shared {
+            model,
+            partitions: Partitions::default(),
+            metrics,
+        }
+    }
+}
+
+/// Runs the pipeline until `shutdown` completes, then stops consuming,
+/// flushes, commits and returns. Errors end it early.
+pub async fn run(
+    settings: &Settings,
+    shared: Shared,
+    hooks: Option<Arc<dyn PartitionHooks>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    let kafka = match settings.kafka() {
+        Ok(k) => k.clone(),
+        Err(e) => return Err(PipelineError::Producer(e.to_string())),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = Arc::clone(&stop);
+    let mut handle = tokio::task::spawn_blocking(move || {
+        run_blocking(&kafka, shared, hooks, &thread_stop)
+    });
+    tokio::select! {
+        result = &mut handle => return result.unwrap_or(Err(PipelineError::Panicked)),
+        () = shutdown => {
+            tracing::info!("shutdown requested: stopping consumption");
+            stop.store(true, Ordering::SeqCst);
+        }
+    }
+    handle.await.unwrap_or(Err(PipelineError::Panicked))
+}
+
+/// One output or dead letter, waiting to be sent.
+struct Outgoing {
+    topic: bool, // true: output topic, false: dead-letter topic
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
+/// The pipeline's state on its thread.
+struct Worker<'a> {
+    kafka: &'a KafkaSettings,
+    shared: Shared,
+    encoder: Encoder,
+    producer: Arc<ThreadedProducer<Delivery>>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    topics: HashMap<String, (Arc<str>, IntCounter)>,
+    outbox: Vec<Outgoing>,
+    stop: &'a AtomicBool,
+}
+
+/// Runs the pipeline on the current thread until `stop` is set.
+pub fn run_blocking(
+    kafka: &KafkaSettings,
+    shared: Shared,
+    hooks: Option<Arc<dyn PartitionHooks>>,
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let producer: ThreadedProducer<Delivery> = kafka
+        .producer_config()
+        .create_with_context(Delivery::new(Arc::clone(&tracker), shared.metrics.clone()))
+        .map_err(|source| PipelineError::Client {
+            client: "producer",
+            source,
+        })?;
+    let producer = Arc::new(producer);
+    check_topics(kafka, &producer)?;
+
+    let consumer_config = kafka.consumer_config();
+    let reset_to_end = matches!(
+        consumer_config.get("auto.offset.reset"),
+        Some("latest" | "largest" | "end")
+    );
+    let context = GroupContext {
+        model: Arc::clone(&shared.model),
+        partitions: shared.partitions.clone(),
+        producer: Arc::clone(&producer),
+        tracker: Arc::clone(&tracker),
+        assigned: Mutex::new(BTreeSet::new()),
+        metrics: shared.metrics.clone(),
+        flush_timeout: kafka.shutdown_timeout,
+        hooks,
+        reset_to_end,
+    };
+    let consumer: BaseConsumer<GroupContext> = consumer_config
+        .create_with_context(context)
+        .map_err(|source| PipelineError::Client {
+            client: "consumer",
+            source,
+        })?;
+    let topics: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| PipelineError::Subscribe {
+            topics: kafka.input_topics.clone(),
+            source,
+        })?;
+    tracing::info!(
+        brokers = %kafka.brokers,
+        group = %kafka.group_id,
+        topics = ?kafka.input_topics,
+        assignor = kafka.assignment_strategy(),
+        "consuming"
+    );
+
+    let mut worker = Worker {
+        kafka,
+        encoder: Encoder::new(&shared.model),
+        shared,
+        producer,
+        tracker,
+        topics: HashMap::new(),
+        outbox: Vec::new(),
+        stop,
+    };
+    let result = worker.run(&consumer);
+    // Whatever happened, hand back what can be handed back: flush, commit,
+    // release every partition (its state goes to the store), leave the group.
+    let deadline = Instant::now() + kafka.shutdown_timeout;
+    let ctx = consumer.context();
+    let drained = ctx.drain(deadline);
+    let assigned: Vec<(String, i32)> = ctx.assigned.lock().iter().cloned().collect();
+    if result.is_ok() {
+        if !drained {
+            tracing::warn!("shutdown: some outputs were not acknowledged in time; their events will be processed again");
+        }
+        ctx.release(&consumer, &assigned);
+    } else {
+        ctx.commit(&consumer, &assigned);
+    }
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!("consumer closed");
+    result
+}
+
+/// Fails fast when the output topics are missing, rather than retrying
+/// deliveries forever.
+fn check_topics(
+    kafka: &KafkaSettings,
+    producer: &ThreadedProducer<Delivery>,
+) -> Result<(), PipelineError> {
+    for (topic, role) in [
+        (&kafka.output_topic, "output_topic"),
+        (&kafka.dead_letter_topic, "dead_letter_topic"),
+    ] {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(|source| PipelineError::Unreachable {
+                brokers: kafka.brokers.clone(),
+                source,
+            })?;
+        let missing = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic.as_str())
+            .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
+        if missing {
+            return Err(PipelineError::MissingTopic {
+                topic: topic.clone(),
+                role,
+                brokers: kafka.brokers.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sends failed deliveries again, once each; those the producer cannot
+/// take now (full queue) are kept for the next round.
+pub fn resend(producer: &ThreadedProducer<Delivery>, retries: Vec<Retry>) {
+    let mut left = Vec::new();
+    for r in retries {
+        let mut record = BaseRecord::with_opaque_to(&r.topic, r.source);
+        if let Some(k) = &r.key {
+            record = record.key(&k[..]);
+        }
+        if let Some(p) = &r.payload {
+            record = record.payload(&p[..]);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        if let Err((e, back)) = producer.send(record) {
+            tracing::debug!("retry of a delivery to {} deferred: {e}", r.topic);
+            left.push(Retry {
+                topic: r.topic.clone(),
+                key: r.key.clone(),
+                payload: r.payload.clone(),
+                headers: r.headers.clone(),
+                source: back.delivery_opaque,
+            });
+        }
+    }
+    if !left.is_empty() {
+        producer.context().retries.lock().extend(left);
+    }
+}
+
+impl Worker<'_> {
+    fn run(&mut self, consumer: &BaseConsumer<GroupContext>) -> Result<(), PipelineError> {
+        let model = Arc::clone(&self.shared.model);
+        let sweep_every = Duration::from_millis(model.signals.sweep_interval.max(1) as u64);
+        let mut next_sweep = Instant::now() + sweep_every;
+        let mut next_commit = Instant::now() + self.kafka.commit_interval;
+        let mut next_gauges = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            if let Some(why) = self.producer.context().fatal() {
+                return Err(PipelineError::Producer(why));
+            }
+            let now = Instant::now();
+            self.resend_failed();
+            if now >= next_sweep {
+                self.sweep()?;
+                next_sweep = now + sweep_every;
+            }
+            if now >= next_commit {
+                self.commit(consumer);
+                next_commit = now + self.kafka.commit_interval;
+            }
+            if now >= next_gauges {
+                self.refresh_gauges();
+                next_gauges = now + Duration::from_secs(1);
+            }
+            // A batch: wait for the first message, then take what is ready.
+            let Some(first) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let started = Instant::now();
+            self.handle(first)?;
+            for _ in 0..1000 {
+                match consumer.poll(Duration::ZERO) {
+                    Some(m) => self.handle(m)?,
+                    None => break,
+                }
+            }
+            self.shared
+                .metrics
+                .batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn handle(
+        &mut self,
+        message: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+    ) -> Result<(), PipelineError> {
+        match message {
+            Ok(m) => self.process(&m),
+            Err(KafkaError::PartitionEOF(_)) => Ok(()),
+            Err(e) => {
+                tracing::warn!("consumer error: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    fn topic(&mut self, name: &str) -> (Arc<str>, IntCounter) {
+        if let Some((t, c)) = self.topics.get(name) {
+            return (Arc::clone(t), c.clone());
+        }
+        let t: Arc<str> = Arc::from(name);
+        let c = self.shared.metrics.events_consumed.with_label_values(&[name]);
+        self.topics
+            .insert(name.to_string(), (Arc::clone(&t), c.clone()));
+        (t, c)
+    }
+
+    /// Parses, scores and produces the outputs of one input message.
+    fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), PipelineError> {
+        let (topic, consumed) = self.topic(msg.topic());
+        consumed.inc();
+        let partition = msg.partition();
+        let offset = msg.offset();
+        let timestamp = msg.timestamp().to_millis();
+        let model = Arc::clone(&self.shared.model);
+        let metrics = &self.shared.metrics;
+        let state = self
+            .shared
+            .partitions
+            .get_or_insert_with(partition, || PartitionState::new(Arc::clone(&model)));
+        let mut st = state.lock();
+        let silent = st.is_rebuilding(&topic, offset);
+        let now = now_millis().max(st.clock);
+        let payload = msg.payload().unwrap_or(&[]);
+        let parsed = if payload.is_empty() {
+            Parsed::Invalid(event::Invalid {
+                reason: event::InvalidReason::InvalidJson,
+                detail: "empty message".into(),
+            })
+        } else {
+            event::parse(
+                payload,
+                &model,
+                ParseContext {
+                    fallback_timestamp: timestamp,
+                    now: Some(now),
+                },
+            )
+        };
+        self.outbox.clear();
+        match parsed {
+            Parsed::Event(ev) => {
+                let encoder = &self.encoder;
+                let outbox = &mut self.outbox;
+                let mut sink = |s: &Signal<'_>| {
+                    if !silent {
+                        metrics.outputs_by_kind[kind_index(&s.kind)].inc();
+                        outbox.push(encode_signal(encoder, s));
+                    }
+                };
+                match st.engine.process_live(&ev, now, &mut sink) {
+                    Ok(Outcome::Applied { .. }) => metrics.events_accepted.inc(),
+                    Ok(Outcome::Ignored(r)) => metrics.ignored_by_reason[r as usize].inc(),
+                    Err(source) => return Err(PipelineError::Engine { partition, source }),
+                }
+                st.clock = st.engine.live_clock(now);
+            }
+            Parsed::Ignored(r) => metrics.ignored_by_reason[r as usize].inc(),
+            Parsed::Invalid(inv) => {
+                metrics.rejected_by_reason[inv.reason as usize].inc();
+                if !silent {
+                    let headers = copy_headers(msg)
+                        .insert(Header {
+                            key: headers::REASON,
+                            value: Some(inv.reason.as_str()),
+                        })
+                        .insert(Header {
+                            key: headers::DETAIL,
+                            value: Some(&inv.detail),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_TOPIC,
+                            value: Some(&*topic),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_PARTITION,
+                            value: Some(&partition.to_string()),
+                        })
+                        .insert(Header {
+                            key: headers::SOURCE_OFFSET,
+                            value: Some(&offset.to_string()),
+                        });
+                    self.outbox.push(Outgoing {
+                        topic: false,
+                        key: msg.key().unwrap_or(&[]).to_vec(),
+                        payload: payload.to_vec(),
+                        headers,
+                    });
+                }
+            }
+        }
+        drop(st);
+        self.tracker
+            .lock()
+            .processed(&topic, partition, offset, self.outbox.len() as u32);
+        let source = Source {
+            topic,
+            partition,
+            offset,
+            timestamp,
+        };
+        self.send_outbox(&source)
+    }
+
+    /// Sends the outbox, waiting while the producer's queue is full.
+    fn send_outbox(&mut self, source: &Source) -> Result<(), PipelineError> {
+        let outbox = std::mem::take(&mut self.outbox);
+        for out in &outbox {
+            let topic = if out.topic {
+                &self.kafka.output_topic
+            } else {
+                &self.kafka.dead_letter_topic
+            };
+            self.send(topic, out, Box::new(source.clone()))?;
+        }
+        self.outbox = outbox;
+        Ok(())
+    }
+
+    fn send(
+        &self,
+        topic: &str,
+        out: &Outgoing,
+        source: Box<Source>,
+    ) -> Result<(), PipelineError> {
+        let mut record = BaseRecord::with_opaque_to(topic, source)
+            .key(&out.key[..])
+            .payload(&out.payload[..])
+            .headers(out.headers.clone());
+        let mut waited = false;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: wait for acknowledgements to make room.
+                    if !waited {
+                        tracing::debug!("producer queue full: waiting");
+                        waited = true;
+                    }
+                    if let Some(why) = self.producer.context().fatal() {
+                        return Err(PipelineError::Producer(why));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    record = back;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), back))
+                    if !out.topic && out.payload.len() > 1024 =>
+                {
+                    // A dead letter too large for the producer: keep its
+                    // head and say so, rather than stopping the stream.
+                    let keep = (out.payload.len() / 2).min(64 * 1024);
+                    let smaller = Outgoing {
+                        topic: false,
+                        key: out.key.clone(),
+                        payload: out.payload[..keep].to_vec(),
+                        headers: out.headers.clone().insert(Header {
+                            key: headers::TRUNCATED,
+                            value: Some(&out.payload.len().to_string()),
+                        }),
+                    };
+                    return self.send(topic, &smaller, back.delivery_opaque);
+                }
+                Err((e, _)) => {
+                    let permanent = e.rdkafka_error_code().is_some_and(is_permanent);
+                    return Err(PipelineError::Producer(format!(
+                        "cannot produce to {topic}{}: {e}",
+                        if permanent { "" } else { " (unexpected)" }
+                    )));
+                }
+            }
+        }
+    }
+
+    fn resend_failed(&mut self) {
+        let retries = self.producer.context().take_retries();
+        if !retries.is_empty() {
+            resend(&self.producer, retries);
+        }
+    }
+
+    /// Evaluates every customer of every caught-up partition.
+    fn sweep(&mut self) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let mut sent = 0usize;
+        for p in self.shared.partitions.numbers() {
+            let Some(state) = self.shared.partitions.get(p) else {
+                continue;
+            };
+            let mut outbox = std::mem::take(&mut self.outbox);
+            outbox.clear();
+            {
+                let mut st = state.lock();
+                if !st.caught_up() {
+                    continue;
+                }
+                let t = st.clock_at(now_millis());
+                let encoder = &self.encoder;
+                let metrics = &self.shared.metrics;
+                st.engine.sweep(t, &mut |s: &Signal<'_>| {
+                    metrics.outputs_by_kind[kind_index(&s.kind)].inc();
+                    outbox.push(encode_signal(encoder, s));
+                });
+            }
+            // Sweep outputs hold no input offset back: they are derived
+            // from state that a restart rebuilds.
+            let source = Box::new(Source {
+                topic: Arc::from(""),
+                partition: p,
+                offset: -1,
+                timestamp: None,
+            });
+            for out in &outbox {
+                self.send(&self.kafka.output_topic, out, source.clone())?;
+            }
+            sent += outbox.len();
+            self.outbox = outbox;
+        }
+        tracing::debug!(
+            outputs = sent,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sweep done"
+        );
+        Ok(())
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<GroupContext>) {
+        let offsets = self.tracker.lock().committable();
+        if offsets.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in &offsets {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        match consumer.commit(&tpl, CommitMode::Async) {
+            Ok(()) => {
+                let mut tracker = self.tracker.lock();
+                for (t, p, o) in &offsets {
+                    tracker.mark_committed(t, *p, *o);
+                }
+            }
+            Err(e) => tracing::warn!("cannot commit offsets: {e}"),
+        }
+    }
+
+    fn refresh_gauges(&self) {
+        let m = &self.shared.metrics;
+        let model = &self.shared.model;
+        let mut customers = 0u64;
+        let mut at_risk = 0u64;
+        let mut tiers = vec![0u64; model.tiers.len()];
+        for p in self.shared.partitions.numbers() {
+            if let Some(state) = self.shared.partitions.get(p) {
+                let st = state.lock();
+                customers += st.engine.customers().len() as u64;
+                at_risk += st.engine.at_risk_count();
+                for (t, c) in tiers.iter_mut().zip(st.engine.tier_counts()) {
+                    *t += c;
+                }
+            }
+        }
+        m.customers.set(customers as i64);
+        m.churn_risk_customers.set(at_risk as i64);
+        for (tier, count) in model.tiers.iter().zip(tiers) {
+            m.tier_customers
+                .with_label_values(&[&tier.name])
+                .set(count as i64);
+        }
+        m.producer_queue_messages
+            .set(i64::from(self.producer.in_flight_count()));
+    }
+}
+
+fn kind_index(kind: &SignalKind<'_>) -> usize {
+    match kind {
+        SignalKind::ScoreChanged { .. } => 0,
+        SignalKind::ChurnRisk { .. } => 1,
+        SignalKind::ChurnRiskCleared => 2,
+    }
+}
+
+/// An output event as a Kafka message: keyed by customer id, with the
+/// `ces-kind` header.
+fn encode_signal(encoder: &Encoder, s: &Signal<'_>) -> Outgoing {
+    let mut payload = Vec::with_capacity(256);
+    encoder.encode(s, &mut payload);
+    let kind = match s.kind {
+        SignalKind::ScoreChanged { .. } => "score_changed",
+        SignalKind::ChurnRisk { .. } => "churn_risk",
+        SignalKind::ChurnRiskCleared => "churn_risk_cleared",
+    };
+    Outgoing {
+        topic: true,
+        key: s.customer_id.as_bytes().to_vec(),
+        payload,
+        headers: OwnedHeaders::new().insert(Header {
+            key: headers::KIND,
+            value: Some(kind),
+        }),
+    }
+}

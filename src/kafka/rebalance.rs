@@ -1,0 +1,299 @@
+//! Consumer-group rebalances, handled explicitly.
+//!
+//! librdkafka calls [`GroupContext::rebalance`] from inside the consumer's
+//! poll, on the pipeline thread, so no event is being processed meanwhile.
+//! On revoke: finish the partitions' in-flight work (every output and dead
+//! letter acknowledged), commit their offsets, hand their state to the
+//! state store, drop it. On assign: build (or restore) the partitions' state
+//! before their first message, and start them where the state says.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+
+use crate::kafka::delivery::{Delivery, OffsetTracker};
+use crate::kafka::partitions::{PartitionState, Partitions};
+use crate::metrics::Metrics;
+use crate::model::Model;
+
+/// What a state store does when partitions come and go (snapshots).
+pub trait PartitionHooks: Send + Sync {
+    /// The state to start `partition` with, and for each input topic the
+    /// offset to resume from (`None`: the group's committed offset).
+    fn restore(&self, partition: i32, topics: &[String]) -> (PartitionState, Vec<Option<i64>>);
+    /// Called with a partition's final state before it is dropped (revoke
+    /// or shutdown), after its outputs are acknowledged. `next` holds, per
+    /// input topic, the next offset to process.
+    fn release(&self, partition: i32, state: &PartitionState, next: &[(String, Option<i64>)]);
+}
+
+/// The consumer's context: owns what a rebalance must touch.
+pub struct GroupContext {
+    pub model: Arc<Model>,
+    pub partitions: Partitions,
+    pub producer: Arc<ThreadedProducer<Delivery>>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    /// Input (topic, partition) pairs currently assigned.
+    pub assigned: Mutex<BTreeSet<(String, i32)>>,
+    pub metrics: Metrics,
+    /// How long a revoke may wait for acknowledgements.
+    pub flush_timeout: Duration,
+    pub hooks: Option<Arc<dyn PartitionHooks>>,
+    /// `auto.offset.reset` is latest: a partition without state starts at
+    /// the end of the log instead of rebuilding from its beginning.
+    pub reset_to_end: bool,
+}
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!("consumer: {error}: {reason}");
+    }
+}
+
+fn pairs(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl GroupContext {
+    /// Resends failed deliveries and waits until nothing produced is
+    /// waiting for an acknowledgement, or until `deadline`.
+    pub fn drain(&self, deadline: Instant) -> bool {
+        loop {
+            crate::kafka::pipeline::resend(&self.producer, self.producer.context().take_retries());
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = self.producer.flush(left.min(Duration::from_millis(500)));
+            let done = self.tracker.lock().in_flight() == 0
+                && self.producer.context().retries.lock().is_empty();
+            if done {
+                return true;
+            }
+            if Instant::now() >= deadline || self.producer.context().fatal().is_some() {
+                return false;
+            }
+        }
+    }
+
+    /// Commits the safe offsets of `pairs` synchronously.
+    pub fn commit(&self, consumer: &BaseConsumer<GroupContext>, pairs: &[(String, i32)]) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let tracker = self.tracker.lock();
+            for (topic, partition) in pairs {
+                if let Some(offset) = tracker.safe(topic, *partition) {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                let mut tracker = self.tracker.lock();
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        tracker.mark_committed(&Arc::from(e.topic()), e.partition(), o);
+                    }
+                }
+                tracing::debug!(?pairs, "offsets committed");
+            }
+            Err(e) => tracing::warn!("cannot commit offsets of {pairs:?}: {e}"),
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<GroupContext>, tpl: &mut TopicPartitionList) {
+        let list = pairs(tpl);
+        tracing::info!(partitions = ?list, "partitions assigned");
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        // The group's committed offsets say which outputs were already
+        // published; they do not say where to resume, because the state
+        // lives in memory (and in snapshots), not in Kafka.
+        let committed: Vec<((String, i32), i64)> = match consumer
+            .committed_offsets(tpl.clone(), Duration::from_secs(30))
+        {
+            Ok(c) => c
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot read committed offsets: {e}; outputs of rebuilt events may be published again");
+                Vec::new()
+            }
+        };
+        let committed_of = |t: &str, p: i32| {
+            committed
+                .iter()
+                .find(|((ct, cp), _)| ct == t && *cp == p)
+                .map(|(_, o)| *o)
+        };
+        let mut assigned = self.assigned.lock();
+        let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
+        for p in numbers {
+            if self.partitions.get(p).is_some() {
+                continue;
+            }
+            let topics: Vec<String> = list
+                .iter()
+                .filter(|(_, q)| *q == p)
+                .map(|(t, _)| t.clone())
+                .collect();
+            // A restored partition resumes after its snapshot; without one,
+            // the state is rebuilt from the log (auto.offset.reset).
+            let (mut state, offsets) = match &self.hooks {
+                Some(h) => h.restore(p, &topics),
+                None => (
+                    PartitionState::new(Arc::clone(&self.model)),
+                    vec![None; topics.len()],
+                ),
+            };
+            for (topic, offset) in topics.iter().zip(offsets) {
+                let start = match offset {
+                    Some(o) => Offset::Offset(o),
+                    None if self.reset_to_end => Offset::End,
+                    None => Offset::Beginning,
+                };
+                let _ = tpl.set_partition_offset(topic, p, start);
+                let from = match start {
+                    Offset::Offset(o) => Some(o),
+                    Offset::Beginning => Some(0),
+                    _ => None,
+                };
+                if let (Some(from), Some(c)) = (from, committed_of(topic, p)) {
+                    if from < c {
+                        state.silent_below.push((topic.clone(), c));
+                    }
+                }
+                tracing::info!(topic = %topic, partition = p, start = ?start, committed = ?committed_of(topic, p), "partition starts");
+            }
+            self.partitions.insert(p, state);
+        }
+        assigned.extend(list);
+        self.metrics.assigned_partitions.set(assigned.len() as i64);
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<GroupContext>, tpl: &TopicPartitionList) {
+        let list = pairs(tpl);
+        tracing::info!(partitions = ?list, "partitions revoked");
+        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        self.release(consumer, &list);
+    }
+
+    /// Finishes, commits, hands over and drops the state of `list`.
+    pub fn release(&self, consumer: &BaseConsumer<GroupContext>, list: &[(String, i32)]) {
+        // Only what is still held (a close after a shutdown revokes again).
+        let list: Vec<(String, i32)> = {
+            let assigned = self.assigned.lock();
+            list.iter().filter(|p| assigned.contains(*p)).cloned().collect()
+        };
+        if list.is_empty() {
+            return;
+        }
+        let list = &list[..];
+        let started = Instant::now();
+        if !self.drain(started + self.flush_timeout) {
+            tracing::warn!(
+                "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
+                self.flush_timeout
+            );
+        }
+        self.commit(consumer, list);
+        let mut assigned = self.assigned.lock();
+        for pair in list {
+            assigned.remove(pair);
+        }
+        let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
+        for p in numbers {
+            if assigned.iter().any(|(_, q)| *q == p) {
+                continue; // another topic of this partition number stays
+            }
+            let next: Vec<(String, Option<i64>)> = {
+                let tracker = self.tracker.lock();
+                list.iter()
+                    .filter(|(_, q)| *q == p)
+                    .map(|(t, q)| (t.clone(), tracker.safe(t, *q)))
+                    .collect()
+            };
+            if let Some(state) = self.partitions.remove(p) {
+                if let Some(h) = &self.hooks {
+                    h.release(p, &state.lock(), &next);
+                }
+            }
+        }
+        {
+            let mut tracker = self.tracker.lock();
+            for (t, p) in list {
+                tracker.forget(t, *p);
+            }
+        }
+        self.metrics.assigned_partitions.set(assigned.len() as i64);
+        tracing::info!(
+            partitions = ?list,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partitions released"
+        );
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!("cannot assign {:?}: {e}", pairs(tpl));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl);
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!("cannot unassign {:?}: {e}", pairs(tpl));
+                }
+            }
+            other => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                tracing::error!("rebalance error: {other:?}");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            tracing::warn!("offset commit failed for {:?}: {e}", pairs(offsets));
+        }
+    }
+}

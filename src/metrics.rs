@@ -1,0 +1,279 @@
+//! Prometheus metrics of a running instance: one registry, named the
+//! Prometheus way (`ces_` prefix, `_total`, `_seconds`, base units), with
+//! bounded labels only (topics, partitions, reasons, kinds, tiers; never a
+//! customer id or free text).
+//!
+//! Hot-path counters are resolved to their label values once, so that
+//! counting an event is an atomic increment.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::event::{IgnoreReason, InvalidReason};
+use crate::model::Model;
+
+/// Every metric of the process.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounterVec,
+    pub events_accepted: IntCounter,
+    pub events_rejected: IntCounterVec,
+    pub events_ignored: IntCounterVec,
+    pub outputs: IntCounterVec,
+    pub batch_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub customers: IntGauge,
+    pub tier_customers: IntGaugeVec,
+    pub segment_tier_customers: IntGaugeVec,
+    pub score: HistogramVec,
+    pub churn_risk_customers: IntGauge,
+    pub assigned_partitions: IntGauge,
+    pub rebalances: IntCounterVec,
+    pub producer_queue_messages: IntGauge,
+    pub delivery_errors: IntCounterVec,
+    pub broker_rtt_seconds: prometheus::GaugeVec,
+    pub snapshot_seconds: Histogram,
+    pub snapshot_bytes: IntGauge,
+    pub snapshot_age_seconds: prometheus::Gauge,
+    pub snapshot_failures: IntCounterVec,
+    pub snapshot_restored_customers: IntCounter,
+    /// Resolved children, in `InvalidReason::ALL` / `IgnoreReason::ALL` order.
+    pub rejected_by_reason: Vec<IntCounter>,
+    pub ignored_by_reason: Vec<IntCounter>,
+    /// score_changed, churn_risk, churn_risk_cleared.
+    pub outputs_by_kind: [IntCounter; 3],
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new(model: &Model) -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let events_consumed = counter(
+            r,
+            "ces_events_consumed_total",
+            "Input messages consumed, by topic.",
+            &["topic"],
+        );
+        let events_accepted = IntCounter::new(
+            "ces_events_accepted_total",
+            "Events applied to a customer's score.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(events_accepted.clone())).expect("unique metric");
+        let events_rejected = counter(
+            r,
+            "ces_events_rejected_total",
+            "Invalid events sent to the dead-letter topic, by reason.",
+            &["reason"],
+        );
+        let events_ignored = counter(
+            r,
+            "ces_events_ignored_total",
+            "Valid events not scored, by reason.",
+            &["reason"],
+        );
+        let outputs = counter(
+            r,
+            "ces_outputs_total",
+            "Output events published, by kind.",
+            &["kind"],
+        );
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            r.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let batch_seconds = histogram(
+            "ces_batch_processing_seconds",
+            "Time to process one batch of consumed messages.",
+            prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("valid buckets"),
+        );
+        let end_to_end_seconds = histogram(
+            "ces_end_to_end_latency_seconds",
+            "From the input message's Kafka timestamp to the broker's acknowledgement of its output.",
+            prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+        );
+        let consumer_lag = gauge(
+            r,
+            "ces_consumer_lag_messages",
+            "Messages between the consumer's position and the end of the partition.",
+            &["topic", "partition"],
+        );
+        let customers = IntGauge::new("ces_customers", "Customers tracked by this instance.")
+            .expect("valid metric");
+        r.register(Box::new(customers.clone())).expect("unique metric");
+        let tier_customers = gauge(
+            r,
+            "ces_tier_customers",
+            "Customers per tier (the tier last published).",
+            &["tier"],
+        );
+        let segment_tier_customers = gauge(
+            r,
+            "ces_segment_tier_customers",
+            "Customers per tier for the configured segments (attributes.segment).",
+            &["segment", "tier"],
+        );
+        let score = HistogramVec::new(
+            HistogramOpts::new(
+                "ces_score",
+                "Current scores of the customers tracked, refreshed periodically.",
+            )
+            .buckets((1..=10).map(|i| f64::from(i) * 10.0).collect()),
+            &[],
+        )
+        .expect("valid metric");
+        r.register(Box::new(score.clone())).expect("unique metric");
+        let churn_risk_customers = IntGauge::new(
+            "ces_churn_risk_customers",
+            "Customers currently flagged at risk of churn.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(churn_risk_customers.clone())).expect("unique metric");
+        let assigned_partitions = IntGauge::new(
+            "ces_assigned_partitions",
+            "Input partitions assigned to this instance.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(assigned_partitions.clone())).expect("unique metric");
+        let rebalances = counter(
+            r,
+            "ces_rebalances_total",
+            "Consumer group rebalances, by kind (assign, revoke, error).",
+            &["kind"],
+        );
+        let producer_queue_messages = IntGauge::new(
+            "ces_producer_queue_messages",
+            "Messages in the producer's queue, not yet acknowledged.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(producer_queue_messages.clone())).expect("unique metric");
+        let delivery_errors = counter(
+            r,
+            "ces_producer_delivery_errors_total",
+            "Failed deliveries of outputs and dead letters (each is retried), by error.",
+            &["error"],
+        );
+        let broker_rtt_seconds = prometheus::GaugeVec::new(
+            Opts::new(
+                "ces_broker_rtt_seconds",
+                "Average broker round-trip time from librdkafka statistics.",
+            ),
+            &["client", "broker"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(broker_rtt_seconds.clone())).expect("unique metric");
+        let snapshot_seconds = histogram(
+            "ces_snapshot_duration_seconds",
+            "Time to write one partition snapshot.",
+            prometheus::exponential_buckets(0.001, 2.0, 16).expect("valid buckets"),
+        );
+        let snapshot_bytes = IntGauge::new(
+            "ces_snapshot_size_bytes",
+            "Size of the last snapshot written.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(snapshot_bytes.clone())).expect("unique metric");
+        let snapshot_age_seconds = prometheus::Gauge::new(
+            "ces_snapshot_age_seconds",
+            "Age of the oldest latest-snapshot among the assigned partitions.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(snapshot_age_seconds.clone())).expect("unique metric");
+        let snapshot_failures = counter(
+            r,
+            "ces_snapshot_failures_total",
+            "Snapshots that could not be written or read, by kind (write, corrupt).",
+            &["kind"],
+        );
+        let snapshot_restored_customers = IntCounter::new(
+            "ces_snapshot_restored_customers_total",
+            "Customers restored from snapshots.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(snapshot_restored_customers.clone()))
+            .expect("unique metric");
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = r.register(Box::new(pc));
+        }
+
+        let rejected_by_reason = InvalidReason::ALL
+            .iter()
+            .map(|r| events_rejected.with_label_values(&[r.as_str()]))
+            .collect();
+        let ignored_by_reason = IgnoreReason::ALL
+            .iter()
+            .map(|r| events_ignored.with_label_values(&[r.as_str()]))
+            .collect();
+        let outputs_by_kind = [
+            outputs.with_label_values(&["score_changed"]),
+            outputs.with_label_values(&["churn_risk"]),
+            outputs.with_label_values(&["churn_risk_cleared"]),
+        ];
+        for t in &model.tiers {
+            tier_customers.with_label_values(&[&t.name]).set(0);
+        }
+        for kind in ["assign", "revoke", "error"] {
+            rebalances.with_label_values(&[kind]);
+        }
+        Metrics {
+            registry,
+            events_consumed,
+            events_accepted,
+            events_rejected,
+            events_ignored,
+            outputs,
+            batch_seconds,
+            end_to_end_seconds,
+            consumer_lag,
+            customers,
+            tier_customers,
+            segment_tier_customers,
+            score,
+            churn_risk_customers,
+            assigned_partitions,
+            rebalances,
+            producer_queue_messages,
+            delivery_errors,
+            broker_rtt_seconds,
+            snapshot_seconds,
+            snapshot_bytes,
+            snapshot_age_seconds,
+            snapshot_failures,
+            snapshot_restored_customers,
+            rejected_by_reason,
+            ignored_by_reason,
+            outputs_by_kind,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            return format!("# cannot encode metrics: {e}\n");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

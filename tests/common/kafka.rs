@@ -1,0 +1,281 @@
+//! Kafka test harness: a real broker process (tansu), librdkafka's mock
+//! cluster, topics, producing, consuming, and `ces-stream run` processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+
+/// A name no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tansu broker process with in-memory storage, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The tansu binary: `$TANSU_BIN`, else `tansu` on the PATH or in ~/.cargo/bin.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo_bin = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"))
+        .join("bin/tansu");
+    if cargo_bin.exists() {
+        cargo_bin
+    } else {
+        PathBuf::from("tansu")
+    }
+}
+
+impl Broker {
+    /// Starts tansu on a fresh port, from an empty directory (it reads a
+    /// `.env` file from its working directory).
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let child = Command::new(tansu_bin())
+                .args(["broker", "--storage-engine", "memory://tansu/"])
+                .args(["--listener-url", &url, "--advertised-listener-url", &url])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot start tansu ({}): {e}; scripts/ci-deps.sh installs it",
+                        tansu_bin().display()
+                    )
+                });
+            let mut broker = Broker {
+                child,
+                bootstrap: format!("127.0.0.1:{port}"),
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    broker._dir = dir;
+                    return broker;
+                }
+                if let Ok(Some(_)) = broker.child.try_wait() {
+                    break; // the port was taken: try another
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("tansu did not start");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // tansu does not always stop on SIGTERM.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client settings every test client uses: tansu holds fetches for the
+/// whole `fetch.wait.max.ms`.
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
+pub fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .unwrap();
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e:?}"));
+    }
+}
+
+/// Produces keyed messages and waits for their acknowledgement.
+pub fn produce(bootstrap: &str, topic: &str, messages: &[(String, String)]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for (k, v) in messages {
+        let mut record = BaseRecord::to(topic).key(k.as_bytes()).payload(v.as_bytes());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Reads a topic from the beginning of every partition until `done` says
+/// so or `timeout` passes; returns what was read.
+pub fn consume_until(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+    done: impl Fn(&[OwnedMessage]) -> bool,
+) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while Instant::now() < deadline && !done(&out) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    let h = m.headers()?;
+    (0..h.count())
+        .map(|i| h.get(i))
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+pub fn json(m: &OwnedMessage) -> serde_json::Value {
+    serde_json::from_slice(m.payload().unwrap_or(b"null")).unwrap()
+}
+
+pub fn key(m: &OwnedMessage) -> &str {
+    std::str::from_utf8(m.key().unwrap_or(b"")).unwrap()
+}
+
+/// A `ces-stream run` process, killed on drop if still running.
+pub struct Instance {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Instance {
+    /// Starts `ces-stream run --config CONFIG`, logging to `log`.
+    pub fn start(config: &Path, log: &Path) -> Instance {
+        let log_file = std::fs::File::create(log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Instance {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config file for `run` in `dir`: the model text plus a [kafka] section.
+pub fn write_config(dir: &Path, model: &str, kafka: &str) -> PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, format!("{model}\n{kafka}")).unwrap();
+    path
+}

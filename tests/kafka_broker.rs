@@ -1,0 +1,172 @@
+//! End-to-end tests of `ces-stream run` as a process against a real
+//! Kafka-compatible broker process (tansu, in-memory storage): signals out,
+//! dead letters, two instances sharing a group, SIGTERM with events in
+//! flight. Every test uses its own broker, topics and group.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::kafka::*;
+use rdkafka::message::Message;
+
+const MODEL: &str = r#"
+[scoring.normalization]
+kind = "linear"
+max = 100.0
+
+[scoring.activities]
+visit = { weight = 1.0, channel = "web" }
+buy = { weight = 20.0, channel = "shop" }
+"#;
+
+struct Setup {
+    broker: Broker,
+    input: String,
+    output: String,
+    dead: String,
+    group: String,
+    dir: tempfile::TempDir,
+    partitions: i32,
+}
+
+impl Setup {
+    fn new(partitions: i32) -> Setup {
+        let broker = Broker::start();
+        let s = Setup {
+            input: unique("clicks"),
+            output: unique("signals"),
+            dead: unique("dead"),
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+            partitions,
+            broker,
+        };
+        create_topic(&s.broker.bootstrap, &s.input, partitions);
+        create_topic(&s.broker.bootstrap, &s.output, partitions);
+        create_topic(&s.broker.bootstrap, &s.dead, 1);
+        s
+    }
+
+    fn config(&self, extra: &str) -> std::path::PathBuf {
+        let kafka = format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "{}"
+input_topics = ["{}"]
+output_topic = "{}"
+dead_letter_topic = "{}"
+shutdown_timeout = "20s"
+commit_interval = "200ms"
+
+[kafka.consumer_options]
+"fetch.wait.max.ms" = 10
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+{extra}
+"#,
+            self.broker.bootstrap, self.group, self.input, self.output, self.dead
+        );
+        write_config(self.dir.path(), MODEL, &kafka)
+    }
+
+    fn start(&self, name: &str) -> Instance {
+        let config = self.config("");
+        Instance::start(&config, &self.dir.path().join(format!("{name}.log")))
+    }
+
+    fn outputs_until(&self, done: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool) -> Vec<rdkafka::message::OwnedMessage> {
+        consume_until(
+            &self.broker.bootstrap,
+            &self.output,
+            self.partitions,
+            Duration::from_secs(60),
+            done,
+        )
+    }
+}
+
+fn now_rfc3339() -> String {
+    ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis()).to_string()
+}
+
+fn event(customer: &str, kind: &str) -> (String, String) {
+    (
+        customer.to_string(),
+        serde_json::json!({"customer_id": customer, "type": kind, "timestamp": now_rfc3339()})
+            .to_string(),
+    )
+}
+
+/// The last score_changed score per customer.
+fn last_scores(messages: &[rdkafka::message::OwnedMessage]) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for m in messages {
+        if header(m, "ces-kind") == Some("score_changed") {
+            let v = json(m);
+            out.insert(key(m).to_string(), v["score"].as_f64().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn events_in_signals_out_and_bad_events_to_the_dead_letter_topic() {
+    let s = Setup::new(4);
+    let mut instance = s.start("a");
+    assert!(
+        instance.wait_for_log("partitions assigned", Duration::from_secs(30)),
+        "{}",
+        instance.log_text()
+    );
+    let mut messages = Vec::new();
+    for round in 0..3 {
+        for c in 0..10 {
+            messages.push(event(&format!("c-{c}"), "buy"));
+        }
+        if round == 1 {
+            messages.push(("c-x".into(), "{not json".into()));
+            messages.push(("".into(), r#"{"type": "buy", "timestamp": 0}"#.into()));
+        }
+    }
+    produce(&s.broker.bootstrap, &s.input, &messages);
+
+    let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 59.9).count() == 10);
+    let scores = last_scores(&out);
+    assert_eq!(scores.len(), 10, "{scores:?}\n{}", instance.log_text());
+    for (customer, score) in &scores {
+        assert!((score - 60.0).abs() < 0.05, "{customer}: {score}");
+    }
+    for m in &out {
+        let v = json(m);
+        assert_eq!(v["customer_id"], key(m), "keyed by customer id");
+        assert_eq!(header(m, "ces-kind"), v["kind"].as_str(), "ces-kind header");
+        assert_eq!(v["schema"], "ces.v1");
+    }
+    // 20 -> 40 -> 60 for every customer: three score_changed each, the last
+    // one crossing into somewhat_engaged.
+    let changed = out
+        .iter()
+        .filter(|m| header(m, "ces-kind") == Some("score_changed"))
+        .count();
+    assert_eq!(changed, 30);
+
+    let dead = consume_until(&s.broker.bootstrap, &s.dead, 1, Duration::from_secs(30), |m| m.len() >= 2);
+    assert_eq!(dead.len(), 2, "{}", instance.log_text());
+    let reasons: Vec<_> = dead.iter().map(|m| header(m, "ces-reason").unwrap().to_string()).collect();
+    assert!(reasons.contains(&"invalid_json".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"missing_customer_id".to_string()), "{reasons:?}");
+    for m in &dead {
+        assert_eq!(header(m, "ces-source-topic"), Some(s.input.as_str()));
+        assert!(header(m, "ces-source-partition").is_some());
+        assert!(header(m, "ces-source-offset").unwrap().parse::<i64>().is_ok());
+        assert!(header(m, "ces-detail").is_some_and(|d| !d.is_empty()));
+        let payload = std::str::from_utf8(m.payload().unwrap()).unwrap();
+        assert!(messages.iter().any(|(_, v)| v == payload), "original payload kept: {payload}");
+    }
+
+    let status = instance.terminate(Duration::from_secs(30)).expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", instance.log_text());
+}
