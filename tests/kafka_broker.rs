@@ -19,6 +19,11 @@ max = 100.0
 [scoring.activities]
 visit = { weight = 1.0, channel = "web" }
 buy = { weight = 20.0, channel = "shop" }
+
+# Events are scored a little after their timestamps, so scores are a hair
+# below whole numbers: publish every change of about 5.
+[signals]
+min_delta = 4.5
 "#;
 
 struct Setup {
@@ -169,4 +174,97 @@ fn events_in_signals_out_and_bad_events_to_the_dead_letter_topic() {
 
     let status = instance.terminate(Duration::from_secs(30)).expect("exits on SIGTERM");
     assert!(status.success(), "{status:?}\n{}", instance.log_text());
+}
+
+/// Events for `customers` customers, `n` of `kind` each, interleaved.
+fn rounds(customers: usize, n: usize, kind: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        for c in 0..customers {
+            out.push(event(&format!("c-{c}"), kind));
+        }
+    }
+    out
+}
+
+fn assigned_count(log: &str) -> usize {
+    log.matches("partitions assigned").count()
+}
+
+#[test]
+fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
+    let s = Setup::new(4);
+    let mut a = s.start("a");
+    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    let b = s.start("b");
+    assert!(
+        b.wait_for_log("partitions assigned", Duration::from_secs(60)),
+        "b never got partitions:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    // Both hold partitions: a gave some up.
+    assert!(a.wait_for_log("partitions revoked", Duration::from_secs(30)), "{}", a.log_text());
+
+    produce(&s.broker.bootstrap, &s.input, &rounds(20, 3, "buy"));
+    let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 59.9).count() == 20);
+    assert_eq!(last_scores(&out).len(), 20, "{}\n{}", a.log_text(), b.log_text());
+
+    // a leaves; b takes its partitions over, rebuilds their state from the
+    // log without publishing again, and scores the next events in full.
+    let before = assigned_count(&b.log_text());
+    let status = a.terminate(Duration::from_secs(30)).expect("a exits");
+    assert!(status.success(), "{}", a.log_text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while assigned_count(&b.log_text()) == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(assigned_count(&b.log_text()) > before, "b did not take over:\n{}", b.log_text());
+
+    produce(&s.broker.bootstrap, &s.input, &rounds(20, 1, "buy"));
+    let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 79.9).count() == 20);
+    let scores = last_scores(&out);
+    for c in 0..20 {
+        let score = scores.get(&format!("c-{c}")).copied().unwrap_or(0.0);
+        assert!((score - 80.0).abs() < 0.05, "c-{c}: {score}\n{}", b.log_text());
+    }
+    // Each customer's signals: 20, 40, 60, then 80; the rebuild published
+    // nothing twice.
+    let mut per_customer: HashMap<String, usize> = HashMap::new();
+    for m in out.iter().filter(|m| header(m, "ces-kind") == Some("score_changed")) {
+        *per_customer.entry(key(m).to_string()).or_default() += 1;
+    }
+    for (c, n) in per_customer {
+        assert_eq!(n, 4, "{c}");
+    }
+}
+
+#[test]
+fn sigterm_with_events_in_flight_loses_none() {
+    let s = Setup::new(2);
+    let mut a = s.start("a");
+    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    // Produce while the instance consumes, and stop it in the middle.
+    let bootstrap = s.broker.bootstrap.clone();
+    let input = s.input.clone();
+    let producer = std::thread::spawn(move || {
+        for chunk in rounds(200, 10, "visit").chunks(200) {
+            produce(&bootstrap, &input, chunk);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let status = a.terminate(Duration::from_secs(30)).expect("exits on SIGTERM");
+    assert!(status.success(), "{}", a.log_text());
+    assert!(a.log_text().contains("partitions released"), "{}", a.log_text());
+    producer.join().unwrap();
+
+    let a2 = s.start("a2");
+    // Ten visits each: published at 5 and at 10.
+    let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 9.99).count() == 200);
+    let scores = last_scores(&out);
+    let missing: Vec<_> = (0..200)
+        .map(|c| format!("c-{c}"))
+        .filter(|c| scores.get(c).is_none_or(|&v| (v - 10.0).abs() > 0.05))
+        .collect();
+    assert!(missing.is_empty(), "missing {} of 200; {} outputs, e.g. {:?}\n{}\n{}", missing.len(), out.len(), out.first().map(json), a.log_text(), a2.log_text());
 }
