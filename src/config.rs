@@ -12,11 +12,11 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use crate::kafka::settings::KafkaSettings;
 use crate::model::{
     quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
     Normalization, Signals, Tier,
 };
-use crate::kafka::settings::KafkaSettings;
 use crate::timestamp::{duration_millis, Millis};
 
 /// Why a configuration file was refused.

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod customers;
+pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod generate;

@@ -42,6 +42,28 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The whole product on this machine, no Kafka needed: an embedded
+    /// broker, a synthetic clickstream and the live pipeline, with a live view.
+    Demo {
+        /// Events per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Distinct customers in the stream.
+        #[arg(long, default_value_t = 10_000)]
+        customers: u64,
+        /// Partitions of the input topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// A model to use instead of the demo's fast-clock one.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A plain line per second instead of a redrawn screen.
+        #[arg(long)]
+        plain: bool,
+    },
     /// Score a JSONL file of events and write the output events as JSONL.
     Replay {
         /// The configuration file (only the scoring sections are needed).
@@ -131,7 +153,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(&config)?;
             settings.kafka()?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(ces_stream::service::run(settings, ces_stream::shutdown::signal()))?;
+            runtime.block_on(ces_stream::service::run(
+                settings,
+                ces_stream::shutdown::signal(),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            rate,
+            customers,
+            partitions,
+            duration,
+            config,
+            plain,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let opts = ces_stream::demo::DemoOptions {
+                rate,
+                customers,
+                partitions,
+                duration,
+                config,
+                plain,
+            };
+            runtime.block_on(ces_stream::demo::run(opts, ces_stream::shutdown::signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => {

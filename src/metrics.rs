@@ -50,13 +50,17 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(c.clone())).expect("unique metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
     c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry.register(Box::new(g.clone())).expect("unique metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
     g
 }
 
@@ -75,7 +79,8 @@ impl Metrics {
             "Events applied to a customer's score.",
         )
         .expect("valid metric");
-        r.register(Box::new(events_accepted.clone())).expect("unique metric");
+        r.register(Box::new(events_accepted.clone()))
+            .expect("unique metric");
         let events_rejected = counter(
             r,
             "ces_events_rejected_total",
@@ -118,7 +123,8 @@ impl Metrics {
         );
         let customers = IntGauge::new("ces_customers", "Customers tracked by this instance.")
             .expect("valid metric");
-        r.register(Box::new(customers.clone())).expect("unique metric");
+        r.register(Box::new(customers.clone()))
+            .expect("unique metric");
         let tier_customers = gauge(
             r,
             "ces_tier_customers",
@@ -146,13 +152,15 @@ impl Metrics {
             "Customers currently flagged at risk of churn.",
         )
         .expect("valid metric");
-        r.register(Box::new(churn_risk_customers.clone())).expect("unique metric");
+        r.register(Box::new(churn_risk_customers.clone()))
+            .expect("unique metric");
         let assigned_partitions = IntGauge::new(
             "ces_assigned_partitions",
             "Input partitions assigned to this instance.",
         )
         .expect("valid metric");
-        r.register(Box::new(assigned_partitions.clone())).expect("unique metric");
+        r.register(Box::new(assigned_partitions.clone()))
+            .expect("unique metric");
         let rebalances = counter(
             r,
             "ces_rebalances_total",
@@ -164,7 +172,8 @@ impl Metrics {
             "Messages in the producer's queue, not yet acknowledged.",
         )
         .expect("valid metric");
-        r.register(Box::new(producer_queue_messages.clone())).expect("unique metric");
+        r.register(Box::new(producer_queue_messages.clone()))
+            .expect("unique metric");
         let delivery_errors = counter(
             r,
             "ces_producer_delivery_errors_total",
@@ -179,7 +188,8 @@ impl Metrics {
             &["client", "broker"],
         )
         .expect("valid metric");
-        r.register(Box::new(broker_rtt_seconds.clone())).expect("unique metric");
+        r.register(Box::new(broker_rtt_seconds.clone()))
+            .expect("unique metric");
         let snapshot_seconds = histogram(
             "ces_snapshot_duration_seconds",
             "Time to write one partition snapshot.",
@@ -190,13 +200,15 @@ impl Metrics {
             "Size of the last snapshot written.",
         )
         .expect("valid metric");
-        r.register(Box::new(snapshot_bytes.clone())).expect("unique metric");
+        r.register(Box::new(snapshot_bytes.clone()))
+            .expect("unique metric");
         let snapshot_age_seconds = prometheus::Gauge::new(
             "ces_snapshot_age_seconds",
             "Age of the oldest latest-snapshot among the assigned partitions.",
         )
         .expect("valid metric");
-        r.register(Box::new(snapshot_age_seconds.clone())).expect("unique metric");
+        r.register(Box::new(snapshot_age_seconds.clone()))
+            .expect("unique metric");
         let snapshot_failures = counter(
             r,
             "ces_snapshot_failures_total",

@@ -82,7 +82,10 @@ commit_interval = "200ms"
         Instance::start(&config, &self.dir.path().join(format!("{name}.log")))
     }
 
-    fn outputs_until(&self, done: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool) -> Vec<rdkafka::message::OwnedMessage> {
+    fn outputs_until(
+        &self,
+        done: impl Fn(&[rdkafka::message::OwnedMessage]) -> bool,
+    ) -> Vec<rdkafka::message::OwnedMessage> {
         consume_until(
             &self.broker.bootstrap,
             &self.output,
@@ -158,21 +161,41 @@ fn events_in_signals_out_and_bad_events_to_the_dead_letter_topic() {
         .count();
     assert_eq!(changed, 30);
 
-    let dead = consume_until(&s.broker.bootstrap, &s.dead, 1, Duration::from_secs(30), |m| m.len() >= 2);
+    let dead = consume_until(
+        &s.broker.bootstrap,
+        &s.dead,
+        1,
+        Duration::from_secs(30),
+        |m| m.len() >= 2,
+    );
     assert_eq!(dead.len(), 2, "{}", instance.log_text());
-    let reasons: Vec<_> = dead.iter().map(|m| header(m, "ces-reason").unwrap().to_string()).collect();
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|m| header(m, "ces-reason").unwrap().to_string())
+        .collect();
     assert!(reasons.contains(&"invalid_json".to_string()), "{reasons:?}");
-    assert!(reasons.contains(&"missing_customer_id".to_string()), "{reasons:?}");
+    assert!(
+        reasons.contains(&"missing_customer_id".to_string()),
+        "{reasons:?}"
+    );
     for m in &dead {
         assert_eq!(header(m, "ces-source-topic"), Some(s.input.as_str()));
         assert!(header(m, "ces-source-partition").is_some());
-        assert!(header(m, "ces-source-offset").unwrap().parse::<i64>().is_ok());
+        assert!(header(m, "ces-source-offset")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok());
         assert!(header(m, "ces-detail").is_some_and(|d| !d.is_empty()));
         let payload = std::str::from_utf8(m.payload().unwrap()).unwrap();
-        assert!(messages.iter().any(|(_, v)| v == payload), "original payload kept: {payload}");
+        assert!(
+            messages.iter().any(|(_, v)| v == payload),
+            "original payload kept: {payload}"
+        );
     }
 
-    let status = instance.terminate(Duration::from_secs(30)).expect("exits on SIGTERM");
+    let status = instance
+        .terminate(Duration::from_secs(30))
+        .expect("exits on SIGTERM");
     assert!(status.success(), "{status:?}\n{}", instance.log_text());
 }
 
@@ -204,11 +227,21 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
         b.log_text()
     );
     // Both hold partitions: a gave some up.
-    assert!(a.wait_for_log("partitions revoked", Duration::from_secs(30)), "{}", a.log_text());
+    assert!(
+        a.wait_for_log("partitions revoked", Duration::from_secs(30)),
+        "{}",
+        a.log_text()
+    );
 
     produce(&s.broker.bootstrap, &s.input, &rounds(20, 3, "buy"));
     let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 59.9).count() == 20);
-    assert_eq!(last_scores(&out).len(), 20, "{}\n{}", a.log_text(), b.log_text());
+    assert_eq!(
+        last_scores(&out).len(),
+        20,
+        "{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
 
     // a leaves; b takes its partitions over, rebuilds their state from the
     // log without publishing again, and scores the next events in full.
@@ -219,19 +252,30 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
     while assigned_count(&b.log_text()) == before && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(assigned_count(&b.log_text()) > before, "b did not take over:\n{}", b.log_text());
+    assert!(
+        assigned_count(&b.log_text()) > before,
+        "b did not take over:\n{}",
+        b.log_text()
+    );
 
     produce(&s.broker.bootstrap, &s.input, &rounds(20, 1, "buy"));
     let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 79.9).count() == 20);
     let scores = last_scores(&out);
     for c in 0..20 {
         let score = scores.get(&format!("c-{c}")).copied().unwrap_or(0.0);
-        assert!((score - 80.0).abs() < 0.05, "c-{c}: {score}\n{}", b.log_text());
+        assert!(
+            (score - 80.0).abs() < 0.05,
+            "c-{c}: {score}\n{}",
+            b.log_text()
+        );
     }
     // Each customer's signals: 20, 40, 60, then 80; the rebuild published
     // nothing twice.
     let mut per_customer: HashMap<String, usize> = HashMap::new();
-    for m in out.iter().filter(|m| header(m, "ces-kind") == Some("score_changed")) {
+    for m in out
+        .iter()
+        .filter(|m| header(m, "ces-kind") == Some("score_changed"))
+    {
         *per_customer.entry(key(m).to_string()).or_default() += 1;
     }
     for (c, n) in per_customer {
@@ -253,9 +297,15 @@ fn sigterm_with_events_in_flight_loses_none() {
         }
     });
     std::thread::sleep(Duration::from_millis(300));
-    let status = a.terminate(Duration::from_secs(30)).expect("exits on SIGTERM");
+    let status = a
+        .terminate(Duration::from_secs(30))
+        .expect("exits on SIGTERM");
     assert!(status.success(), "{}", a.log_text());
-    assert!(a.log_text().contains("partitions released"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("partitions released"),
+        "{}",
+        a.log_text()
+    );
     producer.join().unwrap();
 
     let a2 = s.start("a2");
@@ -266,5 +316,13 @@ fn sigterm_with_events_in_flight_loses_none() {
         .map(|c| format!("c-{c}"))
         .filter(|c| scores.get(c).is_none_or(|&v| (v - 10.0).abs() > 0.05))
         .collect();
-    assert!(missing.is_empty(), "missing {} of 200; {} outputs, e.g. {:?}\n{}\n{}", missing.len(), out.len(), out.first().map(json), a.log_text(), a2.log_text());
+    assert!(
+        missing.is_empty(),
+        "missing {} of 200; {} outputs, e.g. {:?}\n{}\n{}",
+        missing.len(),
+        out.len(),
+        out.first().map(json),
+        a.log_text(),
+        a2.log_text()
+    );
 }

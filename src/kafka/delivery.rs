@@ -243,10 +243,7 @@ impl ProducerContext for Delivery {
                     ));
                     return;
                 }
-                tracing::warn!(
-                    "delivery to {} failed, retrying: {e}",
-                    msg.topic()
-                );
+                tracing::warn!("delivery to {} failed, retrying: {e}", msg.topic());
                 self.retries.lock().push(Retry {
                     topic: msg.topic().to_string(),
                     key: msg.key().map(<[u8]>::to_vec),

@@ -1,7 +1,7 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
-pub mod settings;
 pub mod delivery;
 pub mod partitions;
 pub mod pipeline;
 pub mod rebalance;
+pub mod settings;

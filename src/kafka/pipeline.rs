@@ -27,7 +27,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::config::Settings;
 use crate::engine::{Outcome, Signal, SignalKind};
 use crate::event::{self, ParseContext, Parsed};
-use crate::kafka::delivery::{copy_headers, headers, is_permanent, Delivery, OffsetTracker, Retry, Source};
+use crate::kafka::delivery::{
+    copy_headers, headers, is_permanent, Delivery, OffsetTracker, Retry, Source,
+};
 use crate::kafka::partitions::{PartitionState, Partitions};
 use crate::kafka::rebalance::{GroupContext, PartitionHooks};
 use crate::kafka::settings::KafkaSettings;
@@ -101,9 +103,8 @@ pub async fn run(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
-    let mut handle = tokio::task::spawn_blocking(move || {
-        run_blocking(&kafka, shared, hooks, &thread_stop)
-    });
+    let mut handle =
+        tokio::task::spawn_blocking(move || run_blocking(&kafka, shared, hooks, &thread_stop));
     tokio::select! {
         result = &mut handle => return result.unwrap_or(Err(PipelineError::Panicked)),
         () = shutdown => {
@@ -348,7 +349,11 @@ impl Worker<'_> {
             return (Arc::clone(t), c.clone());
         }
         let t: Arc<str> = Arc::from(name);
-        let c = self.shared.metrics.events_consumed.with_label_values(&[name]);
+        let c = self
+            .shared
+            .metrics
+            .events_consumed
+            .with_label_values(&[name]);
         self.topics
             .insert(name.to_string(), (Arc::clone(&t), c.clone()));
         (t, c)
@@ -466,12 +471,7 @@ impl Worker<'_> {
         Ok(())
     }
 
-    fn send(
-        &self,
-        topic: &str,
-        out: &Outgoing,
-        source: Box<Source>,
-    ) -> Result<(), PipelineError> {
+    fn send(&self, topic: &str, out: &Outgoing, source: Box<Source>) -> Result<(), PipelineError> {
         let mut record = BaseRecord::with_opaque_to(topic, source)
             .key(&out.key[..])
             .payload(&out.payload[..])
@@ -492,9 +492,10 @@ impl Worker<'_> {
                     std::thread::sleep(Duration::from_millis(1));
                     record = back;
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), back))
-                    if !out.topic && out.payload.len() > 1024 =>
-                {
+                Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    back,
+                )) if !out.topic && out.payload.len() > 1024 => {
                     // A dead letter too large for the producer: keep its
                     // head and say so, rather than stopping the stream.
                     let keep = (out.payload.len() / 2).min(64 * 1024);

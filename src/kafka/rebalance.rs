@@ -197,7 +197,10 @@ impl GroupContext {
         // Only what is still held (a close after a shutdown revokes again).
         let list: Vec<(String, i32)> = {
             let assigned = self.assigned.lock();
-            list.iter().filter(|p| assigned.contains(*p)).cloned().collect()
+            list.iter()
+                .filter(|p| assigned.contains(*p))
+                .cloned()
+                .collect()
         };
         if list.is_empty() {
             return;
@@ -255,7 +258,10 @@ impl ConsumerContext for GroupContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl);

@@ -86,10 +86,21 @@ fn options(
 
 impl KafkaSettings {
     pub(crate) fn from_raw(raw: &RawKafka) -> Result<KafkaSettings, ModelError> {
-        let brokers = raw.brokers.clone().unwrap_or_else(|| "localhost:9092".into());
-        check("kafka.brokers", !brokers.trim().is_empty(), "cannot be empty")?;
+        let brokers = raw
+            .brokers
+            .clone()
+            .unwrap_or_else(|| "localhost:9092".into());
+        check(
+            "kafka.brokers",
+            !brokers.trim().is_empty(),
+            "cannot be empty",
+        )?;
         let group_id = raw.group_id.clone().unwrap_or_else(|| "ces-stream".into());
-        check("kafka.group_id", !group_id.trim().is_empty(), "cannot be empty")?;
+        check(
+            "kafka.group_id",
+            !group_id.trim().is_empty(),
+            "cannot be empty",
+        )?;
         let input_topics = raw.input_topics.clone().unwrap_or_default();
         check(
             "kafka.input_topics",
@@ -103,7 +114,10 @@ impl KafkaSettings {
                 "topic names cannot be empty",
             )?;
         }
-        let output_topic = raw.output_topic.clone().unwrap_or_else(|| "ces-signals".into());
+        let output_topic = raw
+            .output_topic
+            .clone()
+            .unwrap_or_else(|| "ces-signals".into());
         let dead_letter_topic = raw
             .dead_letter_topic
             .clone()
@@ -116,7 +130,9 @@ impl KafkaSettings {
             check(
                 key,
                 !input_topics.contains(topic),
-                &format!("\"{topic}\" is also an input topic: ces-stream would read its own output"),
+                &format!(
+                    "\"{topic}\" is also an input topic: ces-stream would read its own output"
+                ),
             )?;
         }
         let duration = |key: &str, d: Option<HumanDuration>, default: u64| {
@@ -218,7 +234,9 @@ mod tests {
     fn load(kafka: &str, env: &[(&str, &str)]) -> Result<Settings, String> {
         let text = format!("{MODEL}{kafka}");
         Settings::from_toml_with_env(&text, Path::new("t.toml"), |k| {
-            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
         })
         .map_err(|e| e.to_string())
     }
@@ -280,7 +298,10 @@ mod tests {
             &[],
         )
         .unwrap_err();
-        assert!(e.contains("kafka.options.\"enable.auto.commit\"") && e.contains("cannot be set"), "{e}");
+        assert!(
+            e.contains("kafka.options.\"enable.auto.commit\"") && e.contains("cannot be set"),
+            "{e}"
+        );
         let e = load(
             "[kafka]\ninput_topics = [\"a\"]\n[kafka.consumer_options]\n\"group.id\" = \"x\"\n",
             &[],
@@ -304,12 +325,18 @@ mod tests {
     #[test]
     fn topics_are_checked() {
         let e = load("[kafka]\nbrokers = \"b:1\"\n", &[]).unwrap_err();
-        assert!(e.contains("kafka.input_topics") && e.contains("at least one"), "{e}");
+        assert!(
+            e.contains("kafka.input_topics") && e.contains("at least one"),
+            "{e}"
+        );
         let e = load(
             "[kafka]\ninput_topics = [\"a\"]\noutput_topic = \"a\"\n",
             &[],
         )
         .unwrap_err();
-        assert!(e.contains("kafka.output_topic") && e.contains("input topic"), "{e}");
+        assert!(
+            e.contains("kafka.output_topic") && e.contains("input topic"),
+            "{e}"
+        );
     }
 }

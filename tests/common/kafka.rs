@@ -143,7 +143,9 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[(String, String)]) {
         .create()
         .unwrap();
     for (k, v) in messages {
-        let mut record = BaseRecord::to(topic).key(k.as_bytes()).payload(v.as_bytes());
+        let mut record = BaseRecord::to(topic)
+            .key(k.as_bytes())
+            .payload(v.as_bytes());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -174,7 +176,8 @@ pub fn consume_until(
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let deadline = Instant::now() + timeout;
