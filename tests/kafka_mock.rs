@@ -1,0 +1,177 @@
+//! Fast in-process tests of the pipeline on librdkafka's mock cluster:
+//! shutdown driven by a future, rebalances between two pipelines of one
+//! group, the demo command. (Behaviour across processes is tested against a
+//! real broker in tests/kafka_broker.rs.)
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ces_stream::config::Settings;
+use ces_stream::kafka::pipeline::{self, Shared};
+use common::kafka::*;
+use rdkafka::mocking::MockCluster;
+
+const MODEL: &str = r#"
+[scoring.normalization]
+kind = "linear"
+max = 100.0
+[scoring.activities]
+buy = { weight = 20.0 }
+[signals]
+min_delta = 4.5
+"#;
+
+fn settings(bootstrap: &str, input: &str, output: &str, dead: &str, group: &str) -> Settings {
+    Settings::from_toml(
+        &format!(
+            "{MODEL}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"{dead}\"\ncommit_interval = \"100ms\"\nshutdown_timeout = \"10s\"\n[kafka.consumer_options]\n\"session.timeout.ms\" = 3000\n\"heartbeat.interval.ms\" = 300\n\"fetch.wait.max.ms\" = 10\n"
+        ),
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap()
+}
+
+fn buys(customers: usize, rounds: usize) -> Vec<(String, String)> {
+    let now = ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis());
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        for c in 0..customers {
+            let id = format!("m-{c}");
+            v.push((
+                id.clone(),
+                serde_json::json!({"customer_id": id, "type": "buy", "timestamp": now.to_string()}).to_string(),
+            ));
+        }
+    }
+    v
+}
+
+fn last_scores(messages: &[rdkafka::message::OwnedMessage]) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for m in messages {
+        let v = json(m);
+        if v["kind"] == "score_changed" {
+            out.insert(key(m).to_string(), v["score"].as_f64().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_pipeline_stops_cleanly_when_its_shutdown_future_completes() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for (t, p) in [("in", 2), ("out", 2), ("dead", 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let s = settings(&bootstrap, "in", "out", "dead", "g1");
+    produce(&bootstrap, "in", &buys(10, 2));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shared = Shared::new(Arc::new(s.model.clone()));
+    let metrics = shared.metrics.clone();
+    let partitions = shared.partitions.clone();
+    let handle = runtime.spawn(async move {
+        pipeline::run(&s, shared, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let out = consume_until(&bootstrap, "out", 2, Duration::from_secs(30), |m| {
+        last_scores(m).values().filter(|&&v| v >= 39.9).count() == 10
+    });
+    assert_eq!(last_scores(&out).len(), 10);
+    assert_eq!(metrics.events_accepted.get(), 20);
+    assert_eq!(partitions.len(), 2, "both partitions owned");
+    tx.send(()).unwrap();
+    let result = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), handle).await
+    });
+    let result = result.expect("stops in time").expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
+    assert!(partitions.is_empty(), "state released on shutdown");
+}
+
+#[test]
+fn two_pipelines_in_one_group_share_the_partitions() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for (t, p) in [("in", 4), ("out", 4), ("dead", 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    let mut owned = Vec::new();
+    for _ in 0..2 {
+        let s = settings(&bootstrap, "in", "out", "dead", "g2");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let shared = Shared::new(Arc::new(s.model.clone()));
+        owned.push(shared.partitions.clone());
+        handles.push(runtime.spawn(async move {
+            pipeline::run(&s, shared, None, async {
+                let _ = rx.await;
+            })
+            .await
+        }));
+        stops.push(tx);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Wait for the cooperative rebalance to settle: 4 partitions, 2 each.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline
+        && !(owned[0].len() + owned[1].len() == 4 && !owned[0].is_empty() && !owned[1].is_empty())
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(owned[0].len() + owned[1].len(), 4, "{:?} {:?}", owned[0].numbers(), owned[1].numbers());
+    assert!(!owned[0].is_empty() && !owned[1].is_empty());
+
+    produce(&bootstrap, "in", &buys(40, 2));
+    let out = consume_until(&bootstrap, "out", 4, Duration::from_secs(30), |m| {
+        last_scores(m).values().filter(|&&v| v >= 39.9).count() == 40
+    });
+    assert_eq!(last_scores(&out).len(), 40);
+
+    // The first leaves: the second owns everything and scores on.
+    stops.remove(0).send(()).unwrap();
+    let first = handles.remove(0);
+    let r = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), first).await });
+    assert!(r.expect("in time").expect("no panic").is_ok());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline && owned[1].len() < 4 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(owned[1].len(), 4);
+    produce(&bootstrap, "in", &buys(40, 1));
+    let out = consume_until(&bootstrap, "out", 4, Duration::from_secs(30), |m| {
+        last_scores(m).values().filter(|&&v| v >= 59.9).count() == 40
+    });
+    let scores = last_scores(&out);
+    assert!(scores.values().all(|&v| (v - 60.0).abs() < 0.05), "{scores:?}");
+    stops.remove(0).send(()).unwrap();
+    let r = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), handles.remove(0)).await });
+    assert!(r.expect("in time").expect("no panic").is_ok());
+}
+
+#[test]
+fn the_demo_runs_and_stops_on_its_own() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["demo", "--duration", "6s", "--plain", "--rate", "400", "--customers", "300"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("embedded Kafka broker at"), "{stdout}");
+    assert!(stdout.contains("kcat -b"), "{stdout}");
+    assert!(stdout.contains("demo stopped cleanly"), "{stdout}");
+    // The live lines show events being scored and customers in tiers.
+    let scored_something = stdout.lines().any(|l| {
+        l.contains("scored") && !l.contains("scored 0/s") && l.contains("very_disengaged=")
+    });
+    assert!(scored_something, "{stdout}");
+}
