@@ -30,9 +30,12 @@ use rdkafka::ClientConfig;
 const PARTITIONS: i32 = 4;
 
 fn tansu() -> std::path::PathBuf {
-    std::env::var("TANSU_BIN").map(Into::into).unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu")
-    })
+    std::env::var("TANSU_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cargo/bin/tansu")
+        })
 }
 
 fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
@@ -40,18 +43,33 @@ fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("admin client");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
         .collect();
-    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics") {
+    for r in rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .expect("create topics")
+    {
         r.expect("topic created");
     }
 }
 
 fn settings(bootstrap: &str, input: &str, output: &str, group: &str) -> Settings {
-    let model = std::fs::read_to_string("config/default.toml").expect("run from the repository root");
+    let mut model =
+        std::fs::read_to_string("config/default.toml").expect("run from the repository root");
+    if std::env::var("BENCH_NO_OUTPUTS").is_ok() {
+        // Diagnostic: the same work without publishing signals.
+        model = model
+            .replace("min_delta = 5.0", "min_delta = 1000.0")
+            .replace("min_peak = 40.0", "min_peak = 100.0")
+            .replace("above = 40.0", "above = 99.99")
+            .replace("above = 75.0", "above = 99.995");
+    }
     Settings::from_toml(
         &format!(
             "{model}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"dead\"\n[kafka.consumer_options]\n\"fetch.wait.max.ms\" = 10\n[kafka.producer_options]\n\"linger.ms\" = 5\n\"queue.buffering.max.messages\" = 500000\n"
@@ -71,7 +89,8 @@ fn raw_consume(bootstrap: &str, topic: &str, total: u64) -> Duration {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let started = Instant::now();
@@ -92,12 +111,27 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
-    let events: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
+    let events: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2_000_000);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("tcp://127.0.0.1:{port}");
     let mut broker = std::process::Command::new(tansu())
-        .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "broker",
+            "--storage-engine",
+            "memory://tansu/",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
         .current_dir(dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -105,7 +139,16 @@ fn main() {
         .expect("start tansu (scripts/ci-deps.sh installs it)");
     let bootstrap = format!("127.0.0.1:{port}");
     std::thread::sleep(Duration::from_millis(500));
-    create_topics(&bootstrap, &[("in", PARTITIONS), ("out", PARTITIONS), ("dead", 1), ("in2", PARTITIONS), ("out2", PARTITIONS)]);
+    create_topics(
+        &bootstrap,
+        &[
+            ("in", PARTITIONS),
+            ("out", PARTITIONS),
+            ("dead", 1),
+            ("in2", PARTITIONS),
+            ("out2", PARTITIONS),
+        ],
+    );
 
     // 1. Preload.
     let started = Instant::now();
@@ -118,19 +161,32 @@ fn main() {
             rate: 0,
             events: Some(events),
             cycle: Duration::from_secs(600),
-            options: vec![("linger.ms".into(), "50".into()), ("batch.size".into(), "1000000".into())],
+            options: vec![
+                ("linger.ms".into(), "50".into()),
+                ("batch.size".into(), "1000000".into()),
+            ],
         },
-        SynthOptions { customers: 100_000, ..SynthOptions::default() },
+        SynthOptions {
+            customers: 100_000,
+            ..SynthOptions::default()
+        },
         &stop,
         &sent,
     )
     .expect("preload");
-    println!("preloaded {events} events in {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "preloaded {events} events in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 
     // 2. Baseline.
     let raw = raw_consume(&bootstrap, "in", events);
     let raw_rate = events as f64 / raw.as_secs_f64();
-    println!("bare consumer:  {:.2}s  {:.0} msg/s", raw.as_secs_f64(), raw_rate);
+    println!(
+        "bare consumer:  {:.2}s  {:.0} msg/s",
+        raw.as_secs_f64(),
+        raw_rate
+    );
 
     // 3. The pipeline.
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -139,7 +195,12 @@ fn main() {
     let metrics = shared.metrics.clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let handle = runtime.spawn(async move { pipeline::run(&s, shared, None, async { let _ = rx.await; }).await });
+    let handle = runtime.spawn(async move {
+        pipeline::run(&s, shared, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
     while metrics.events_consumed.with_label_values(&["in"]).get() < events {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -147,21 +208,38 @@ fn main() {
     let ces_rate = events as f64 / ces.as_secs_f64();
     let _ = tx.send(());
     let _ = runtime.block_on(handle);
-    println!("ces-stream run: {:.2}s  {:.0} msg/s", ces.as_secs_f64(), ces_rate);
-    println!("ratio: {:.2}x of the bare consumer (goal >= 0.8x)", ces_rate / raw_rate);
+    println!(
+        "ces-stream run: {:.2}s  {:.0} msg/s",
+        ces.as_secs_f64(),
+        ces_rate
+    );
+    println!(
+        "ratio: {:.2}x of the bare consumer (goal >= 0.8x)",
+        ces_rate / raw_rate
+    );
 
     // 4. Latency at half the pipeline's rate.
     let rate = (ces_rate / 2.0) as u64;
     let s = settings(&bootstrap, "in2", "out2", "ces-latency");
     let shared = Shared::new(Arc::new(s.model.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = runtime.spawn(async move { pipeline::run(&s, shared, None, async { let _ = rx.await; }).await });
+    let handle = runtime.spawn(async move {
+        pipeline::run(&s, shared, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
     std::thread::sleep(Duration::from_secs(2)); // group join
     let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (sent_at, latencies, done, bootstrap) = (Arc::clone(&sent_at), Arc::clone(&latencies), Arc::clone(&done), bootstrap.clone());
+        let (sent_at, latencies, done, bootstrap) = (
+            Arc::clone(&sent_at),
+            Arc::clone(&latencies),
+            Arc::clone(&done),
+            bootstrap.clone(),
+        );
         std::thread::spawn(move || {
             let consumer: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &bootstrap)
@@ -171,17 +249,27 @@ fn main() {
                 .unwrap();
             let mut tpl = TopicPartitionList::new();
             for p in 0..PARTITIONS {
-                tpl.add_partition_offset("out2", p, Offset::Beginning).unwrap();
+                tpl.add_partition_offset("out2", p, Offset::Beginning)
+                    .unwrap();
             }
             consumer.assign(&tpl).unwrap();
             while !done.load(Ordering::Relaxed) {
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                     let received = Instant::now();
-                    let Some(v) = m.payload().and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok()) else { continue };
-                    if v["kind"] != "score_changed" { continue }
+                    let Some(v) = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                    else {
+                        continue;
+                    };
+                    if v["kind"] != "score_changed" {
+                        continue;
+                    }
                     if let Some(id) = v["event_id"].as_str() {
                         if let Some(t) = sent_at.lock().remove(id) {
-                            latencies.lock().push(received.duration_since(t).as_secs_f64() * 1000.0);
+                            latencies
+                                .lock()
+                                .push(received.duration_since(t).as_secs_f64() * 1000.0);
                         }
                     }
                 }
@@ -193,7 +281,12 @@ fn main() {
         .set("linger.ms", "1")
         .create()
         .unwrap();
-    let mut synth = Synth::new(SynthOptions { customers: 100_000, malformed: 0.0, segment: 0.0, seed: 3 });
+    let mut synth = Synth::new(SynthOptions {
+        customers: 100_000,
+        malformed: 0.0,
+        segment: 0.0,
+        seed: 3,
+    });
     let mut ev = SynthEvent::default();
     let started = Instant::now();
     let seconds = 15.0;
@@ -207,10 +300,16 @@ fn main() {
         }
         synth.next(ces_stream::timestamp::now_millis(), 0.5, &mut ev);
         // The generator's native events carry "event_id":"e-<seq>".
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ev.payload) else { continue };
-        let Some(id) = v["event_id"].as_str() else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ev.payload) else {
+            continue;
+        };
+        let Some(id) = v["event_id"].as_str() else {
+            continue;
+        };
         sent_at.lock().insert(id.to_string(), Instant::now());
-        let record = BaseRecord::to("in2").key(ev.key.as_bytes()).payload(&ev.payload[..]);
+        let record = BaseRecord::to("in2")
+            .key(ev.key.as_bytes())
+            .payload(&ev.payload[..]);
         if producer.send(record).is_err() {
             continue;
         }

@@ -42,7 +42,8 @@ fn buys(customers: usize, rounds: usize) -> Vec<(String, String)> {
             let id = format!("m-{c}");
             v.push((
                 id.clone(),
-                serde_json::json!({"customer_id": id, "type": "buy", "timestamp": now.to_string()}).to_string(),
+                serde_json::json!({"customer_id": id, "type": "buy", "timestamp": now.to_string()})
+                    .to_string(),
             ));
         }
     }
@@ -87,9 +88,8 @@ fn a_pipeline_stops_cleanly_when_its_shutdown_future_completes() {
     assert_eq!(metrics.events_accepted.get(), 20);
     assert_eq!(partitions.len(), 2, "both partitions owned");
     tx.send(()).unwrap();
-    let result = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(20), handle).await
-    });
+    let result =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), handle).await });
     let result = result.expect("stops in time").expect("no panic");
     assert!(result.is_ok(), "{result:?}");
     assert!(partitions.is_empty(), "state released on shutdown");
@@ -127,7 +127,13 @@ fn two_pipelines_in_one_group_share_the_partitions() {
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(owned[0].len() + owned[1].len(), 4, "{:?} {:?}", owned[0].numbers(), owned[1].numbers());
+    assert_eq!(
+        owned[0].len() + owned[1].len(),
+        4,
+        "{:?} {:?}",
+        owned[0].numbers(),
+        owned[1].numbers()
+    );
     assert!(!owned[0].is_empty() && !owned[1].is_empty());
 
     produce(&bootstrap, "in", &buys(40, 2));
@@ -151,21 +157,38 @@ fn two_pipelines_in_one_group_share_the_partitions() {
         last_scores(m).values().filter(|&&v| v >= 59.9).count() == 40
     });
     let scores = last_scores(&out);
-    assert!(scores.values().all(|&v| (v - 60.0).abs() < 0.05), "{scores:?}");
+    assert!(
+        scores.values().all(|&v| (v - 60.0).abs() < 0.05),
+        "{scores:?}"
+    );
     stops.remove(0).send(()).unwrap();
-    let r = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), handles.remove(0)).await });
+    let r = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), handles.remove(0)).await });
     assert!(r.expect("in time").expect("no panic").is_ok());
 }
 
 #[test]
 fn the_demo_runs_and_stops_on_its_own() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ces-stream"))
-        .args(["demo", "--duration", "6s", "--plain", "--rate", "400", "--customers", "300"])
+        .args([
+            "demo",
+            "--duration",
+            "6s",
+            "--plain",
+            "--rate",
+            "400",
+            "--customers",
+            "300",
+        ])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("embedded Kafka broker at"), "{stdout}");
     assert!(stdout.contains("kcat -b"), "{stdout}");
     assert!(stdout.contains("demo stopped cleanly"), "{stdout}");
