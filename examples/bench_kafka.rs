@@ -47,15 +47,16 @@ fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
         .enable_all()
         .build()
         .unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
-        .collect();
-    for r in rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .expect("create topics")
-    {
-        r.expect("topic created");
+    // One topic per request: tansu 0.6.0 creates only the first topic of a
+    // multi-topic CreateTopics request.
+    for (t, p) in topics {
+        let new = [NewTopic::new(t, *p, TopicReplication::Fixed(1))];
+        for r in rt
+            .block_on(admin.create_topics(&new, &AdminOptions::new()))
+            .expect("create topics")
+        {
+            r.expect("topic created");
+        }
     }
 }
 
@@ -111,6 +112,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let events: u64 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -147,6 +152,8 @@ fn main() {
             ("dead", 1),
             ("in2", PARTITIONS),
             ("out2", PARTITIONS),
+            ("in3", PARTITIONS),
+            ("out3", PARTITIONS),
         ],
     );
 
@@ -188,8 +195,11 @@ fn main() {
         raw_rate
     );
 
-    // 3. The pipeline.
+    // A light load first, while the broker is fresh.
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    latency(&runtime, &bootstrap, "in3", "out3", 5_000);
+
+    // 3. The pipeline.
     let s = settings(&bootstrap, "in", "out", "ces-drain");
     let shared = Shared::new(Arc::new(s.model.clone()));
     let metrics = shared.metrics.clone();
@@ -219,8 +229,22 @@ fn main() {
     );
 
     // 4. Latency at half the pipeline's rate.
-    let rate = (ces_rate / 2.0) as u64;
-    let s = settings(&bootstrap, "in2", "out2", "ces-latency");
+    latency(&runtime, &bootstrap, "in2", "out2", (ces_rate / 2.0) as u64);
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
+/// Produces at `rate` for 15 s into `input` and measures the time from
+/// producing an event to receiving its score_changed on `output`.
+fn latency(
+    runtime: &tokio::runtime::Runtime,
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    rate: u64,
+) {
+    let bootstrap = bootstrap.to_string();
+    let s = settings(&bootstrap, input, output, &format!("ces-latency-{input}"));
     let shared = Shared::new(Arc::new(s.model.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = runtime.spawn(async move {
@@ -234,11 +258,12 @@ fn main() {
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (sent_at, latencies, done, bootstrap) = (
+        let (sent_at, latencies, done, bootstrap, output) = (
             Arc::clone(&sent_at),
             Arc::clone(&latencies),
             Arc::clone(&done),
             bootstrap.clone(),
+            output.to_string(),
         );
         std::thread::spawn(move || {
             let consumer: BaseConsumer = ClientConfig::new()
@@ -249,7 +274,7 @@ fn main() {
                 .unwrap();
             let mut tpl = TopicPartitionList::new();
             for p in 0..PARTITIONS {
-                tpl.add_partition_offset("out2", p, Offset::Beginning)
+                tpl.add_partition_offset(&output, p, Offset::Beginning)
                     .unwrap();
             }
             consumer.assign(&tpl).unwrap();
@@ -307,7 +332,7 @@ fn main() {
             continue;
         };
         sent_at.lock().insert(id.to_string(), Instant::now());
-        let record = BaseRecord::to("in2")
+        let record = BaseRecord::to(input)
             .key(ev.key.as_bytes())
             .payload(&ev.payload[..]);
         if producer.send(record).is_err() {
@@ -315,7 +340,9 @@ fn main() {
         }
         n += 1;
     }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    if let Err(e) = producer.flush(Duration::from_secs(30)) {
+        println!("  (the producer could not flush: {e})");
+    }
     std::thread::sleep(Duration::from_secs(2));
     done.store(true, Ordering::Relaxed);
     reader.join().unwrap();
@@ -329,6 +356,4 @@ fn main() {
         percentile(&l, 0.5),
         percentile(&l, 0.99)
     );
-    let _ = broker.kill();
-    let _ = broker.wait();
 }

@@ -227,6 +227,14 @@ fn check_topics(
     kafka: &KafkaSettings,
     producer: &ThreadedProducer<Delivery>,
 ) -> Result<(), PipelineError> {
+    check_topics_until(kafka, producer, Instant::now() + Duration::from_secs(10))
+}
+
+fn check_topics_until(
+    kafka: &KafkaSettings,
+    producer: &ThreadedProducer<Delivery>,
+    deadline: Instant,
+) -> Result<(), PipelineError> {
     for (topic, role) in [
         (&kafka.output_topic, "output_topic"),
         (&kafka.dead_letter_topic, "dead_letter_topic"),
@@ -244,6 +252,12 @@ fn check_topics(
             .find(|t| t.name() == topic.as_str())
             .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
         if missing {
+            // A topic created a moment ago may not be in every broker's
+            // metadata yet: look again for a few seconds before giving up.
+            if Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(250));
+                return check_topics_until(kafka, producer, deadline);
+            }
             return Err(PipelineError::MissingTopic {
                 topic: topic.clone(),
                 role,
