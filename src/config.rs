@@ -17,6 +17,7 @@ use crate::model::{
     quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
     Normalization, Signals, Tier,
 };
+use crate::snapshot::{SnapshotSettings, StoreKind};
 use crate::timestamp::{duration_millis, Millis};
 
 /// Why a configuration file was refused.
@@ -82,6 +83,26 @@ pub struct RawConfig {
     /// Only `run` needs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka: Option<RawKafka>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<RawSnapshot>,
+}
+
+/// `[snapshot]`: where `run` keeps its state.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSnapshot {
+    /// `local` (default) or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreKind>,
+    /// Local store directory; default `state`. Env: `CES_SNAPSHOT_DIR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Default 30s; snapshots are also taken on revoke and on shutdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<HumanDuration>,
+    /// Snapshots kept per partition; default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -206,6 +227,20 @@ pub struct RawInput {
     /// Segment `track` event name -> activity name.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub segment_events: IndexMap<String, String>,
+    /// `run` only: `wall` (default) scores at max(watermark, now) and sweeps
+    /// on wall time; `event` scores at the watermark and sweeps when it
+    /// crosses `sweep_interval` boundaries, exactly as `replay` does, per
+    /// partition (for backfills and reproducible runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<Clock>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    #[default]
+    Wall,
+    Event,
 }
 
 /// A librdkafka property value: written as a TOML string, number or boolean.
@@ -270,8 +305,11 @@ pub struct RawKafka {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub model: Model,
+    /// The live clock of `run`.
+    pub clock: Clock,
     /// `None` without a `[kafka]` section (enough for `replay`).
     pub kafka: Option<KafkaSettings>,
+    pub snapshot: SnapshotSettings,
 }
 
 /// The environment variables that override `[kafka]` keys.
@@ -321,7 +359,13 @@ impl Settings {
             .map(KafkaSettings::from_raw)
             .transpose()
             .map_err(invalid)?;
-        Ok(Settings { model, kafka })
+        let snapshot = build_snapshot(raw.snapshot.as_ref()).map_err(invalid)?;
+        Ok(Settings {
+            model,
+            clock: raw.input.clock.unwrap_or_default(),
+            kafka,
+            snapshot,
+        })
     }
 
     /// The `[kafka]` settings, or why `run` cannot start without them.
@@ -342,8 +386,35 @@ impl Settings {
     }
 }
 
+fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelError> {
+    let raw = raw.cloned().unwrap_or_default();
+    let interval = raw.interval.map_or(Duration::from_secs(30), |d| d.0);
+    check("snapshot.interval", !interval.is_zero(), "must be positive")?;
+    let keep = raw.keep.unwrap_or(3);
+    check(
+        "snapshot.keep",
+        (1..=1000).contains(&keep),
+        "must be between 1 and 1000",
+    )?;
+    let dir = raw.dir.unwrap_or_else(|| PathBuf::from("state"));
+    check(
+        "snapshot.dir",
+        !dir.as_os_str().is_empty(),
+        "cannot be empty",
+    )?;
+    Ok(SnapshotSettings {
+        store: raw.store.unwrap_or(StoreKind::Local),
+        dir,
+        interval,
+        keep: keep as usize,
+    })
+}
+
 /// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
 fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
+    if let Some(dir) = env("CES_SNAPSHOT_DIR") {
+        raw.snapshot.get_or_insert_with(RawSnapshot::default).dir = Some(PathBuf::from(dir));
+    }
     for (var, key) in KAFKA_ENV {
         let Some(value) = env(var) else { continue };
         let k = raw.kafka.get_or_insert_with(RawKafka::default);
@@ -691,6 +762,14 @@ fn dur(ms: Millis) -> Option<HumanDuration> {
 /// The raw form of the settings with every default written out.
 fn effective_raw(settings: &Settings) -> RawConfig {
     let mut raw = effective_model(&settings.model);
+    raw.input.clock = Some(settings.clock);
+    let s = &settings.snapshot;
+    raw.snapshot = Some(RawSnapshot {
+        store: Some(s.store),
+        dir: Some(s.dir.clone()),
+        interval: Some(HumanDuration(s.interval)),
+        keep: Some(s.keep as i64),
+    });
     raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
     raw
 }
@@ -771,8 +850,10 @@ fn effective_model(m: &Model) -> RawConfig {
                     )
                 })
                 .collect(),
+            clock: None,
         },
         kafka: None,
+        snapshot: None,
     }
 }
 

@@ -99,6 +99,11 @@ impl Layout {
     pub fn record_bytes(&self) -> usize {
         self.stride * 4
     }
+
+    /// Words of one record.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
 }
 
 /// All customers of one partition.
@@ -113,6 +118,23 @@ pub struct CustomerTable {
     /// the records so that a sweep scans 2 bytes per customer, not a record.
     wake: Vec<u16>,
     wake_base: i64,
+    /// A snapshot being copied out while processing goes on (copy-on-write).
+    snapshot: Option<SnapshotCopy>,
+}
+
+/// A consistent copy of the table taken chunk by chunk: records not yet
+/// copied are saved before their first change, so that the copy is the
+/// table as it was when the snapshot began.
+#[derive(Debug, Default)]
+struct SnapshotCopy {
+    /// Records at the start: later ones are not part of the snapshot.
+    len: usize,
+    /// Id arena bytes at the start.
+    ids_len: usize,
+    /// Next record to copy.
+    next: usize,
+    /// Records changed before being copied: their words at the start.
+    saved: std::collections::HashMap<Slot, Box<[u32]>>,
 }
 
 impl std::fmt::Debug for CustomerTable {
@@ -140,7 +162,125 @@ impl CustomerTable {
             hasher: foldhash::fast::RandomState::default(),
             wake: Vec::new(),
             wake_base: 0,
+            snapshot: None,
         }
+    }
+
+    /// A table from the records and id arena of a snapshot, its index
+    /// rebuilt. Fails when the parts are inconsistent.
+    pub fn from_parts(
+        layout: Layout,
+        words: Vec<u32>,
+        ids: Vec<u8>,
+    ) -> Result<CustomerTable, String> {
+        if words.len() % layout.stride != 0 {
+            return Err("record data is not a whole number of records".into());
+        }
+        let mut t = CustomerTable::new(layout);
+        let n = words.len() / layout.stride;
+        for slot in 0..n {
+            let head = &words[slot * layout.stride..slot * layout.stride + 4];
+            let len = (head[0] & 0xffff) as usize;
+            if len == 0 || len > 256 {
+                return Err(format!("record {slot}: bad id length {len}"));
+            }
+            if len > INLINE_ID && (head[1] as usize).saturating_add(len) > ids.len() {
+                return Err(format!("record {slot}: id outside the id arena"));
+            }
+            if std::str::from_utf8(id_of(head, &ids)).is_err() {
+                return Err(format!("record {slot}: id is not UTF-8"));
+            }
+        }
+        t.words = words;
+        t.ids = ids;
+        t.wake = vec![0; n];
+        t.index.reserve(n, |_| 0);
+        let stride = layout.stride;
+        for slot in 0..n as Slot {
+            let hash = t.hash(Self::id_bytes(&t.words, &t.ids, stride, slot));
+            let (words, ids, hasher) = (&t.words, &t.ids, &t.hasher);
+            if t.index
+                .find(hash, |&s| {
+                    Self::id_bytes(words, ids, stride, s)
+                        == Self::id_bytes(words, ids, stride, slot)
+                })
+                .is_some()
+            {
+                return Err(format!("record {slot}: duplicate customer id"));
+            }
+            t.index.insert_unique(hash, slot, |&s| {
+                use std::hash::BuildHasher;
+                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+            });
+        }
+        Ok(t)
+    }
+
+    /// All records and the id arena, as stored.
+    pub fn raw_parts(&self) -> (&[u32], &[u8]) {
+        (&self.words, &self.ids)
+    }
+
+    /// Starts a copy-on-write snapshot; returns (records, id bytes) it covers.
+    pub fn begin_snapshot(&mut self) -> (usize, usize) {
+        let copy = SnapshotCopy {
+            len: self.len(),
+            ids_len: self.ids.len(),
+            ..SnapshotCopy::default()
+        };
+        let covers = (copy.len, copy.ids_len);
+        self.snapshot = Some(copy);
+        covers
+    }
+
+    /// Whether a snapshot copy is in progress.
+    pub fn snapshot_active(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// Saves a record's words before its first change during a snapshot.
+    #[inline]
+    fn before_write(&mut self, slot: Slot) {
+        if let Some(copy) = &mut self.snapshot {
+            let s = slot as usize;
+            if s >= copy.next && s < copy.len && !copy.saved.contains_key(&slot) {
+                let base = s * self.layout.stride;
+                copy.saved
+                    .insert(slot, self.words[base..base + self.layout.stride].into());
+            }
+        }
+    }
+
+    /// Appends up to `max` more records of the snapshot to `out`, as they
+    /// were when it began. Returns true when every record was copied; the
+    /// id arena is then `ids_at_start`.
+    pub fn snapshot_chunk(&mut self, max: usize, out: &mut Vec<u32>) -> bool {
+        let stride = self.layout.stride;
+        let Some(copy) = &mut self.snapshot else {
+            return true;
+        };
+        let end = (copy.next + max).min(copy.len);
+        for slot in copy.next..end {
+            match copy.saved.remove(&(slot as Slot)) {
+                Some(old) => out.extend_from_slice(&old),
+                None => out.extend_from_slice(&self.words[slot * stride..(slot + 1) * stride]),
+            }
+        }
+        copy.next = end;
+        end == copy.len
+    }
+
+    /// The id arena as it was when the snapshot began, and ends the snapshot.
+    pub fn finish_snapshot(&mut self) -> Vec<u8> {
+        match self.snapshot.take() {
+            Some(copy) => self.ids[..copy.ids_len].to_vec(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Abandons a snapshot in progress.
+    pub fn cancel_snapshot(&mut self) {
+        self.snapshot = None;
     }
 
     pub fn layout(&self) -> &Layout {
@@ -269,6 +409,7 @@ impl CustomerTable {
 
     #[inline]
     pub fn record_mut(&mut self, slot: Slot) -> RecordMut<'_> {
+        self.before_write(slot);
         let base = slot as usize * self.layout.stride;
         RecordMut {
             w: &mut self.words[base..base + self.layout.stride],
@@ -280,6 +421,7 @@ impl CustomerTable {
     /// only decoded when a signal needs it.
     #[inline]
     pub fn id_and_record_mut(&mut self, slot: Slot) -> (CustomerId<'_>, RecordMut<'_>) {
+        self.before_write(slot);
         let stride = self.layout.stride;
         let base = slot as usize * stride;
         let rec = &mut self.words[base..base + stride];

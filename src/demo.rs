@@ -150,7 +150,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
             None => shutdown.await,
         }
     };
-    let result = pipeline::run(&settings, shared, None, stop_all).await;
+    let result = pipeline::run(&settings, shared, None, None, stop_all).await;
     generator.stop.store(true, Ordering::SeqCst);
     stop_view.store(true, Ordering::SeqCst);
     alerts.stop.store(true, Ordering::SeqCst);

@@ -188,6 +188,19 @@ impl Engine {
         }
     }
 
+    /// An engine over a restored table.
+    pub fn from_parts(
+        model: Arc<Model>,
+        table: CustomerTable,
+        watermark: Option<Millis>,
+    ) -> Engine {
+        let mut e = Engine::new(model);
+        e.table = table;
+        e.watermark = watermark;
+        e.recount();
+        e
+    }
+
     /// For live mode: sweeps run at any time, not only on the replay grid.
     pub fn with_sweeps_anytime(mut self) -> Engine {
         self.sweeps_on_grid = false;

@@ -81,6 +81,25 @@ enum Command {
         /// Do not show a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Also write every customer's final state as JSONL (as `inspect` does).
+        #[arg(long, requires = "at")]
+        final_state: Option<PathBuf>,
+        /// The time to evaluate the final state at (RFC 3339).
+        #[arg(long, requires = "final_state")]
+        at: Option<String>,
+    },
+    /// Print what the snapshot store holds, per customer, as JSONL: what a
+    /// restart would restore.
+    Inspect {
+        /// The configuration file ([snapshot] and [kafka].group_id locate the store).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Evaluate scores at this time (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Generate a synthetic clickstream (personas, bots, a few malformed
     /// events) into a JSONL file or a Kafka topic.
@@ -128,6 +147,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -249,11 +269,84 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             dead_letter,
             no_progress,
+            final_state,
+            at,
         } => {
             let settings = Settings::load(&config)?;
-            run_replay(settings, input, output, dead_letter, no_progress)
+            let final_state = match (final_state, at) {
+                (Some(path), Some(at)) => Some((path, parse_time(&at)?)),
+                _ => None,
+            };
+            run_replay(
+                settings,
+                input,
+                output,
+                dead_letter,
+                no_progress,
+                final_state,
+            )
+        }
+        Command::Inspect {
+            config,
+            partition,
+            at,
+        } => {
+            let settings = Settings::load(&config)?;
+            let at = match at {
+                Some(a) => parse_time(&a)?,
+                None => ces_stream::timestamp::now_millis(),
+            };
+            inspect(&settings, partition, at)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn parse_time(text: &str) -> anyhow::Result<i64> {
+    ces_stream::timestamp::parse_rfc3339(text)
+        .with_context(|| format!("{text:?} is not an RFC 3339 time"))
+}
+
+fn inspect(settings: &Settings, partition: Option<i32>, at: i64) -> anyhow::Result<()> {
+    use ces_stream::snapshot::{fingerprint, local::LocalStore};
+    let kafka = settings.kafka()?;
+    let s = &settings.snapshot;
+    let store = LocalStore::new(&s.dir, &kafka.group_id, s.keep);
+    let model = Arc::new(settings.model.clone());
+    let expected = fingerprint(&model);
+    let partitions = match partition {
+        Some(p) => vec![p],
+        None => store.partitions(),
+    };
+    if partitions.is_empty() {
+        anyhow::bail!("no snapshots under {}", store.root().display());
+    }
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for p in partitions {
+        let mut restored = None;
+        for (_, path) in store.files(p) {
+            match store.read(&path, &model, expected) {
+                Ok(r) => {
+                    restored = Some(r);
+                    break;
+                }
+                Err(e) => eprintln!("ces-stream: skipping {}: {e}", path.display()),
+            }
+        }
+        match restored {
+            Some(r) => {
+                let n = ces_stream::inspect::write_engine(&mut out, &r.engine, at, Some(p))?;
+                eprintln!(
+                    "partition {p}: {n} customers from {} (offsets {:?})",
+                    r.path.display(),
+                    r.header.offsets
+                );
+            }
+            None => eprintln!("partition {p}: no usable snapshot"),
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 fn create(path: &PathBuf) -> anyhow::Result<BufWriter<File>> {
@@ -267,6 +360,7 @@ fn run_replay(
     output: Option<PathBuf>,
     dead_letter: Option<PathBuf>,
     no_progress: bool,
+    final_state: Option<(PathBuf, i64)>,
 ) -> anyhow::Result<ExitCode> {
     let model = Arc::new(settings.model);
     let mut dead: Option<BufWriter<File>> = dead_letter.as_ref().map(create).transpose()?;
@@ -304,7 +398,7 @@ fn run_replay(
     };
     let progress: Option<replay::Progress<'_>> = bar.is_some().then_some(&mut tick as _);
 
-    let (_engine, summary) = replay::replay(
+    let (engine, summary) = replay::replay(
         model,
         reader,
         out,
@@ -315,6 +409,11 @@ fn run_replay(
         b.finish_and_clear();
     }
     eprint!("{}", summary.render());
+    if let Some((path, at)) = final_state {
+        let mut f = create(&path)?;
+        ces_stream::inspect::write_engine(&mut f, &engine, at, None)?;
+        f.flush()?;
+    }
     if summary.invalid_total() > 0 && dead_letter.is_none() {
         eprintln!("  (invalid events were only counted: pass --dead-letter FILE to keep them)");
     }

@@ -76,7 +76,7 @@ fn a_pipeline_stops_cleanly_when_its_shutdown_future_completes() {
     let metrics = shared.metrics.clone();
     let partitions = shared.partitions.clone();
     let handle = runtime.spawn(async move {
-        pipeline::run(&s, shared, None, async {
+        pipeline::run(&s, shared, None, None, async {
             let _ = rx.await;
         })
         .await
@@ -112,7 +112,7 @@ fn two_pipelines_in_one_group_share_the_partitions() {
         let shared = Shared::new(Arc::new(s.model.clone()));
         owned.push(shared.partitions.clone());
         handles.push(runtime.spawn(async move {
-            pipeline::run(&s, shared, None, async {
+            pipeline::run(&s, shared, None, None, async {
                 let _ = rx.await;
             })
             .await

@@ -75,6 +75,14 @@ impl OffsetTracker {
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
+    /// Starts tracking a newly assigned partition whose group offset is
+    /// `committed`: commits never go back below it, even while the state is
+    /// rebuilt from earlier offsets.
+    pub fn assigned(&mut self, topic: &str, partition: i32, committed: Option<i64>) {
+        let p = self.parts.entry((Arc::from(topic), partition)).or_default();
+        p.committed = committed;
+    }
+
     /// Records one acknowledged message produced for `offset`.
     pub fn acknowledged(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
         let Some(p) = self.parts.get_mut(&(Arc::clone(topic), partition)) else {
@@ -106,6 +114,26 @@ impl OffsetTracker {
             .iter()
             .find(|((t, p), _)| &**t == topic && *p == partition)
             .and_then(|(_, o)| o.safe())
+    }
+
+    /// One past the last processed offset of a partition.
+    pub fn next(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.parts
+            .iter()
+            .find(|((t, p), _)| &**t == topic && *p == partition)
+            .and_then(|(_, o)| o.next)
+    }
+
+    /// Processed positions of every topic of a partition number.
+    pub fn positions(&self, partition: i32) -> Vec<(String, i64)> {
+        let mut v: Vec<(String, i64)> = self
+            .parts
+            .iter()
+            .filter(|((_, p), _)| *p == partition)
+            .filter_map(|((t, _), o)| o.next.map(|n| (t.to_string(), n)))
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn mark_committed(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {

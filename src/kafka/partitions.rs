@@ -28,6 +28,11 @@ pub struct PartitionState {
     /// so they are not published twice, and sweeps wait until the state has
     /// caught up.
     pub silent_below: Vec<(String, i64)>,
+    /// The consumer reached the end of the partition's log at least once
+    /// since the assignment.
+    pub reached_end: bool,
+    /// Where each input topic started at the assignment (for logs).
+    pub started_at: Vec<(String, i64)>,
 }
 
 impl PartitionState {
@@ -40,6 +45,8 @@ impl PartitionState {
             engine: engine.with_sweeps_anytime(),
             clock: Millis::MIN,
             silent_below: Vec::new(),
+            reached_end: false,
+            started_at: Vec::new(),
         }
     }
 

@@ -24,7 +24,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::config::Settings;
+use crate::config::{Clock, Settings};
 use crate::engine::{Outcome, Signal, SignalKind};
 use crate::event::{self, ParseContext, Parsed};
 use crate::kafka::delivery::{
@@ -36,6 +36,7 @@ use crate::kafka::settings::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::output::Encoder;
+use crate::snapshot::periodic::Periodic;
 use crate::timestamp::now_millis;
 
 /// Why the pipeline stopped with an error.
@@ -95,6 +96,7 @@ pub async fn run(
     settings: &Settings,
     shared: Shared,
     hooks: Option<Arc<dyn PartitionHooks>>,
+    periodic: Option<Periodic>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     let kafka = match settings.kafka() {
@@ -103,8 +105,10 @@ pub async fn run(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
-    let mut handle =
-        tokio::task::spawn_blocking(move || run_blocking(&kafka, shared, hooks, &thread_stop));
+    let clock = settings.clock;
+    let mut handle = tokio::task::spawn_blocking(move || {
+        run_blocking(&kafka, clock, shared, hooks, periodic, &thread_stop)
+    });
     tokio::select! {
         result = &mut handle => return result.unwrap_or(Err(PipelineError::Panicked)),
         () = shutdown => {
@@ -126,6 +130,7 @@ struct Outgoing {
 /// The pipeline's state on its thread.
 struct Worker<'a> {
     kafka: &'a KafkaSettings,
+    clock: Clock,
     shared: Shared,
     encoder: Encoder,
     producer: Arc<ThreadedProducer<Delivery>>,
@@ -133,13 +138,16 @@ struct Worker<'a> {
     topics: HashMap<String, (Arc<str>, IntCounter)>,
     outbox: Vec<Outgoing>,
     stop: &'a AtomicBool,
+    periodic: Option<Periodic>,
 }
 
 /// Runs the pipeline on the current thread until `stop` is set.
 pub fn run_blocking(
     kafka: &KafkaSettings,
+    clock: Clock,
     shared: Shared,
     hooks: Option<Arc<dyn PartitionHooks>>,
+    periodic: Option<Periodic>,
     stop: &AtomicBool,
 ) -> Result<(), PipelineError> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
@@ -192,6 +200,7 @@ pub fn run_blocking(
 
     let mut worker = Worker {
         kafka,
+        clock,
         encoder: Encoder::new(&shared.model),
         shared,
         producer,
@@ -199,8 +208,12 @@ pub fn run_blocking(
         topics: HashMap::new(),
         outbox: Vec::new(),
         stop,
+        periodic,
     };
     let result = worker.run(&consumer);
+    if let Some(p) = &mut worker.periodic {
+        p.abandon_all(&worker.shared.partitions);
+    }
     // Whatever happened, hand back what can be handed back: flush, commit,
     // release every partition (its state goes to the store), leave the group.
     let deadline = Instant::now() + kafka.shutdown_timeout;
@@ -312,13 +325,16 @@ impl Worker<'_> {
             }
             let now = Instant::now();
             self.resend_failed();
-            if now >= next_sweep {
+            if now >= next_sweep && self.clock == Clock::Wall {
                 self.sweep()?;
                 next_sweep = now + sweep_every;
             }
             if now >= next_commit {
                 self.commit(consumer);
                 next_commit = now + self.kafka.commit_interval;
+            }
+            if let Some(p) = &mut self.periodic {
+                p.tick(&self.shared.partitions, &self.tracker);
             }
             if now >= next_gauges {
                 self.refresh_gauges();
@@ -350,7 +366,27 @@ impl Worker<'_> {
     ) -> Result<(), PipelineError> {
         match message {
             Ok(m) => self.process(&m),
-            Err(KafkaError::PartitionEOF(_)) => Ok(()),
+            Err(KafkaError::PartitionEOF(p)) => {
+                // Logged once per assignment: the state is now current.
+                if let Some(state) = self.shared.partitions.get(p) {
+                    let mut st = state.lock();
+                    if !st.reached_end {
+                        st.reached_end = true;
+                        let mut positions = self.tracker.lock().positions(p);
+                        if positions.is_empty() {
+                            // Nothing new since the assignment.
+                            positions = st.started_at.clone();
+                        }
+                        tracing::info!(
+                            partition = p,
+                            customers = st.engine.customers().len(),
+                            ?positions,
+                            "partition caught up with the end of its log"
+                        );
+                    }
+                }
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!("consumer error: {e}");
                 Ok(())
@@ -416,7 +452,13 @@ impl Worker<'_> {
                         outbox.push(encode_signal(encoder, s));
                     }
                 };
-                match st.engine.process_live(&ev, now, &mut sink) {
+                let result = match self.clock {
+                    Clock::Wall => st.engine.process_live(&ev, now, &mut sink),
+                    // Replay semantics per partition: the watermark is the
+                    // clock and crossing a sweep boundary sweeps.
+                    Clock::Event => st.engine.process_replay(&ev, &mut sink),
+                };
+                match result {
                     Ok(Outcome::Applied { .. }) => metrics.events_accepted.inc(),
                     Ok(Outcome::Ignored(r)) => metrics.ignored_by_reason[r as usize].inc(),
                     Err(source) => return Err(PipelineError::Engine { partition, source }),

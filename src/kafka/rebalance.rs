@@ -172,11 +172,17 @@ impl GroupContext {
                     Offset::Beginning => Some(0),
                     _ => None,
                 };
+                if let Some(from) = from {
+                    state.started_at.push((topic.clone(), from));
+                }
                 if let (Some(from), Some(c)) = (from, committed_of(topic, p)) {
                     if from < c {
                         state.silent_below.push((topic.clone(), c));
                     }
                 }
+                self.tracker
+                    .lock()
+                    .assigned(topic, p, committed_of(topic, p));
                 tracing::info!(topic = %topic, partition = p, start = ?start, committed = ?committed_of(topic, p), "partition starts");
             }
             self.partitions.insert(p, state);
@@ -223,16 +229,28 @@ impl GroupContext {
             if assigned.iter().any(|(_, q)| *q == p) {
                 continue; // another topic of this partition number stays
             }
-            let next: Vec<(String, Option<i64>)> = {
+            // The state covers every processed event; it may be saved only
+            // if all their outputs are acknowledged, else a restore would
+            // skip events whose signals were never delivered.
+            let (next, acknowledged) = {
                 let tracker = self.tracker.lock();
-                list.iter()
-                    .filter(|(_, q)| *q == p)
-                    .map(|(t, q)| (t.clone(), tracker.safe(t, *q)))
-                    .collect()
+                let topics: Vec<&(String, i32)> = list.iter().filter(|(_, q)| *q == p).collect();
+                let next: Vec<(String, Option<i64>)> = topics
+                    .iter()
+                    .map(|(t, q)| (t.clone(), tracker.next(t, *q)))
+                    .collect();
+                let acked = topics
+                    .iter()
+                    .all(|(t, q)| tracker.safe(t, *q) == tracker.next(t, *q));
+                (next, acked)
             };
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
-                    h.release(p, &state.lock(), &next);
+                    if acknowledged {
+                        h.release(p, &state.lock(), &next);
+                    } else {
+                        tracing::warn!(partition = p, "outputs unacknowledged: no snapshot on release; the next owner restores the previous one");
+                    }
                 }
             }
         }

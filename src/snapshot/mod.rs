@@ -1,0 +1,235 @@
+//! Snapshots: the partitions' in-memory state made durable, so that a
+//! restart, a crash or a rebalance loses nothing and counts nothing twice.
+//!
+//! A snapshot is a partition's customer records together with, per input
+//! topic, the next offset to process: exactly the events before it are in
+//! the state. On assignment a partition is restored from its newest valid
+//! snapshot and resumes at those offsets; without one it rebuilds from the
+//! log. A snapshot becomes current only once every output of the events it
+//! covers is acknowledged, so that a restore never skips an event whose
+//! signals were not delivered.
+//!
+//! Stores: [`local`] (a directory of checksummed files, the default).
+
+pub mod format;
+pub mod local;
+pub mod periodic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::customers::{CustomerTable, Layout};
+use crate::engine::Engine;
+use crate::kafka::partitions::PartitionState;
+use crate::kafka::rebalance::PartitionHooks;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::timestamp::{now_millis, Millis};
+
+pub use format::Header;
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("snapshot {path} is unusable: {source}")]
+    Format {
+        path: PathBuf,
+        source: format::FormatError,
+    },
+    #[error("snapshot {path} was made with another scoring model (fingerprint {found:x}, expected {expected:x})")]
+    Model {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+}
+
+/// `[snapshot]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSettings {
+    pub store: StoreKind,
+    pub dir: PathBuf,
+    pub interval: Duration,
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A directory of snapshot files.
+    Local,
+    /// No snapshots: every assignment rebuilds from the log.
+    None,
+}
+
+/// A restored partition state.
+#[derive(Debug)]
+pub struct Restored {
+    pub header: Header,
+    pub engine: Engine,
+    pub path: PathBuf,
+}
+
+/// A partition's state in snapshot form.
+pub fn header_for(
+    partition: i32,
+    fingerprint: u64,
+    engine: &Engine,
+    clock: Millis,
+    offsets: Vec<(String, i64)>,
+    customers: usize,
+    ids_len: usize,
+) -> Header {
+    Header {
+        partition,
+        fingerprint,
+        created_at: now_millis(),
+        watermark: engine.watermark(),
+        clock,
+        stride: engine.customers().layout().stride() as u32,
+        offsets,
+        customers: customers as u64,
+        ids_len: ids_len as u64,
+    }
+}
+
+/// Rebuilds an engine from decoded snapshot parts, checking that they fit
+/// the model.
+pub fn engine_from(
+    model: &Arc<Model>,
+    header: &Header,
+    words: Vec<u32>,
+    ids: Vec<u8>,
+) -> Result<Engine, format::FormatError> {
+    let layout = Layout::for_model(model);
+    if header.stride as usize != layout.stride() {
+        return Err(format::FormatError::Inconsistent(format!(
+            "records of {} words, the model needs {}",
+            header.stride,
+            layout.stride()
+        )));
+    }
+    let table =
+        CustomerTable::from_parts(layout, words, ids).map_err(format::FormatError::Inconsistent)?;
+    Ok(Engine::from_parts(
+        Arc::clone(model),
+        table,
+        header.watermark,
+    ))
+}
+
+/// A fingerprint of the parts of the model that shape the state.
+pub fn fingerprint(model: &Model) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // A fixed hasher: the fingerprint is stored and compared across runs.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    model.half_life.hash(&mut h);
+    for a in &model.activities {
+        a.name.hash(&mut h);
+        a.weight.to_bits().hash(&mut h);
+        a.value_weight.to_bits().hash(&mut h);
+        a.cap.map(f64::to_bits).hash(&mut h);
+        a.channel.hash(&mut h);
+    }
+    for c in &model.channels {
+        c.hash(&mut h);
+    }
+    if let Some(d) = model.diversity {
+        d.window.hash(&mut h);
+        d.bonus_per_channel.to_bits().hash(&mut h);
+        d.max_channels.hash(&mut h);
+    }
+    format!("{:?}", model.normalization).hash(&mut h);
+    for t in &model.tiers {
+        t.name.hash(&mut h);
+        t.above.map(f64::to_bits).hash(&mut h);
+    }
+    format!("{:?}", model.signals).hash(&mut h);
+    h.finish()
+}
+
+/// The hooks the pipeline calls on assignment and release: restore from,
+/// and save to, a local store.
+pub struct StoreHooks {
+    pub store: Arc<local::LocalStore>,
+    pub model: Arc<Model>,
+    pub metrics: Metrics,
+}
+
+impl PartitionHooks for StoreHooks {
+    fn restore(&self, partition: i32, topics: &[String]) -> (PartitionState, Vec<Option<i64>>) {
+        let started = std::time::Instant::now();
+        match self.store.load(partition, &self.model, &self.metrics) {
+            Some(r) => {
+                let customers = r.engine.customers().len();
+                self.metrics
+                    .snapshot_restored_customers
+                    .inc_by(customers as u64);
+                tracing::info!(
+                    partition,
+                    customers,
+                    path = %r.path.display(),
+                    offsets = ?r.header.offsets,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "partition restored from snapshot"
+                );
+                let offsets = topics
+                    .iter()
+                    .map(|t| {
+                        r.header
+                            .offsets
+                            .iter()
+                            .find(|(name, _)| name == t)
+                            .map(|(_, o)| *o)
+                    })
+                    .collect();
+                let mut state = PartitionState::from_engine(r.engine);
+                state.clock = r.header.clock;
+                (state, offsets)
+            }
+            None => {
+                tracing::info!(partition, "no snapshot: rebuilding from the log");
+                (
+                    PartitionState::new(Arc::clone(&self.model)),
+                    vec![None; topics.len()],
+                )
+            }
+        }
+    }
+
+    fn release(&self, partition: i32, state: &PartitionState, next: &[(String, Option<i64>)]) {
+        let offsets: Vec<(String, i64)> = next
+            .iter()
+            .filter_map(|(t, o)| o.map(|o| (t.clone(), o)))
+            .collect();
+        if offsets.is_empty() {
+            return; // nothing processed: the previous snapshot still holds
+        }
+        let started = std::time::Instant::now();
+        match self
+            .store
+            .save_now(partition, fingerprint(&self.model), state, offsets)
+        {
+            Ok(bytes) => {
+                self.metrics
+                    .snapshot_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.snapshot_bytes.set(bytes as i64);
+                tracing::info!(partition, bytes, "snapshot written on release");
+            }
+            Err(e) => {
+                self.metrics
+                    .snapshot_failures
+                    .with_label_values(&["write"])
+                    .inc();
+                tracing::error!(partition, "cannot write the release snapshot: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Periodic snapshots taken while the stream flows.
+//!
+//! Every `snapshot.interval`, each caught-up partition starts a
+//! copy-on-write snapshot: the table records where it stands, and from then
+//! on a record about to change is saved first. The pipeline thread then
+//! copies a chunk of records per loop turn between batches of events (a
+//! pause of about a millisecond), streaming them into the snapshot file, so
+//! that memory stays bounded and no partition stalls. A finished file
+//! becomes current once every output of the events it covers is
+//! acknowledged; that wait runs on a thread of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::kafka::delivery::OffsetTracker;
+use crate::kafka::partitions::Partitions;
+use crate::metrics::Metrics;
+use crate::snapshot::header_for;
+use crate::snapshot::local::{LocalStore, LocalWriter};
+
+/// Records copied per loop turn: about 2 MB with the default model.
+const CHUNK: usize = 16_384;
+
+struct Active {
+    writer: LocalWriter,
+    offsets: Vec<(String, i64)>,
+    started: Instant,
+    buf: Vec<u32>,
+}
+
+/// The periodic snapshots of one pipeline.
+pub struct Periodic {
+    store: Arc<LocalStore>,
+    fingerprint: u64,
+    interval: Duration,
+    next_at: Instant,
+    active: HashMap<i32, Active>,
+    metrics: Metrics,
+    /// When each partition's newest snapshot became current.
+    last_done: Arc<Mutex<HashMap<i32, Instant>>>,
+}
+
+impl Periodic {
+    pub fn new(
+        store: Arc<LocalStore>,
+        fingerprint: u64,
+        interval: Duration,
+        metrics: Metrics,
+    ) -> Periodic {
+        Periodic {
+            store,
+            fingerprint,
+            interval,
+            next_at: Instant::now() + interval,
+            active: HashMap::new(),
+            metrics,
+            last_done: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Starts due snapshots and copies one chunk of each active one.
+    pub fn tick(&mut self, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
+        let now = Instant::now();
+        if now >= self.next_at {
+            self.next_at = now + self.interval;
+            for p in partitions.numbers() {
+                if !self.active.contains_key(&p) {
+                    self.start(p, partitions, tracker);
+                }
+            }
+        }
+        let ids: Vec<i32> = self.active.keys().copied().collect();
+        for p in ids {
+            self.advance(p, partitions, tracker);
+        }
+        self.refresh_age(partitions);
+    }
+
+    fn start(&mut self, p: i32, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
+        let Some(state) = partitions.get(p) else {
+            return;
+        };
+        let mut st = state.lock();
+        if !st.caught_up() {
+            return;
+        }
+        let offsets = tracker.lock().positions(p);
+        if offsets.is_empty() {
+            return; // nothing processed yet
+        }
+        let (customers, ids_len) = st.engine.customers_mut().begin_snapshot();
+        let header = header_for(
+            p,
+            self.fingerprint,
+            &st.engine,
+            st.clock,
+            offsets.clone(),
+            customers,
+            ids_len,
+        );
+        match self.store.begin(&header) {
+            Ok(writer) => {
+                self.active.insert(
+                    p,
+                    Active {
+                        writer,
+                        offsets,
+                        started: Instant::now(),
+                        buf: Vec::new(),
+                    },
+                );
+            }
+            Err(e) => {
+                st.engine.customers_mut().cancel_snapshot();
+                self.metrics
+                    .snapshot_failures
+                    .with_label_values(&["write"])
+                    .inc();
+                tracing::error!(partition = p, "cannot start a snapshot: {e}");
+            }
+        }
+    }
+
+    fn advance(&mut self, p: i32, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
+        let Some(mut active) = self.active.remove(&p) else {
+            return;
+        };
+        let Some(state) = partitions.get(p) else {
+            active.writer.abandon(); // revoked meanwhile: its release snapshot is newer
+            return;
+        };
+        active.buf.clear();
+        let ids = {
+            let mut st = state.lock();
+            let table = st.engine.customers_mut();
+            if !table.snapshot_active() {
+                drop(st);
+                active.writer.abandon();
+                return;
+            }
+            let done = table.snapshot_chunk(CHUNK, &mut active.buf);
+            done.then(|| table.finish_snapshot())
+        };
+        if let Err(e) = active.writer.records(&active.buf) {
+            self.fail(p, &state, active, e);
+            return;
+        }
+        let Some(ids) = ids else {
+            self.active.insert(p, active);
+            return;
+        };
+        let Active {
+            writer,
+            offsets,
+            started,
+            ..
+        } = active;
+        let pending = match writer.finish(&ids) {
+            Ok(pending) => pending,
+            Err(e) => {
+                self.metrics
+                    .snapshot_failures
+                    .with_label_values(&["write"])
+                    .inc();
+                tracing::error!(partition = p, "cannot write a snapshot: {e}");
+                return;
+            }
+        };
+        let written = started.elapsed();
+        // Current only once every output of the events it covers is
+        // acknowledged.
+        let tracker = Arc::clone(tracker);
+        let metrics = self.metrics.clone();
+        let last_done = Arc::clone(&self.last_done);
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            loop {
+                let ready = {
+                    let t = tracker.lock();
+                    let mut ready = Some(true);
+                    for (topic, offset) in &offsets {
+                        match t.safe(topic, p) {
+                            Some(safe) if safe >= *offset => {}
+                            Some(_) => ready = Some(false),
+                            None => ready = None, // revoked
+                        }
+                    }
+                    ready
+                };
+                match ready {
+                    Some(true) => break,
+                    None => {
+                        pending.abandon();
+                        return;
+                    }
+                    Some(false) if Instant::now() > deadline => {
+                        tracing::warn!(
+                            partition = p,
+                            "snapshot outputs never acknowledged: dropped"
+                        );
+                        pending.abandon();
+                        return;
+                    }
+                    Some(false) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            match pending.commit() {
+                Ok(bytes) => {
+                    metrics.snapshot_seconds.observe(written.as_secs_f64());
+                    metrics.snapshot_bytes.set(bytes as i64);
+                    last_done.lock().insert(p, Instant::now());
+                    tracing::debug!(
+                        partition = p,
+                        bytes,
+                        written_ms = written.as_millis() as u64,
+                        "snapshot current"
+                    );
+                }
+                Err(e) => {
+                    metrics
+                        .snapshot_failures
+                        .with_label_values(&["write"])
+                        .inc();
+                    tracing::error!(partition = p, "cannot make a snapshot current: {e}");
+                }
+            }
+        });
+    }
+
+    fn fail(
+        &mut self,
+        p: i32,
+        state: &crate::kafka::partitions::SharedPartition,
+        active: Active,
+        e: crate::snapshot::SnapshotError,
+    ) {
+        state.lock().engine.customers_mut().cancel_snapshot();
+        active.writer.abandon();
+        self.metrics
+            .snapshot_failures
+            .with_label_values(&["write"])
+            .inc();
+        tracing::error!(partition = p, "cannot write a snapshot: {e}");
+    }
+
+    fn refresh_age(&self, partitions: &Partitions) {
+        let done = self.last_done.lock();
+        let oldest = partitions
+            .numbers()
+            .iter()
+            .filter_map(|p| done.get(p))
+            .map(|t| t.elapsed().as_secs_f64())
+            .fold(0.0, f64::max);
+        self.metrics.snapshot_age_seconds.set(oldest);
+    }
+
+    /// Abandons snapshots in progress (shutdown: the release ones replace them).
+    pub fn abandon_all(&mut self, partitions: &Partitions) {
+        for (p, active) in self.active.drain() {
+            if let Some(state) = partitions.get(p) {
+                state.lock().engine.customers_mut().cancel_snapshot();
+            }
+            active.writer.abandon();
+        }
+    }
+}
