@@ -25,11 +25,12 @@ pub enum ServiceError {
     Pipeline(#[from] PipelineError),
 }
 
-/// The snapshot store the settings ask for, as pipeline hooks.
-pub fn state_store(
-    settings: &Settings,
-    shared: &Shared,
-) -> Result<(Option<Arc<dyn PartitionHooks>>, Option<Periodic>), ServiceError> {
+/// What a snapshot store plugs into the pipeline: restore and release
+/// hooks, and the periodic snapshots.
+pub type StateStore = (Option<Arc<dyn PartitionHooks>>, Option<Periodic>);
+
+/// The snapshot store the settings ask for.
+pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, ServiceError> {
     let s = &settings.snapshot;
     match s.store {
         StoreKind::None => Ok((None, None)),

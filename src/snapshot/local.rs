@@ -87,7 +87,7 @@ impl LocalStore {
                 Some((seq, e.path()))
             })
             .collect();
-        v.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        v.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         v
     }
 
