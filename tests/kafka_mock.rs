@@ -198,3 +198,33 @@ fn the_demo_runs_and_stops_on_its_own() {
     });
     assert!(scored_something, "{stdout}");
 }
+
+#[test]
+fn input_topics_with_different_partition_counts_are_refused() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for (t, p) in [("a", 2), ("b", 3), ("out", 2), ("dead", 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let s = Settings::from_toml(
+        &format!("{MODEL}\n[kafka]\nbrokers = \"{bootstrap}\"\ninput_topics = [\"a\", \"b\"]\noutput_topic = \"out\"\ndead_letter_topic = \"dead\"\n"),
+        std::path::Path::new("t.toml"),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let shared = Shared::new(Arc::new(s.model.clone()));
+    let result = runtime.block_on(pipeline::run(
+        &s,
+        shared,
+        None,
+        None,
+        std::future::pending(),
+    ));
+    let message = result.unwrap_err().to_string();
+    assert!(
+        message.contains("not co-partitioned")
+            && message.contains("a: 2")
+            && message.contains("b: 3"),
+        "{message}"
+    );
+}

@@ -60,6 +60,8 @@ pub enum PipelineError {
     },
     #[error("cannot reach the brokers at {brokers}: {source}")]
     Unreachable { brokers: String, source: KafkaError },
+    #[error("input topics are not co-partitioned ({counts}): each customer's partition must have the same number in every input topic")]
+    NotCoPartitioned { counts: String },
     #[error("producer failed: {0}")]
     Producer(String),
     #[error("partition {partition}: {source}")]
@@ -160,6 +162,7 @@ pub fn run_blocking(
         })?;
     let producer = Arc::new(producer);
     check_topics(kafka, &producer)?;
+    check_co_partitioned(kafka, &producer)?;
 
     let consumer_config = kafka.consumer_config();
     let reset_to_end = matches!(
@@ -232,6 +235,47 @@ pub fn run_blocking(
     drop(consumer);
     tracing::info!("consumer closed");
     result
+}
+
+/// Refuses input topics with different partition counts: a customer's
+/// state lives in one partition number across all of them.
+fn check_co_partitioned(
+    kafka: &KafkaSettings,
+    producer: &ThreadedProducer<Delivery>,
+) -> Result<(), PipelineError> {
+    let literal: Vec<&String> = kafka
+        .input_topics
+        .iter()
+        .filter(|t| !t.starts_with('^'))
+        .collect();
+    if literal.len() < 2 {
+        return Ok(());
+    }
+    let mut counts = Vec::new();
+    for topic in literal {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(|source| PipelineError::Unreachable {
+                brokers: kafka.brokers.clone(),
+                source,
+            })?;
+        let n = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic.as_str())
+            .map_or(0, |t| t.partitions().len());
+        counts.push((topic.clone(), n));
+    }
+    if counts.windows(2).any(|w| w[0].1 != w[1].1) {
+        let counts = counts
+            .iter()
+            .map(|(t, n)| format!("{t}: {n} partitions"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(PipelineError::NotCoPartitioned { counts });
+    }
+    Ok(())
 }
 
 /// Fails fast when the output topics are missing, rather than retrying

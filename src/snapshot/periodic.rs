@@ -21,8 +21,8 @@ use crate::metrics::Metrics;
 use crate::snapshot::header_for;
 use crate::snapshot::local::{LocalStore, LocalWriter};
 
-/// Records copied per loop turn: about 2 MB with the default model.
-const CHUNK: usize = 16_384;
+/// Records copied per loop turn: about half a megabyte with the default model.
+const CHUNK: usize = 4_096;
 
 struct Active {
     writer: LocalWriter,
