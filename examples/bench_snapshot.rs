@@ -33,6 +33,7 @@ fn build(model: &Arc<ces_stream::model::Model>, customers: u64) -> Engine {
                 channel: None,
                 event_id: None,
                 segment: None,
+                segment_id: 0,
             };
             let _ = engine.process_replay(&ev, &mut sink);
         }

@@ -85,6 +85,40 @@ pub struct RawConfig {
     pub kafka: Option<RawKafka>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<RawSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<RawHttp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<RawMetrics>,
+}
+
+/// `[http]`: metrics, health and the customer API of `run`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// Default `0.0.0.0:9464`. Env: `CES_HTTP_LISTEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// The environment variable holding the bearer token `/v1/*` requires;
+    /// unset: `/v1/*` is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_env: Option<String>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `attributes.segment` values counted per tier (at most 127).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<String>,
+}
+
+/// `[http]` and `[metrics]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    pub listen: std::net::SocketAddr,
+    pub api_token_env: Option<String>,
+    pub segments: Vec<String>,
 }
 
 /// `[snapshot]`: where `run` keeps its state.
@@ -310,6 +344,7 @@ pub struct Settings {
     /// `None` without a `[kafka]` section (enough for `replay`).
     pub kafka: Option<KafkaSettings>,
     pub snapshot: SnapshotSettings,
+    pub http: HttpSettings,
 }
 
 /// The environment variables that override `[kafka]` keys.
@@ -360,11 +395,13 @@ impl Settings {
             .transpose()
             .map_err(invalid)?;
         let snapshot = build_snapshot(raw.snapshot.as_ref()).map_err(invalid)?;
+        let http = build_http(raw.http.as_ref(), raw.metrics.as_ref()).map_err(invalid)?;
         Ok(Settings {
             model,
             clock: raw.input.clock.unwrap_or_default(),
             kafka,
             snapshot,
+            http,
         })
     }
 
@@ -384,6 +421,39 @@ impl Settings {
         let raw = effective_raw(self);
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+fn build_http(
+    http: Option<&RawHttp>,
+    metrics: Option<&RawMetrics>,
+) -> Result<HttpSettings, ModelError> {
+    let http = http.cloned().unwrap_or_default();
+    let listen_text = http.listen.unwrap_or_else(|| "0.0.0.0:9464".into());
+    let listen = listen_text.parse().map_err(|e| ModelError {
+        key: "http.listen".into(),
+        reason: format!("\"{listen_text}\" is not an address:port: {e}"),
+    })?;
+    if let Some(var) = &http.api_token_env {
+        check("http.api_token_env", !var.is_empty(), "cannot be empty")?;
+    }
+    let segments = metrics.map(|m| m.segments.clone()).unwrap_or_default();
+    check(
+        "metrics.segments",
+        segments.len() <= 127,
+        "at most 127 segments",
+    )?;
+    for (i, s) in segments.iter().enumerate() {
+        check(
+            &format!("metrics.segments[{i}]"),
+            !s.is_empty(),
+            "cannot be empty",
+        )?;
+    }
+    Ok(HttpSettings {
+        listen,
+        api_token_env: http.api_token_env,
+        segments,
+    })
 }
 
 fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelError> {
@@ -412,6 +482,9 @@ fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelEr
 
 /// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
 fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
+    if let Some(listen) = env("CES_HTTP_LISTEN") {
+        raw.http.get_or_insert_with(RawHttp::default).listen = Some(listen);
+    }
     if let Some(dir) = env("CES_SNAPSHOT_DIR") {
         raw.snapshot.get_or_insert_with(RawSnapshot::default).dir = Some(PathBuf::from(dir));
     }
@@ -764,6 +837,15 @@ fn effective_raw(settings: &Settings) -> RawConfig {
     let mut raw = effective_model(&settings.model);
     raw.input.clock = Some(settings.clock);
     let s = &settings.snapshot;
+    raw.http = Some(RawHttp {
+        listen: Some(settings.http.listen.to_string()),
+        api_token_env: settings.http.api_token_env.clone(),
+    });
+    if !settings.http.segments.is_empty() {
+        raw.metrics = Some(RawMetrics {
+            segments: settings.http.segments.clone(),
+        });
+    }
     raw.snapshot = Some(RawSnapshot {
         store: Some(s.store),
         dir: Some(s.dir.clone()),
@@ -854,6 +936,8 @@ fn effective_model(m: &Model) -> RawConfig {
         },
         kafka: None,
         snapshot: None,
+        http: None,
+        metrics: None,
     }
 }
 

@@ -11,7 +11,7 @@
 //!
 //! | word            | content                                               |
 //! |-----------------|-------------------------------------------------------|
-//! | 0               | id length (16 bits), emitted tier (8), flags (8)       |
+//! | 0               | id length (9 bits), segment (7), emitted tier (8), flags (8) |
 //! | 1-3             | the id if at most 12 bytes, else its arena offset      |
 //! | 4-5             | `last_event_at` (i64 ms)                               |
 //! | 6-7             | `peak_at` (i64 ms)                                     |
@@ -180,7 +180,7 @@ impl CustomerTable {
         let n = words.len() / layout.stride;
         for slot in 0..n {
             let head = &words[slot * layout.stride..slot * layout.stride + 4];
-            let len = (head[0] & 0xffff) as usize;
+            let len = (head[0] & 0x1ff) as usize;
             if len == 0 || len > 256 {
                 return Err(format!("record {slot}: bad id length {len}"));
             }
@@ -425,7 +425,7 @@ impl CustomerTable {
         let stride = self.layout.stride;
         let base = slot as usize * stride;
         let rec = &mut self.words[base..base + stride];
-        let len = (rec[0] & 0xffff) as usize;
+        let len = (rec[0] & 0x1ff) as usize;
         let id = if len <= INLINE_ID {
             let mut inline = [0u8; INLINE_ID];
             inline.copy_from_slice(bytemuck::cast_slice::<u32, u8>(&rec[1..4]));
@@ -500,7 +500,7 @@ fn prefetch_lines(words: &[u32]) {
 /// The id bytes of a record whose first 4 words are `head`.
 #[inline]
 fn id_of<'a>(head: &'a [u32], ids: &'a [u8]) -> &'a [u8] {
-    let len = (head[0] & 0xffff) as usize;
+    let len = (head[0] & 0x1ff) as usize;
     if len <= INLINE_ID {
         &bytemuck::cast_slice::<u32, u8>(&head[1..4])[..len]
     } else {
@@ -563,6 +563,11 @@ macro_rules! getters {
         pub fn emitted_score(&self) -> f32 {
             f32::from_bits(self.w[9])
         }
+        /// The customer's configured segment (`[metrics] segments`), 0 if none.
+        #[inline]
+        pub fn segment(&self) -> u8 {
+            ((self.w[0] >> 9) & 0x7f) as u8
+        }
         #[inline]
         pub fn emitted_tier(&self) -> TierId {
             (self.w[0] >> 16) as u8
@@ -619,6 +624,11 @@ impl RecordMut<'_> {
     pub fn set_emitted(&mut self, score: f32, tier: TierId) {
         self.w[9] = score.to_bits();
         self.w[0] = (self.w[0] & 0xff00_ffff) | (u32::from(tier) << 16);
+    }
+
+    #[inline]
+    pub fn set_segment(&mut self, segment: u8) {
+        self.w[0] = (self.w[0] & !(0x7f << 9)) | (u32::from(segment & 0x7f) << 9);
     }
 
     #[inline]

@@ -339,6 +339,9 @@ impl Engine {
         let last = rec.last_event_at();
         let add = points * model.decay(last - te);
         rec.set_sum(k, f64::from(rec.sum(k)) + add);
+        if event.segment_id != 0 {
+            rec.set_segment(event.segment_id);
+        }
         if points > 0.0 && model.diversity.is_some() {
             let channel = event.channel.unwrap_or(activity.channel);
             rec.touch_channel(usize::from(channel), te);

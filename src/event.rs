@@ -122,6 +122,9 @@ pub struct Event<'a> {
     pub event_id: Option<Cow<'a, str>>,
     /// `attributes.segment` (native format), for per-segment metrics.
     pub segment: Option<Cow<'a, str>>,
+    /// The index of `segment` among the configured ones (`[metrics]
+    /// segments`), 1-based; 0 when not tracked. Set by the pipeline.
+    pub segment_id: u8,
 }
 
 /// The result of parsing one event.
@@ -679,5 +682,6 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
         channel,
         event_id,
         segment,
+        segment_id: 0,
     })
 }

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod generate;
+pub mod http;
 pub mod inspect;
 pub mod kafka;
 pub mod metrics;

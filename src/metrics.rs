@@ -7,12 +7,42 @@
 //! counting an event is an atomic increment.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::event::{IgnoreReason, InvalidReason};
 use crate::model::Model;
+
+/// The `range` labels of `ces_score_customers`.
+pub const SCORE_RANGES: [&str; 10] = [
+    "0-10", "10-20", "20-30", "30-40", "40-50", "50-60", "60-70", "70-80", "80-90", "90-100",
+];
+
+/// Updates the gauges fed by librdkafka statistics: consumer lag per
+/// partition and broker round-trip times.
+pub fn record_statistics(metrics: &Metrics, client: &str, stats: &rdkafka::Statistics) {
+    for (topic, t) in &stats.topics {
+        for (partition, p) in &t.partitions {
+            // -1 is "unknown" (no position yet); the internal partition -1 is skipped.
+            if *partition >= 0 && client == "consumer" && p.consumer_lag >= 0 {
+                metrics
+                    .consumer_lag
+                    .with_label_values(&[topic, &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+    for broker in stats.brokers.values() {
+        if let Some(rtt) = &broker.rtt {
+            if broker.nodeid >= 0 {
+                metrics
+                    .broker_rtt_seconds
+                    .with_label_values(&[client, &broker.nodename])
+                    .set(rtt.avg as f64 / 1e6);
+            }
+        }
+    }
+}
 
 /// Every metric of the process.
 #[derive(Clone)]
@@ -29,7 +59,7 @@ pub struct Metrics {
     pub customers: IntGauge,
     pub tier_customers: IntGaugeVec,
     pub segment_tier_customers: IntGaugeVec,
-    pub score: HistogramVec,
+    pub score_customers: IntGaugeVec,
     pub churn_risk_customers: IntGauge,
     pub assigned_partitions: IntGauge,
     pub rebalances: IntCounterVec,
@@ -137,16 +167,12 @@ impl Metrics {
             "Customers per tier for the configured segments (attributes.segment).",
             &["segment", "tier"],
         );
-        let score = HistogramVec::new(
-            HistogramOpts::new(
-                "ces_score",
-                "Current scores of the customers tracked, refreshed periodically.",
-            )
-            .buckets((1..=10).map(|i| f64::from(i) * 10.0).collect()),
-            &[],
-        )
-        .expect("valid metric");
-        r.register(Box::new(score.clone())).expect("unique metric");
+        let score_customers = gauge(
+            r,
+            "ces_score_customers",
+            "Customers by last published score, in ranges of 10 points (0-10 ... 90-100), refreshed every 10 s.",
+            &["range"],
+        );
         let churn_risk_customers = IntGauge::new(
             "ces_churn_risk_customers",
             "Customers currently flagged at risk of churn.",
@@ -247,6 +273,12 @@ impl Metrics {
         for kind in ["assign", "revoke", "error"] {
             rebalances.with_label_values(&[kind]);
         }
+        for range in SCORE_RANGES {
+            score_customers.with_label_values(&[range]).set(0);
+        }
+        for kind in ["write", "corrupt"] {
+            snapshot_failures.with_label_values(&[kind]);
+        }
         Metrics {
             registry,
             events_consumed,
@@ -260,7 +292,7 @@ impl Metrics {
             customers,
             tier_customers,
             segment_tier_customers,
-            score,
+            score_customers,
             churn_risk_customers,
             assigned_partitions,
             rebalances,

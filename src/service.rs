@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::config::Settings;
+use crate::http::ApiState;
 use crate::kafka::pipeline::{self, PipelineError, Shared};
 use crate::kafka::rebalance::PartitionHooks;
 use crate::snapshot::local::LocalStore;
@@ -23,6 +24,13 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("http.api_token_env names {var}, which is not set or empty")]
+    Token { var: String },
 }
 
 /// What a snapshot store plugs into the pipeline: restore and release
@@ -63,8 +71,50 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let shared = Shared::new(Arc::new(settings.model.clone()));
+    let listener = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .map_err(|source| ServiceError::Listen {
+            addr: settings.http.listen,
+            source,
+        })?;
+    run_on(settings, listener, shutdown).await
+}
+
+/// As [`run`], with the HTTP listener already bound (tests bind port 0).
+pub async fn run_on(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let token = match &settings.http.api_token_env {
+        Some(var) => match std::env::var(var) {
+            Ok(t) if !t.is_empty() => Some(Arc::from(t)),
+            _ => return Err(ServiceError::Token { var: var.clone() }),
+        },
+        None => None,
+    };
+    let shared = Shared::with_segments(
+        Arc::new(settings.model.clone()),
+        settings.http.segments.clone(),
+    );
     let (hooks, periodic) = state_store(&settings, &shared)?;
-    pipeline::run(&settings, shared, hooks, periodic, shutdown).await?;
+    let api = ApiState {
+        shared: shared.clone(),
+        clock: settings.clock,
+        token,
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %addr, "HTTP server: /metrics /healthz /readyz /v1/customers/{{id}} /v1/tiers");
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::http::serve(listener, api, async {
+        let _ = http_stopped.await;
+    }));
+    let result = pipeline::run(&settings, shared, hooks, periodic, shutdown).await;
+    let _ = stop_http.send(());
+    let _ = server.await;
+    result?;
     Ok(())
 }

@@ -70,9 +70,20 @@ commit_interval = "200ms"
 "fetch.wait.max.ms" = 10
 "session.timeout.ms" = 6000
 "heartbeat.interval.ms" = 500
+
+[http]
+listen = "127.0.0.1:0"
+
+[snapshot]
+dir = "{}"
 {extra}
 "#,
-            self.broker.bootstrap, self.group, self.input, self.output, self.dead
+            self.broker.bootstrap,
+            self.group,
+            self.input,
+            self.output,
+            self.dead,
+            self.dir.path().join("state").display()
         );
         write_config(self.dir.path(), MODEL, &kafka)
     }

@@ -81,6 +81,9 @@ shutdown_timeout = "20s"
 "fetch.wait.max.ms" = 10
 "session.timeout.ms" = 6000
 
+[http]
+listen = "127.0.0.1:0"
+
 [snapshot]
 dir = "{}"
 interval = "{snapshot_interval}"

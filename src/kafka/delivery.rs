@@ -239,6 +239,10 @@ impl ClientContext for Delivery {
             tracing::warn!("producer: {error}: {reason}");
         }
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::metrics::record_statistics(&self.metrics, "producer", &statistics);
+    }
 }
 
 impl ProducerContext for Delivery {

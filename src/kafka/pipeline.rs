@@ -79,17 +79,44 @@ pub struct Shared {
     pub model: Arc<Model>,
     pub partitions: Partitions,
     pub metrics: Metrics,
+    pub health: Arc<Health>,
+    /// `[metrics] segments`, in order: a customer's segment id is its
+    /// 1-based position here.
+    pub segments: Arc<Vec<String>>,
 }
 
 impl Shared {
     pub fn new(model: Arc<Model>) -> Shared {
+        Shared::with_segments(model, Vec::new())
+    }
+
+    pub fn with_segments(model: Arc<Model>, segments: Vec<String>) -> Shared {
         let metrics = Metrics::new(&model);
         Shared {
             model,
             partitions: Partitions::default(),
             metrics,
+            health: Arc::new(Health::default()),
+            segments: Arc::new(segments),
         }
     }
+
+    fn segment_id(&self, segment: Option<&str>) -> u8 {
+        segment
+            .and_then(|s| self.segments.iter().position(|x| x == s))
+            .map_or(0, |i| (i + 1) as u8)
+    }
+}
+
+/// The pipeline's liveness, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The consumer subscribed and the loop runs.
+    pub consuming: AtomicBool,
+    /// Wall time (ms) of the loop's latest turn.
+    pub last_turn: std::sync::atomic::AtomicI64,
+    /// Why the pipeline stopped, if it failed.
+    pub failed: parking_lot::Mutex<Option<String>>,
 }
 
 /// Runs the pipeline until `shutdown` completes, then stops consuming,
@@ -214,6 +241,14 @@ pub fn run_blocking(
         periodic,
     };
     let result = worker.run(&consumer);
+    worker
+        .shared
+        .health
+        .consuming
+        .store(false, Ordering::SeqCst);
+    if let Err(e) = &result {
+        *worker.shared.health.failed.lock() = Some(e.to_string());
+    }
     if let Some(p) = &mut worker.periodic {
         p.abandon_all(&worker.shared.partitions);
     }
@@ -363,7 +398,13 @@ impl Worker<'_> {
         let mut next_sweep = Instant::now() + sweep_every;
         let mut next_commit = Instant::now() + self.kafka.commit_interval;
         let mut next_gauges = Instant::now();
+        let mut next_scan = Instant::now();
+        self.shared.health.consuming.store(true, Ordering::SeqCst);
         while !self.stop.load(Ordering::SeqCst) {
+            self.shared
+                .health
+                .last_turn
+                .store(now_millis(), Ordering::Relaxed);
             if let Some(why) = self.producer.context().fatal() {
                 return Err(PipelineError::Producer(why));
             }
@@ -383,6 +424,10 @@ impl Worker<'_> {
             if now >= next_gauges {
                 self.refresh_gauges();
                 next_gauges = now + Duration::from_secs(1);
+            }
+            if now >= next_scan {
+                self.scan_gauges();
+                next_scan = now + Duration::from_secs(10);
             }
             // A batch: wait for the first message, then take what is ready.
             let Some(first) = consumer.poll(Duration::from_millis(100)) else {
@@ -487,7 +532,8 @@ impl Worker<'_> {
         };
         self.outbox.clear();
         match parsed {
-            Parsed::Event(ev) => {
+            Parsed::Event(mut ev) => {
+                ev.segment_id = self.shared.segment_id(ev.segment.as_deref());
                 let encoder = &self.encoder;
                 let outbox = &mut self.outbox;
                 let mut sink = |s: &Signal<'_>| {
@@ -690,6 +736,43 @@ impl Worker<'_> {
                 }
             }
             Err(e) => tracing::warn!("cannot commit offsets: {e}"),
+        }
+    }
+
+    /// Gauges that need a pass over every customer: published scores by
+    /// range, and tiers per configured segment.
+    fn scan_gauges(&self) {
+        let m = &self.shared.metrics;
+        let tiers = self.shared.model.tiers.len();
+        let segments = self.shared.segments.len();
+        let mut ranges = [0i64; 10];
+        let mut by_segment = vec![0i64; segments * tiers];
+        for p in self.shared.partitions.numbers() {
+            let Some(state) = self.shared.partitions.get(p) else {
+                continue;
+            };
+            let st = state.lock();
+            let table = st.engine.customers();
+            for slot in 0..table.len() as crate::customers::Slot {
+                let rec = table.record(slot);
+                let bucket = ((rec.emitted_score() / 10.0) as usize).min(9);
+                ranges[bucket] += 1;
+                let seg = usize::from(rec.segment());
+                if seg > 0 && seg <= segments {
+                    let tier = usize::from(rec.emitted_tier()).min(tiers - 1);
+                    by_segment[(seg - 1) * tiers + tier] += 1;
+                }
+            }
+        }
+        for (range, n) in crate::metrics::SCORE_RANGES.iter().zip(ranges) {
+            m.score_customers.with_label_values(&[range]).set(n);
+        }
+        for (i, segment) in self.shared.segments.iter().enumerate() {
+            for (t, tier) in self.shared.model.tiers.iter().enumerate() {
+                m.segment_tier_customers
+                    .with_label_values(&[segment.as_str(), &*tier.name])
+                    .set(by_segment[i * tiers + t]);
+            }
         }
     }
 

@@ -55,6 +55,10 @@ impl ClientContext for GroupContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::warn!("consumer: {error}: {reason}");
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::metrics::record_statistics(&self.metrics, "consumer", &statistics);
+    }
 }
 
 fn pairs(tpl: &TopicPartitionList) -> Vec<(String, i32)> {

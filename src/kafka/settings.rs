@@ -202,6 +202,8 @@ impl KafkaSettings {
             .set("partition.assignment.strategy", self.assignment_strategy())
             // To log when a partition has caught up with its log.
             .set("enable.partition.eof", "true")
+            // Lag and round-trip times for the metrics.
+            .set("statistics.interval.ms", "5000")
             // Defaults a user may override:
             .set("auto.offset.reset", "earliest")
             // Fetch responses sooner than librdkafka's 500 ms default: the
@@ -218,7 +220,8 @@ impl KafkaSettings {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5");
+            .set("linger.ms", "5")
+            .set("statistics.interval.ms", "5000");
         for (k, v) in self.options.iter().chain(&self.producer_options) {
             c.set(k, v);
         }
