@@ -279,6 +279,19 @@ impl Metrics {
         for kind in ["write", "corrupt"] {
             snapshot_failures.with_label_values(&[kind]);
         }
+        for error in [
+            "timed_out",
+            "queue_full",
+            "transport",
+            "unknown_topic",
+            "leader",
+            "request_timed_out",
+            "permanent",
+            "other",
+            "unknown",
+        ] {
+            delivery_errors.with_label_values(&[error]);
+        }
         Metrics {
             registry,
             events_consumed,

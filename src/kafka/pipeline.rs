@@ -134,6 +134,8 @@ pub async fn run(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
+    // If this future is dropped (its runtime shuts down), the thread stops too.
+    let _guard = StopOnDrop(Arc::clone(&stop));
     let clock = settings.clock;
     let mut handle = tokio::task::spawn_blocking(move || {
         run_blocking(&kafka, clock, shared, hooks, periodic, &thread_stop)
@@ -146,6 +148,15 @@ pub async fn run(
         }
     }
     handle.await.unwrap_or(Err(PipelineError::Panicked))
+}
+
+/// Sets the stop flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// One output or dead letter, waiting to be sent.
