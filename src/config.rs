@@ -125,7 +125,7 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSnapshot {
-    /// `local` (default) or `none`.
+    /// `local` (default), `kafka` or `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreKind>,
     /// Local store directory; default `state`. Env: `CES_SNAPSHOT_DIR`.
@@ -137,6 +137,9 @@ pub struct RawSnapshot {
     /// Snapshots kept per partition; default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<i64>,
+    /// The changelog topic of the `kafka` store; default `<group_id>-state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -472,11 +475,15 @@ fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelEr
         !dir.as_os_str().is_empty(),
         "cannot be empty",
     )?;
+    if let Some(t) = &raw.topic {
+        check("snapshot.topic", !t.is_empty(), "cannot be empty")?;
+    }
     Ok(SnapshotSettings {
         store: raw.store.unwrap_or(StoreKind::Local),
         dir,
         interval,
         keep: keep as usize,
+        topic: raw.topic,
     })
 }
 
@@ -851,6 +858,7 @@ fn effective_raw(settings: &Settings) -> RawConfig {
         dir: Some(s.dir.clone()),
         interval: Some(HumanDuration(s.interval)),
         keep: Some(s.keep as i64),
+        topic: s.topic.clone(),
     });
     raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
     raw

@@ -73,6 +73,10 @@ pub struct Layout {
     pub wide_channels: bool,
     /// Diversity window, for channel ages.
     pub window: Millis,
+    /// Words after the model's, for the shell's own per-customer data (the
+    /// changelog store keeps the offset of the last event applied, per
+    /// input topic, there).
+    pub extra: usize,
     stride: usize,
 }
 
@@ -91,8 +95,16 @@ impl Layout {
             channels,
             wide_channels,
             window,
+            extra: 0,
             stride: HEADER_WORDS + activities + channels * channel_words,
         }
+    }
+
+    /// The layout with `words` more per record.
+    pub fn with_extra(mut self, words: usize) -> Layout {
+        self.stride = self.stride - self.extra + words;
+        self.extra = words;
+        self
     }
 
     /// Bytes of one record.
@@ -270,6 +282,78 @@ impl CustomerTable {
         end == copy.len
     }
 
+    /// As [`Self::snapshot_chunk`], but hands only the records changed since
+    /// the last snapshot to `f` (id, words), and marks the live ones that
+    /// did not change during this snapshot clean.
+    pub fn snapshot_chunk_dirty(&mut self, max: usize, mut f: impl FnMut(&str, &[u32])) -> bool {
+        let stride = self.layout.stride;
+        let dirty_bit = u32::from(flags::DIRTY) << 24;
+        let Some(copy) = &mut self.snapshot else {
+            return true;
+        };
+        let end = (copy.next + max).min(copy.len);
+        for slot in copy.next..end {
+            let base = slot * stride;
+            let saved = copy.saved.remove(&(slot as Slot));
+            let words: &[u32] = match &saved {
+                Some(old) => old,
+                None => &self.words[base..base + stride],
+            };
+            if words[0] & dirty_bit == 0 {
+                continue;
+            }
+            let id = std::str::from_utf8(id_of(&words[..4], &self.ids)).unwrap_or("");
+            f(id, words);
+            if saved.is_none() {
+                self.words[base] &= !dirty_bit;
+            }
+        }
+        copy.next = end;
+        end == copy.len
+    }
+
+    /// Marks every customer changed (after a failed incremental write).
+    pub fn mark_all_dirty(&mut self) {
+        let dirty_bit = u32::from(flags::DIRTY) << 24;
+        let stride = self.layout.stride;
+        for slot in 0..self.len() {
+            self.words[slot * stride] |= dirty_bit;
+        }
+    }
+
+    /// A table from (id, record words) pairs written by another table: the
+    /// id words are rewritten for this one; every record starts clean.
+    pub fn from_records<'a>(
+        layout: Layout,
+        records: impl Iterator<Item = (&'a str, &'a [u32])>,
+    ) -> Result<CustomerTable, String> {
+        let stride = layout.stride;
+        let dirty_bit = u32::from(flags::DIRTY) << 24;
+        let mut words = Vec::new();
+        let mut ids = Vec::new();
+        for (id, rec) in records {
+            if rec.len() != stride {
+                return Err(format!("record of {} words, expected {stride}", rec.len()));
+            }
+            if id.is_empty() || id.len() > 256 {
+                return Err(format!("bad customer id length {}", id.len()));
+            }
+            let base = words.len();
+            words.extend_from_slice(rec);
+            words[base] = (words[base] & !0x1ff & !dirty_bit) | id.len() as u32;
+            if id.len() > INLINE_ID {
+                words[base + 1] =
+                    u32::try_from(ids.len()).map_err(|_| "id arena full".to_string())?;
+                ids.extend_from_slice(id.as_bytes());
+            } else {
+                let inline: &mut [u8] = bytemuck::cast_slice_mut(&mut words[base + 1..base + 4]);
+                inline.fill(0);
+                inline[..id.len()].copy_from_slice(id.as_bytes());
+            }
+        }
+        CustomerTable::from_parts(layout, words, ids)
+    }
+
     /// The id arena as it was when the snapshot began, and ends the snapshot.
     pub fn finish_snapshot(&mut self) -> Vec<u8> {
         match self.snapshot.take() {
@@ -387,6 +471,12 @@ impl CustomerTable {
         r.set_i64(6, init.peak_at);
         for c in 0..self.layout.channels {
             r.clear_channel(c);
+        }
+        // Extra words start at -1 ("nothing applied yet" for offsets).
+        let extra = self.layout.extra;
+        let stride = self.layout.stride;
+        for w in &mut self.words[base + stride - extra..base + stride] {
+            *w = u32::MAX;
         }
         Ok(slot)
     }
@@ -585,6 +675,13 @@ macro_rules! getters {
         pub fn sum(&self, k: usize) -> f32 {
             f32::from_bits(self.w[HEADER_WORDS + k])
         }
+        /// An i64 from the extra words, at `i` (in i64 units); `None`
+        /// beyond the layout.
+        #[inline]
+        pub fn extra_i64(&self, i: usize) -> Option<i64> {
+            let at = self.layout.stride - self.layout.extra + 2 * i;
+            (at + 1 < self.w.len()).then(|| self.get_i64(at))
+        }
         /// Time of the latest positive event in channel `c`, if it may still
         /// lie within the diversity window.
         #[inline]
@@ -698,6 +795,14 @@ impl RecordMut<'_> {
             if age <= self.layout.window && (age as u32) < self.w[at + c] {
                 self.w[at + c] = age as u32;
             }
+        }
+    }
+
+    /// Stores an i64 in the extra words, at `i` (in i64 units).
+    pub fn set_extra_i64(&mut self, i: usize, v: i64) {
+        let at = self.layout.stride - self.layout.extra + 2 * i;
+        if at + 1 < self.w.len() {
+            self.set_i64(at, v);
         }
     }
 

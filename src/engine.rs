@@ -110,7 +110,7 @@ impl<F: FnMut(&Signal<'_>)> SignalSink for F {
 /// What became of an event handed to the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Applied { new_customer: bool },
+    Applied { new_customer: bool, slot: Slot },
     Ignored(IgnoreReason),
 }
 
@@ -174,7 +174,12 @@ struct Evaluated {
 
 impl Engine {
     pub fn new(model: Arc<Model>) -> Engine {
-        let layout = Layout::for_model(&model);
+        Engine::with_extra_words(model, 0)
+    }
+
+    /// An engine whose records carry `extra` more words for the shell.
+    pub fn with_extra_words(model: Arc<Model>, extra: usize) -> Engine {
+        let layout = Layout::for_model(&model).with_extra(extra);
         let n = model.activities.len();
         let model_tiers = model.tiers.len();
         Engine {
@@ -348,7 +353,7 @@ impl Engine {
         }
         rec.set_flag(flags::DIRTY, true);
         self.evaluate(slot, t, Cause::Event, event.event_id.as_deref(), sink);
-        Ok(Outcome::Applied { new_customer })
+        Ok(Outcome::Applied { new_customer, slot })
     }
 
     /// Evaluates every customer at `t` with cause `decay`.

@@ -308,32 +308,23 @@ fn parse_time(text: &str) -> anyhow::Result<i64> {
 }
 
 fn inspect(settings: &Settings, partition: Option<i32>, at: i64) -> anyhow::Result<()> {
-    use ces_stream::snapshot::{fingerprint, local::LocalStore};
-    let kafka = settings.kafka()?;
-    let s = &settings.snapshot;
-    let store = LocalStore::new(&s.dir, &kafka.group_id, s.keep);
+    use ces_stream::snapshot::Store;
+    let Some(store) = ces_stream::service::open_store(settings)? else {
+        anyhow::bail!("[snapshot] store = \"none\": there is nothing to inspect");
+    };
     let model = Arc::new(settings.model.clone());
-    let expected = fingerprint(&model);
-    let partitions = match partition {
-        Some(p) => vec![p],
-        None => store.partitions(),
+    let metrics = ces_stream::metrics::Metrics::new(&model);
+    let partitions = match (partition, &store) {
+        (Some(p), _) => vec![p],
+        (None, Store::Local(s)) => s.partitions(),
+        (None, Store::Kafka(c)) => c.partitions(),
     };
     if partitions.is_empty() {
-        anyhow::bail!("no snapshots under {}", store.root().display());
+        anyhow::bail!("the snapshot store holds no partitions");
     }
     let mut out = BufWriter::new(std::io::stdout().lock());
     for p in partitions {
-        let mut restored = None;
-        for (_, path) in store.files(p) {
-            match store.read(&path, &model, expected) {
-                Ok(r) => {
-                    restored = Some(r);
-                    break;
-                }
-                Err(e) => eprintln!("ces-stream: skipping {}: {e}", path.display()),
-            }
-        }
-        match restored {
+        match store.load(p, &model, &metrics) {
             Some(r) => {
                 let n = ces_stream::inspect::write_engine(&mut out, &r.engine, at, Some(p))?;
                 eprintln!(

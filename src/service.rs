@@ -8,9 +8,10 @@ use crate::config::Settings;
 use crate::http::ApiState;
 use crate::kafka::pipeline::{self, PipelineError, Shared};
 use crate::kafka::rebalance::PartitionHooks;
+use crate::snapshot::changelog::{ChangelogError, ChangelogStore};
 use crate::snapshot::local::LocalStore;
 use crate::snapshot::periodic::Periodic;
-use crate::snapshot::{fingerprint, StoreHooks, StoreKind};
+use crate::snapshot::{fingerprint, Store, StoreHooks, StoreKind};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum ServiceError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
     #[error("http.api_token_env names {var}, which is not set or empty")]
     Token { var: String },
 }
@@ -50,20 +53,55 @@ pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, S
                 dir: store.root().to_path_buf(),
                 source,
             })?;
-            let hooks = StoreHooks {
-                store: Arc::clone(&store),
-                model: Arc::clone(&shared.model),
-                metrics: shared.metrics.clone(),
-            };
-            let periodic = Periodic::new(
-                store,
-                fingerprint(&shared.model),
-                s.interval,
-                shared.metrics.clone(),
-            );
-            Ok((Some(Arc::new(hooks)), Some(periodic)))
+            Ok(hooks_for(Store::Local(store), s.interval, shared))
+        }
+        StoreKind::Kafka => {
+            let kafka = settings.kafka()?;
+            let topic = s
+                .topic
+                .clone()
+                .unwrap_or_else(|| format!("{}-state", kafka.group_id));
+            let store = ChangelogStore::open(kafka, &topic)?;
+            tracing::info!(topic = %topic, "snapshots go to the changelog topic");
+            Ok(hooks_for(Store::Kafka(Arc::new(store)), s.interval, shared))
         }
     }
+}
+
+/// The snapshot store of the settings, for reading (`inspect`).
+pub fn open_store(settings: &Settings) -> Result<Option<Store>, ServiceError> {
+    let s = &settings.snapshot;
+    let kafka = settings.kafka()?;
+    Ok(match s.store {
+        StoreKind::None => None,
+        StoreKind::Local => Some(Store::Local(Arc::new(LocalStore::new(
+            &s.dir,
+            &kafka.group_id,
+            s.keep,
+        )))),
+        StoreKind::Kafka => {
+            let topic = s
+                .topic
+                .clone()
+                .unwrap_or_else(|| format!("{}-state", kafka.group_id));
+            Some(Store::Kafka(Arc::new(ChangelogStore::open(kafka, &topic)?)))
+        }
+    })
+}
+
+fn hooks_for(store: Store, interval: std::time::Duration, shared: &Shared) -> StateStore {
+    let hooks = StoreHooks {
+        store: store.clone(),
+        model: Arc::clone(&shared.model),
+        metrics: shared.metrics.clone(),
+    };
+    let periodic = Periodic::new(
+        store,
+        fingerprint(&shared.model),
+        interval,
+        shared.metrics.clone(),
+    );
+    (Some(Arc::new(hooks)), Some(periodic))
 }
 
 /// Runs until `shutdown` completes or the pipeline fails.
@@ -93,10 +131,15 @@ pub async fn run_on(
         },
         None => None,
     };
-    let shared = Shared::with_segments(
+    let mut shared = Shared::with_segments(
         Arc::new(settings.model.clone()),
         settings.http.segments.clone(),
     );
+    if settings.snapshot.store == StoreKind::Kafka {
+        let mut topics = settings.kafka()?.input_topics.clone();
+        topics.sort();
+        shared.applied_topics = Arc::new(topics);
+    }
     let (hooks, periodic) = state_store(&settings, &shared)?;
     let api = ApiState {
         shared: shared.clone(),

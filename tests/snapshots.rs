@@ -317,3 +317,162 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_previous_one() {
         &replay_final(&soak.config, &events, at, soak.dir.path()),
     );
 }
+
+/// The partition the test assigns a customer to (explicitly, not through a
+/// client's partitioner, so that per-partition replays know it too).
+fn partition_of(customer: &str, partitions: u32) -> i32 {
+    (crc32fast::hash(customer.as_bytes()) % partitions) as i32
+}
+
+#[test]
+fn rebalances_between_instances_with_the_kafka_store_keep_the_state_exact() {
+    const PARTITIONS: i32 = 4;
+    let broker = Broker::start_fixed();
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output, dead, group) = (
+        unique("clicks"),
+        unique("signals"),
+        unique("dead"),
+        unique("group"),
+    );
+    create_topic(&broker.bootstrap, &input, PARTITIONS);
+    create_topic(&broker.bootstrap, &output, PARTITIONS);
+    create_topic(&broker.bootstrap, &dead, 1);
+    let model =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap()
+            .replace("[input]\n", "[input]\nclock = \"event\"\n");
+    let kafka = format!(
+        r#"
+[kafka]
+brokers = "{}"
+group_id = "{group}"
+input_topics = ["{input}"]
+output_topic = "{output}"
+dead_letter_topic = "{dead}"
+commit_interval = "100ms"
+shutdown_timeout = "20s"
+
+[kafka.consumer_options]
+"fetch.wait.max.ms" = 10
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+
+[http]
+listen = "127.0.0.1:0"
+
+[snapshot]
+store = "kafka"
+interval = "300ms"
+"#,
+        broker.bootstrap
+    );
+    let config = write_config(dir.path(), &model, &kafka);
+    let start = |name: &str| {
+        Instance::start_logging(
+            &config,
+            &dir.path().join(format!("{name}.log")),
+            "info,librdkafka=warn,ces_stream::kafka::pipeline=debug",
+        )
+    };
+
+    let events = stream(40_000, 2_000, 15, 29);
+    let mut per_partition: Vec<Vec<(String, String)>> = vec![Vec::new(); PARTITIONS as usize];
+    for e in &events {
+        per_partition[partition_of(&e.0, PARTITIONS as u32) as usize].push(e.clone());
+    }
+    let chunks = 6;
+    let produce_chunk = |k: usize| {
+        for (p, evs) in per_partition.iter().enumerate() {
+            let size = evs.len().div_ceil(chunks);
+            let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
+            produce_to(&broker.bootstrap, &input, p as i32, part);
+        }
+    };
+
+    // Instances come and go while events flow: graceful stops, a crash.
+    let mut a = start("a");
+    assert!(
+        a.wait_for_log("partition starts", Duration::from_secs(60)),
+        "{}",
+        a.log_text()
+    );
+    produce_chunk(0);
+    let b = start("b");
+    produce_chunk(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut c = start("c");
+    produce_chunk(2);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        a.terminate(Duration::from_secs(60))
+            .expect("a stops")
+            .success(),
+        "{}",
+        a.log_text()
+    );
+    produce_chunk(3);
+    std::thread::sleep(Duration::from_millis(1500));
+    b.signal("KILL"); // a crash, possibly in the middle of a snapshot
+    drop(b);
+    produce_chunk(4);
+    let a2 = start("a2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        c.terminate(Duration::from_secs(60))
+            .expect("c stops")
+            .success(),
+        "{}",
+        c.log_text()
+    );
+    produce_chunk(5);
+
+    // One instance drains everything, then stops (snapshots on release).
+    let mut last = a2;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let log = last.log_text();
+        let done = (0..PARTITIONS).all(|p| {
+            let end = per_partition[p as usize].len();
+            log.lines().any(|l| {
+                l.contains("caught up")
+                    && l.contains(&format!("partition={p} "))
+                    && l.contains(&format!("(\"{input}\", {end})"))
+            })
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not drained:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        last.terminate(Duration::from_secs(60))
+            .expect("stops")
+            .success(),
+        "{}",
+        last.log_text()
+    );
+
+    // What the changelog restores equals one replay per partition.
+    let at = "2026-10-20T00:00:00Z";
+    let out = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["inspect", "--config"])
+        .arg(&config)
+        .args(["--at", at])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = by_customer(&out.stdout);
+    let mut replayed = HashMap::new();
+    for (p, evs) in per_partition.iter().enumerate() {
+        let sub = dir.path().join(format!("replay-{p}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        replayed.extend(replay_final(&config, evs, at, &sub));
+    }
+    assert_same_state(&restored, &replayed);
+}

@@ -83,6 +83,9 @@ pub struct Shared {
     /// `[metrics] segments`, in order: a customer's segment id is its
     /// 1-based position here.
     pub segments: Arc<Vec<String>>,
+    /// With the changelog store: the input topics whose last applied offset
+    /// each customer record keeps (in its extra words), in this order.
+    pub applied_topics: Arc<Vec<String>>,
 }
 
 impl Shared {
@@ -98,7 +101,16 @@ impl Shared {
             metrics,
             health: Arc::new(Health::default()),
             segments: Arc::new(segments),
+            applied_topics: Arc::new(Vec::new()),
         }
+    }
+
+    /// A new, empty partition state.
+    pub fn new_state(&self) -> PartitionState {
+        PartitionState::from_engine(crate::engine::Engine::with_extra_words(
+            Arc::clone(&self.model),
+            2 * self.applied_topics.len(),
+        ))
     }
 
     fn segment_id(&self, segment: Option<&str>) -> u8 {
@@ -467,19 +479,28 @@ impl Worker<'_> {
         match message {
             Ok(m) => self.process(&m),
             Err(KafkaError::PartitionEOF(p)) => {
-                // Logged once per assignment: the state is now current.
+                // The state is current. Said at INFO the first time after
+                // an assignment, at DEBUG after that.
                 if let Some(state) = self.shared.partitions.get(p) {
                     let mut st = state.lock();
+                    let mut positions = self.tracker.lock().positions(p);
+                    if positions.is_empty() {
+                        // Nothing new since the assignment.
+                        positions = st.started_at.clone();
+                    }
+                    let customers = st.engine.customers().len();
                     if !st.reached_end {
                         st.reached_end = true;
-                        let mut positions = self.tracker.lock().positions(p);
-                        if positions.is_empty() {
-                            // Nothing new since the assignment.
-                            positions = st.started_at.clone();
-                        }
                         tracing::info!(
                             partition = p,
-                            customers = st.engine.customers().len(),
+                            customers,
+                            ?positions,
+                            "partition caught up with the end of its log"
+                        );
+                    } else {
+                        tracing::debug!(
+                            partition = p,
+                            customers,
                             ?positions,
                             "partition caught up with the end of its log"
                         );
@@ -518,10 +539,11 @@ impl Worker<'_> {
         let timestamp = msg.timestamp().to_millis();
         let model = Arc::clone(&self.shared.model);
         let metrics = &self.shared.metrics;
-        let state = self
-            .shared
+        let shared = &self.shared;
+        let state = shared
             .partitions
-            .get_or_insert_with(partition, || PartitionState::new(Arc::clone(&model)));
+            .get_or_insert_with(partition, || shared.new_state());
+        let applied_index = shared.applied_topics.iter().position(|t| **t == *topic);
         let mut st = state.lock();
         let silent = st.is_rebuilding(&topic, offset);
         let now = now_millis().max(st.clock);
@@ -545,6 +567,20 @@ impl Worker<'_> {
         match parsed {
             Parsed::Event(mut ev) => {
                 ev.segment_id = self.shared.segment_id(ev.segment.as_deref());
+                // After a restore from the changelog, a customer's record may
+                // already include this event (a snapshot cut half-written).
+                if let Some(i) = applied_index {
+                    let table = st.engine.customers();
+                    let done = table
+                        .find(&ev.customer_id)
+                        .and_then(|slot| table.record(slot).extra_i64(i))
+                        .is_some_and(|applied| offset <= applied);
+                    if done {
+                        drop(st);
+                        self.tracker.lock().processed(&topic, partition, offset, 0);
+                        return Ok(());
+                    }
+                }
                 let encoder = &self.encoder;
                 let outbox = &mut self.outbox;
                 let mut sink = |s: &Signal<'_>| {
@@ -560,7 +596,15 @@ impl Worker<'_> {
                     Clock::Event => st.engine.process_replay(&ev, &mut sink),
                 };
                 match result {
-                    Ok(Outcome::Applied { .. }) => metrics.events_accepted.inc(),
+                    Ok(Outcome::Applied { slot, .. }) => {
+                        metrics.events_accepted.inc();
+                        if let Some(i) = applied_index {
+                            st.engine
+                                .customers_mut()
+                                .record_mut(slot)
+                                .set_extra_i64(i, offset);
+                        }
+                    }
                     Ok(Outcome::Ignored(r)) => metrics.ignored_by_reason[r as usize].inc(),
                     Err(source) => return Err(PipelineError::Engine { partition, source }),
                 }

@@ -31,7 +31,7 @@ pub trait PartitionHooks: Send + Sync {
     /// Called with a partition's final state before it is dropped (revoke
     /// or shutdown), after its outputs are acknowledged. `next` holds, per
     /// input topic, the next offset to process.
-    fn release(&self, partition: i32, state: &PartitionState, next: &[(String, Option<i64>)]);
+    fn release(&self, partition: i32, state: &mut PartitionState, next: &[(String, Option<i64>)]);
 }
 
 /// The consumer's context: owns what a rebalance must touch.
@@ -53,6 +53,10 @@ pub struct GroupContext {
 
 impl ClientContext for GroupContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // The end of a partition is news, not an error (see the pipeline).
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
         tracing::warn!("consumer: {error}: {reason}");
     }
 
@@ -251,7 +255,7 @@ impl GroupContext {
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
                     if acknowledged {
-                        h.release(p, &state.lock(), &next);
+                        h.release(p, &mut state.lock(), &next);
                     } else {
                         tracing::warn!(partition = p, "outputs unacknowledged: no snapshot on release; the next owner restores the previous one");
                     }

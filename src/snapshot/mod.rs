@@ -11,6 +11,7 @@
 //!
 //! Stores: [`local`] (a directory of checksummed files, the default).
 
+pub mod changelog;
 pub mod format;
 pub mod local;
 pub mod periodic;
@@ -57,6 +58,8 @@ pub struct SnapshotSettings {
     pub dir: PathBuf,
     pub interval: Duration,
     pub keep: usize,
+    /// The changelog topic of the kafka store; default `<group_id>-state`.
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -64,6 +67,8 @@ pub struct SnapshotSettings {
 pub enum StoreKind {
     /// A directory of snapshot files.
     Local,
+    /// A compacted changelog topic.
+    Kafka,
     /// No snapshots: every assignment rebuilds from the log.
     None,
 }
@@ -107,7 +112,9 @@ pub fn engine_from(
     words: Vec<u32>,
     ids: Vec<u8>,
 ) -> Result<Engine, format::FormatError> {
-    let layout = Layout::for_model(model);
+    let base = Layout::for_model(model);
+    let extra = (header.stride as usize).saturating_sub(base.stride());
+    let layout = base.with_extra(extra);
     if header.stride as usize != layout.stride() {
         return Err(format::FormatError::Inconsistent(format!(
             "records of {} words, the model needs {}",
@@ -154,10 +161,83 @@ pub fn fingerprint(model: &Model) -> u64 {
     h.finish()
 }
 
+/// A snapshot store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Local(Arc<local::LocalStore>),
+    Kafka(Arc<changelog::ChangelogStore>),
+}
+
+impl Store {
+    /// Extra words per customer record this store needs.
+    pub fn extra_words(&self) -> usize {
+        match self {
+            Store::Local(_) => 0,
+            Store::Kafka(c) => c.extra_words(),
+        }
+    }
+
+    pub fn load(&self, partition: i32, model: &Arc<Model>, metrics: &Metrics) -> Option<Restored> {
+        match self {
+            Store::Local(s) => s.load(partition, model, metrics),
+            Store::Kafka(s) => s.load(partition, model, metrics),
+        }
+    }
+
+    /// Saves a partition whose processing is paused (release): a whole file,
+    /// or the changed customers and a checkpoint.
+    pub fn save_now(
+        &self,
+        partition: i32,
+        fingerprint: u64,
+        state: &mut PartitionState,
+        offsets: Vec<(String, i64)>,
+    ) -> Result<u64, String> {
+        match self {
+            Store::Local(s) => s
+                .save_now(partition, fingerprint, state, offsets)
+                .map_err(|e| e.to_string()),
+            Store::Kafka(c) => {
+                let table = state.engine.customers_mut();
+                table.cancel_snapshot();
+                let (customers, ids_len) = table.begin_snapshot();
+                let mut records: Vec<(String, Vec<u32>)> = Vec::new();
+                table.snapshot_chunk_dirty(usize::MAX, |id, w| {
+                    records.push((id.to_string(), w.to_vec()))
+                });
+                table.finish_snapshot();
+                let header = header_for(
+                    partition,
+                    fingerprint,
+                    &state.engine,
+                    state.clock,
+                    offsets,
+                    customers,
+                    ids_len,
+                );
+                let result = c
+                    .write_records(
+                        partition,
+                        records.iter().map(|(i, w)| (i.as_str(), w.as_slice())),
+                    )
+                    .and_then(|_| c.flush(Duration::from_secs(60)))
+                    .and_then(|_| c.write_checkpoint(&header));
+                match result {
+                    Ok(bytes) => Ok(bytes + records.len() as u64 * (header.stride as u64 * 4)),
+                    Err(e) => {
+                        state.engine.customers_mut().mark_all_dirty();
+                        Err(e.to_string())
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The hooks the pipeline calls on assignment and release: restore from,
-/// and save to, a local store.
+/// and save to, the store.
 pub struct StoreHooks {
-    pub store: Arc<local::LocalStore>,
+    pub store: Store,
     pub model: Arc<Model>,
     pub metrics: Metrics,
 }
@@ -195,15 +275,17 @@ impl PartitionHooks for StoreHooks {
             }
             None => {
                 tracing::info!(partition, "no snapshot: rebuilding from the log");
+                let engine =
+                    Engine::with_extra_words(Arc::clone(&self.model), self.store.extra_words());
                 (
-                    PartitionState::new(Arc::clone(&self.model)),
+                    PartitionState::from_engine(engine),
                     vec![None; topics.len()],
                 )
             }
         }
     }
 
-    fn release(&self, partition: i32, state: &PartitionState, next: &[(String, Option<i64>)]) {
+    fn release(&self, partition: i32, state: &mut PartitionState, next: &[(String, Option<i64>)]) {
         let offsets: Vec<(String, i64)> = next
             .iter()
             .filter_map(|(t, o)| o.map(|o| (t.clone(), o)))

@@ -18,22 +18,38 @@ use parking_lot::Mutex;
 use crate::kafka::delivery::OffsetTracker;
 use crate::kafka::partitions::Partitions;
 use crate::metrics::Metrics;
-use crate::snapshot::header_for;
-use crate::snapshot::local::{LocalStore, LocalWriter};
+use crate::snapshot::local::LocalWriter;
+use crate::snapshot::{header_for, Header, Store};
 
 /// Records copied per loop turn: about half a megabyte with the default model.
 const CHUNK: usize = 4_096;
 
 struct Active {
-    writer: LocalWriter,
+    target: Target,
     offsets: Vec<(String, i64)>,
     started: Instant,
     buf: Vec<u32>,
 }
 
+/// Where an active snapshot goes.
+enum Target {
+    /// A file of the local store.
+    File(LocalWriter),
+    /// Changed customers to the changelog, then this checkpoint.
+    Changelog { header: Header, records: usize },
+}
+
+impl Target {
+    fn abandon(self) {
+        if let Target::File(w) = self {
+            w.abandon();
+        }
+    }
+}
+
 /// The periodic snapshots of one pipeline.
 pub struct Periodic {
-    store: Arc<LocalStore>,
+    store: Store,
     fingerprint: u64,
     interval: Duration,
     next_at: Instant,
@@ -41,15 +57,13 @@ pub struct Periodic {
     metrics: Metrics,
     /// When each partition's newest snapshot became current.
     last_done: Arc<Mutex<HashMap<i32, Instant>>>,
+    /// Partitions whose last incremental write failed: the next snapshot
+    /// writes every customer again.
+    rewrite: Arc<Mutex<std::collections::HashSet<i32>>>,
 }
 
 impl Periodic {
-    pub fn new(
-        store: Arc<LocalStore>,
-        fingerprint: u64,
-        interval: Duration,
-        metrics: Metrics,
-    ) -> Periodic {
+    pub fn new(store: Store, fingerprint: u64, interval: Duration, metrics: Metrics) -> Periodic {
         Periodic {
             store,
             fingerprint,
@@ -58,6 +72,7 @@ impl Periodic {
             active: HashMap::new(),
             metrics,
             last_done: Arc::new(Mutex::new(HashMap::new())),
+            rewrite: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
     }
 
@@ -91,6 +106,9 @@ impl Periodic {
         if offsets.is_empty() {
             return; // nothing processed yet
         }
+        if self.rewrite.lock().remove(&p) {
+            st.engine.customers_mut().mark_all_dirty();
+        }
         let (customers, ids_len) = st.engine.customers_mut().begin_snapshot();
         let header = header_for(
             p,
@@ -101,27 +119,30 @@ impl Periodic {
             customers,
             ids_len,
         );
-        match self.store.begin(&header) {
-            Ok(writer) => {
-                self.active.insert(
-                    p,
-                    Active {
-                        writer,
-                        offsets,
-                        started: Instant::now(),
-                        buf: Vec::new(),
-                    },
-                );
-            }
-            Err(e) => {
-                st.engine.customers_mut().cancel_snapshot();
-                self.metrics
-                    .snapshot_failures
-                    .with_label_values(&["write"])
-                    .inc();
-                tracing::error!(partition = p, "cannot start a snapshot: {e}");
-            }
-        }
+        let target = match &self.store {
+            Store::Local(store) => match store.begin(&header) {
+                Ok(writer) => Target::File(writer),
+                Err(e) => {
+                    st.engine.customers_mut().cancel_snapshot();
+                    self.metrics
+                        .snapshot_failures
+                        .with_label_values(&["write"])
+                        .inc();
+                    tracing::error!(partition = p, "cannot start a snapshot: {e}");
+                    return;
+                }
+            },
+            Store::Kafka(_) => Target::Changelog { header, records: 0 },
+        };
+        self.active.insert(
+            p,
+            Active {
+                target,
+                offsets,
+                started: Instant::now(),
+                buf: Vec::new(),
+            },
+        );
     }
 
     fn advance(&mut self, p: i32, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
@@ -129,45 +150,67 @@ impl Periodic {
             return;
         };
         let Some(state) = partitions.get(p) else {
-            active.writer.abandon(); // revoked meanwhile: its release snapshot is newer
+            active.target.abandon(); // revoked meanwhile: its release snapshot is newer
             return;
         };
         active.buf.clear();
-        let ids = {
+        let mut changed: Vec<(String, Vec<u32>)> = Vec::new();
+        let done = {
             let mut st = state.lock();
             let table = st.engine.customers_mut();
             if !table.snapshot_active() {
                 drop(st);
-                active.writer.abandon();
+                active.target.abandon();
                 return;
             }
-            let done = table.snapshot_chunk(CHUNK, &mut active.buf);
+            let done = match &active.target {
+                Target::File(_) => table.snapshot_chunk(CHUNK, &mut active.buf),
+                Target::Changelog { .. } => table.snapshot_chunk_dirty(CHUNK, |id, w| {
+                    changed.push((id.to_string(), w.to_vec()))
+                }),
+            };
             done.then(|| table.finish_snapshot())
         };
-        if let Err(e) = active.writer.records(&active.buf) {
+        let written = match (&mut active.target, &self.store) {
+            (Target::File(w), _) => w.records(&active.buf).map_err(|e| e.to_string()),
+            (Target::Changelog { records, .. }, Store::Kafka(c)) => {
+                *records += changed.len();
+                c.write_records(p, changed.iter().map(|(i, w)| (i.as_str(), w.as_slice())))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = written {
             self.fail(p, &state, active, e);
             return;
         }
-        let Some(ids) = ids else {
+        let Some(ids) = done else {
             self.active.insert(p, active);
             return;
         };
         let Active {
-            writer,
+            target,
             offsets,
             started,
             ..
         } = active;
-        let pending = match writer.finish(&ids) {
-            Ok(pending) => pending,
-            Err(e) => {
-                self.metrics
-                    .snapshot_failures
-                    .with_label_values(&["write"])
-                    .inc();
-                tracing::error!(partition = p, "cannot write a snapshot: {e}");
-                return;
-            }
+        let pending = match target {
+            Target::File(writer) => match writer.finish(&ids) {
+                Ok(pending) => Finish::File(pending),
+                Err(e) => {
+                    self.metrics
+                        .snapshot_failures
+                        .with_label_values(&["write"])
+                        .inc();
+                    tracing::error!(partition = p, "cannot write a snapshot: {e}");
+                    return;
+                }
+            },
+            Target::Changelog { header, records } => match &self.store {
+                Store::Kafka(c) => Finish::Changelog(Arc::clone(c), header, records),
+                Store::Local(_) => return,
+            },
         };
         let written = started.elapsed();
         // Current only once every output of the events it covers is
@@ -175,6 +218,7 @@ impl Periodic {
         let tracker = Arc::clone(tracker);
         let metrics = self.metrics.clone();
         let last_done = Arc::clone(&self.last_done);
+        let rewrite = Arc::clone(&self.rewrite);
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(300);
             loop {
@@ -193,7 +237,7 @@ impl Periodic {
                 match ready {
                     Some(true) => break,
                     None => {
-                        pending.abandon();
+                        pending.abandon(&rewrite, p);
                         return;
                     }
                     Some(false) if Instant::now() > deadline => {
@@ -201,7 +245,7 @@ impl Periodic {
                             partition = p,
                             "snapshot outputs never acknowledged: dropped"
                         );
-                        pending.abandon();
+                        pending.abandon(&rewrite, p);
                         return;
                     }
                     Some(false) => std::thread::sleep(Duration::from_millis(5)),
@@ -220,6 +264,7 @@ impl Periodic {
                     );
                 }
                 Err(e) => {
+                    rewrite.lock().insert(p);
                     metrics
                         .snapshot_failures
                         .with_label_values(&["write"])
@@ -235,10 +280,11 @@ impl Periodic {
         p: i32,
         state: &crate::kafka::partitions::SharedPartition,
         active: Active,
-        e: crate::snapshot::SnapshotError,
+        e: String,
     ) {
         state.lock().engine.customers_mut().cancel_snapshot();
-        active.writer.abandon();
+        active.target.abandon();
+        self.rewrite.lock().insert(p);
         self.metrics
             .snapshot_failures
             .with_label_values(&["write"])
@@ -263,7 +309,43 @@ impl Periodic {
             if let Some(state) = partitions.get(p) {
                 state.lock().engine.customers_mut().cancel_snapshot();
             }
-            active.writer.abandon();
+            active.target.abandon();
+        }
+    }
+}
+
+/// A finished snapshot waiting to become current.
+enum Finish {
+    File(crate::snapshot::local::Pending),
+    Changelog(
+        Arc<crate::snapshot::changelog::ChangelogStore>,
+        Header,
+        usize,
+    ),
+}
+
+impl Finish {
+    fn commit(self) -> Result<u64, String> {
+        match self {
+            Finish::File(p) => p.commit().map_err(|e| e.to_string()),
+            Finish::Changelog(c, header, records) => {
+                c.flush(Duration::from_secs(60))
+                    .map_err(|e| e.to_string())?;
+                let bytes = c.write_checkpoint(&header).map_err(|e| e.to_string())?;
+                Ok(bytes + (records as u64) * u64::from(header.stride) * 4)
+            }
+        }
+    }
+
+    fn abandon(self, rewrite: &Mutex<std::collections::HashSet<i32>>, p: i32) {
+        match self {
+            Finish::File(pending) => pending.abandon(),
+            // Records were written without a checkpoint: harmless (each
+            // carries its own applied offsets), but rewrite everyone next
+            // time so that no change is left behind a missing checkpoint.
+            Finish::Changelog(..) => {
+                rewrite.lock().insert(p);
+            }
         }
     }
 }

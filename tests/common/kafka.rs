@@ -235,12 +235,17 @@ pub struct Instance {
 impl Instance {
     /// Starts `ces-stream run --config CONFIG`, logging to `log`.
     pub fn start(config: &Path, log: &Path) -> Instance {
+        Instance::start_logging(config, log, "info,librdkafka=warn")
+    }
+
+    /// As [`Instance::start`], with `RUST_LOG` = `filter`.
+    pub fn start_logging(config: &Path, log: &Path, filter: &str) -> Instance {
         let log_file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
             .arg("run")
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
