@@ -7,6 +7,11 @@
 #   its build directory under target/ so that a rebuild is incremental.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# - OpenSSL headers: librdkafka is built from its bundled source with TLS.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "ci-deps: installing libssl-dev (librdkafka's TLS)" >&2
+  apt-get update -qq >&2 && apt-get install -y -qq libssl-dev pkg-config >&2
+fi
 if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
   echo "ci-deps: python3 >= 3.11 is needed by tests/reference.rs" >&2
   if command -v apt-get >/dev/null; then
