@@ -107,11 +107,6 @@ impl Layout {
         self
     }
 
-    /// Bytes of one record.
-    pub fn record_bytes(&self) -> usize {
-        self.stride * 4
-    }
-
     /// Words of one record.
     pub fn stride(&self) -> usize {
         self.stride
@@ -531,14 +526,6 @@ impl CustomerTable {
                 layout: &self.layout,
             },
         )
-    }
-
-    /// Bytes held by the table (capacity, not length).
-    pub fn heap_bytes(&self) -> usize {
-        self.words.capacity() * 4
-            + self.ids.capacity()
-            + self.index.capacity() * 5
-            + self.wake.capacity() * 2
     }
 
     /// The wake-up marks of all customers, relative to [`Self::wake_base`].

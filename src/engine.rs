@@ -258,10 +258,6 @@ impl Engine {
         self.watermark
     }
 
-    pub fn set_watermark(&mut self, w: Option<Millis>) {
-        self.watermark = w;
-    }
-
     fn too_late(&self, t: Millis) -> bool {
         self.watermark
             .is_some_and(|w| t < w.saturating_sub(self.model.input.max_lateness))

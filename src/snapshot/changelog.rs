@@ -131,10 +131,6 @@ impl ChangelogStore {
         }
     }
 
-    pub fn topic_index(&self, topic: &str) -> Option<usize> {
-        self.topics.iter().position(|t| t == topic)
-    }
-
     fn partition_count(&self, topic: &str) -> Result<Option<usize>, ChangelogError> {
         let md = self
             .producer
