@@ -151,7 +151,12 @@ pub struct Engine {
     /// state changes, so that metrics never scan the table.
     tier_counts: Vec<u64>,
     at_risk: u64,
+    /// The decay over `QUIET_STEPS[i] - 1` sweep intervals.
+    grid_decay: [f64; 4],
 }
+
+/// Sweep counts the quiet horizon tries, longest first.
+const QUIET_STEPS: [i64; 4] = [256, 32, 4, 1];
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,6 +187,8 @@ impl Engine {
         let layout = Layout::for_model(&model).with_extra(extra);
         let n = model.activities.len();
         let model_tiers = model.tiers.len();
+        let interval = model.signals.sweep_interval;
+        let grid_decay = QUIET_STEPS.map(|s| model.decay((s - 1) * interval));
         Engine {
             model,
             table: CustomerTable::new(layout),
@@ -190,6 +197,7 @@ impl Engine {
             sweeps_on_grid: true,
             tier_counts: vec![0; model_tiers],
             at_risk: 0,
+            grid_decay,
         }
     }
 
@@ -535,7 +543,14 @@ impl Engine {
             rec.set_flag(flags::DIRTY, true);
         }
 
-        let wake = Self::quiet_until(model, rec.as_record(), t, &now, self.sweeps_on_grid);
+        let wake = Self::quiet_until(
+            model,
+            rec.as_record(),
+            t,
+            &now,
+            self.sweeps_on_grid,
+            &self.grid_decay,
+        );
         let interval = model.signals.sweep_interval;
         match wake {
             Some(n) if n - wake_base >= i64::from(u16::MAX) || n - wake_base < 1 => {
@@ -567,6 +582,7 @@ impl Engine {
         t: Millis,
         now: &Evaluated,
         grid: bool,
+        grid_decay: &[f64; 4],
     ) -> Option<i64> {
         // Far from the range where f64 rounding cannot matter: always evaluate.
         if now.positive > 1e12 || now.negative < -1e12 {
@@ -644,14 +660,19 @@ impl Engine {
             (now.positive, now.negative, now.diversity)
         };
         let (p1, n1, d1) = at_t1;
-        for steps in [256i64, 32, 4, 1] {
+        for (i, steps) in QUIET_STEPS.into_iter().enumerate() {
             let t2 = (n + steps) * interval;
             if t2 > last_t2 {
                 continue;
             }
             // Without events, the positive part decays at least as fast as
-            // `g` and the negative part exactly as fast (it has no cap).
-            let g = model.decay(t2 - t1);
+            // `g` and the negative part exactly as fast (it has no cap). On
+            // the grid, t2 - t1 is a whole number of intervals: precomputed.
+            let g = if grid {
+                grid_decay[i]
+            } else {
+                model.decay(t2 - t1)
+            };
             let lo = (p1 * g + n1).max(0.0) * Self::diversity_at(model, rec, t2);
             let hi = (p1 + n1 * g).max(0.0) * d1;
             let quiet = lo > raw_floor && hi < raw_ceiling && (peak != 0.0 || hi <= 0.0);
