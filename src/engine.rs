@@ -396,26 +396,9 @@ impl Engine {
         model: &Model,
         rec: Record<'_>,
         t: Millis,
-        mut contributions: Option<&mut [f64]>,
+        contributions: Option<&mut [f64]>,
     ) -> Evaluated {
-        let factor = model.decay(t - rec.last_event_at());
-        let (mut positive, mut negative) = (0.0, 0.0);
-        for (k, a) in model.activities.iter().enumerate() {
-            let s = f64::from(rec.sum(k)) * factor;
-            let c = match a.cap {
-                Some(cap) => s.min(cap),
-                None => s,
-            };
-            if let Some(out) = contributions.as_deref_mut() {
-                out[k] = c;
-            }
-            if c >= 0.0 {
-                positive += c;
-            } else {
-                negative += c;
-            }
-        }
-        let diversity = Self::diversity_at(model, rec, t);
+        let (positive, negative, diversity) = Self::parts_at(model, rec, t, contributions);
         let score = model.normalize((positive + negative).max(0.0) * diversity);
         Evaluated {
             positive,
@@ -655,7 +638,7 @@ impl Engine {
         // grid, else now.
         let t1 = if grid { (n + 1) * interval } else { t };
         let at_t1 = if grid {
-            Self::parts_at(model, rec, t1)
+            Self::parts_at(model, rec, t1, None)
         } else {
             (now.positive, now.negative, now.diversity)
         };
@@ -683,9 +666,15 @@ impl Engine {
         None
     }
 
-    /// Positive and negative contributions and diversity at `t`.
+    /// Positive and negative contributions and diversity at `t`; fills
+    /// `contributions` (c_k per activity) if given.
     #[inline]
-    fn parts_at(model: &Model, rec: Record<'_>, t: Millis) -> (f64, f64, f64) {
+    fn parts_at(
+        model: &Model,
+        rec: Record<'_>,
+        t: Millis,
+        mut contributions: Option<&mut [f64]>,
+    ) -> (f64, f64, f64) {
         let factor = model.decay(t - rec.last_event_at());
         let (mut positive, mut negative) = (0.0, 0.0);
         for (k, a) in model.activities.iter().enumerate() {
@@ -694,6 +683,9 @@ impl Engine {
                 Some(cap) => s.min(cap),
                 None => s,
             };
+            if let Some(out) = contributions.as_deref_mut() {
+                out[k] = c;
+            }
             if c >= 0.0 {
                 positive += c;
             } else {

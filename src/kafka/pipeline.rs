@@ -295,6 +295,26 @@ pub fn run_blocking(
     result
 }
 
+/// The partitions of `topic`; `None` when the brokers do not know it.
+fn partition_count(
+    kafka: &KafkaSettings,
+    producer: &ThreadedProducer<Delivery>,
+    topic: &str,
+) -> Result<Option<usize>, PipelineError> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|source| PipelineError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            source,
+        })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len()))
+}
+
 /// Refuses input topics with different partition counts: a customer's
 /// state lives in one partition number across all of them.
 fn check_co_partitioned(
@@ -311,18 +331,7 @@ fn check_co_partitioned(
     }
     let mut counts = Vec::new();
     for topic in literal {
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .map_err(|source| PipelineError::Unreachable {
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
-        let n = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic.as_str())
-            .map_or(0, |t| t.partitions().len());
+        let n = partition_count(kafka, producer, topic)?.unwrap_or(0);
         counts.push((topic.clone(), n));
     }
     if counts.windows(2).any(|w| w[0].1 != w[1].1) {
@@ -354,19 +363,7 @@ fn check_topics_until(
         (&kafka.output_topic, "output_topic"),
         (&kafka.dead_letter_topic, "dead_letter_topic"),
     ] {
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(30))
-            .map_err(|source| PipelineError::Unreachable {
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
-        let missing = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic.as_str())
-            .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
-        if missing {
+        if partition_count(kafka, producer, topic)?.is_none() {
             // A topic created a moment ago may not be in every broker's
             // metadata yet: look again for a few seconds before giving up.
             if Instant::now() < deadline {
