@@ -51,16 +51,27 @@ struct Soak {
 }
 
 impl Soak {
+    /// One input partition, the local store.
     fn new(snapshot_interval: &str) -> Soak {
+        Soak::build(
+            1,
+            &format!("interval = \"{snapshot_interval}\"\nkeep = 3\n"),
+        )
+    }
+
+    /// A broker, topics of `partitions` partitions (dead letters: one), and a
+    /// config with the default model on the event clock, `snapshot` inside
+    /// its `[snapshot]` section.
+    fn build(partitions: i32, snapshot: &str) -> Soak {
         let broker = Broker::start_fixed();
         let dir = tempfile::tempdir().unwrap();
         let input = unique("clicks");
         let output = unique("signals");
         let dead = unique("dead");
         let group = unique("group");
-        for t in [&input, &output, &dead] {
-            create_topic(&broker.bootstrap, t, 1);
-        }
+        create_topic(&broker.bootstrap, &input, partitions);
+        create_topic(&broker.bootstrap, &output, partitions);
+        create_topic(&broker.bootstrap, &dead, 1);
         let model = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
         )
@@ -80,14 +91,14 @@ shutdown_timeout = "20s"
 [kafka.consumer_options]
 "fetch.wait.max.ms" = 10
 "session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
 
 [http]
 listen = "127.0.0.1:0"
 
 [snapshot]
 dir = "{}"
-interval = "{snapshot_interval}"
-keep = 3
+{snapshot}
 "#,
             broker.bootstrap,
             dir.path().join("state").display()
@@ -327,50 +338,11 @@ fn partition_of(customer: &str, partitions: u32) -> i32 {
 #[test]
 fn rebalances_between_instances_with_the_kafka_store_keep_the_state_exact() {
     const PARTITIONS: i32 = 4;
-    let broker = Broker::start_fixed();
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output, dead, group) = (
-        unique("clicks"),
-        unique("signals"),
-        unique("dead"),
-        unique("group"),
-    );
-    create_topic(&broker.bootstrap, &input, PARTITIONS);
-    create_topic(&broker.bootstrap, &output, PARTITIONS);
-    create_topic(&broker.bootstrap, &dead, 1);
-    let model =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
-            .unwrap()
-            .replace("[input]\n", "[input]\nclock = \"event\"\n");
-    let kafka = format!(
-        r#"
-[kafka]
-brokers = "{}"
-group_id = "{group}"
-input_topics = ["{input}"]
-output_topic = "{output}"
-dead_letter_topic = "{dead}"
-commit_interval = "100ms"
-shutdown_timeout = "20s"
-
-[kafka.consumer_options]
-"fetch.wait.max.ms" = 10
-"session.timeout.ms" = 6000
-"heartbeat.interval.ms" = 500
-
-[http]
-listen = "127.0.0.1:0"
-
-[snapshot]
-store = "kafka"
-interval = "300ms"
-"#,
-        broker.bootstrap
-    );
-    let config = write_config(dir.path(), &model, &kafka);
+    let soak = Soak::build(PARTITIONS, "store = \"kafka\"\ninterval = \"300ms\"\n");
+    let (broker, dir, input, config) = (&soak.broker, &soak.dir, &soak.input, &soak.config);
     let start = |name: &str| {
         Instance::start_logging(
-            &config,
+            config,
             &dir.path().join(format!("{name}.log")),
             "info,librdkafka=warn,ces_stream::kafka::pipeline=debug",
         )
@@ -386,7 +358,7 @@ interval = "300ms"
         for (p, evs) in per_partition.iter().enumerate() {
             let size = evs.len().div_ceil(chunks);
             let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
-            produce_to(&broker.bootstrap, &input, p as i32, part);
+            produce_to(&broker.bootstrap, input, p as i32, part);
         }
     };
 
@@ -456,23 +428,12 @@ interval = "300ms"
 
     // What the changelog restores equals one replay per partition.
     let at = "2026-10-20T00:00:00Z";
-    let out = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
-        .args(["inspect", "--config"])
-        .arg(&config)
-        .args(["--at", at])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let restored = by_customer(&out.stdout);
+    let restored = soak.inspect(at);
     let mut replayed = HashMap::new();
     for (p, evs) in per_partition.iter().enumerate() {
         let sub = dir.path().join(format!("replay-{p}"));
         std::fs::create_dir_all(&sub).unwrap();
-        replayed.extend(replay_final(&config, evs, at, &sub));
+        replayed.extend(replay_final(config, evs, at, &sub));
     }
     assert_same_state(&restored, &replayed);
 }

@@ -157,14 +157,29 @@ pub fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
 
 /// Produces keyed messages and waits for their acknowledgement.
 pub fn produce(bootstrap: &str, topic: &str, messages: &[(String, String)]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = client_config(bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
+    send_all(bootstrap, topic, None, messages);
+}
+
+/// Produces keyed messages to one partition, in order (idempotent, so that
+/// a retry cannot reorder them).
+pub fn produce_to(bootstrap: &str, topic: &str, partition: i32, messages: &[(String, String)]) {
+    send_all(bootstrap, topic, Some(partition), messages);
+}
+
+fn send_all(bootstrap: &str, topic: &str, partition: Option<i32>, messages: &[(String, String)]) {
+    let mut config = client_config(bootstrap);
+    config.set("linger.ms", "10");
+    if partition.is_some() {
+        config.set("enable.idempotence", "true");
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = config.create().unwrap();
     for (k, v) in messages {
         let mut record = BaseRecord::to(topic)
             .key(k.as_bytes())
             .payload(v.as_bytes());
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -175,7 +190,7 @@ pub fn produce(bootstrap: &str, topic: &str, messages: &[(String, String)]) {
             }
         }
     }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    producer.flush(Duration::from_secs(60)).unwrap();
 }
 
 /// Reads a topic from the beginning of every partition until `done` says
@@ -332,29 +347,4 @@ pub fn end_offset(bootstrap: &str, topic: &str, partition: i32) -> i64 {
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .unwrap()
         .1
-}
-
-/// Produces keyed messages to one partition, in order.
-pub fn produce_to(bootstrap: &str, topic: &str, partition: i32, messages: &[(String, String)]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = client_config(bootstrap)
-        .set("linger.ms", "20")
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    for (k, v) in messages {
-        let mut record = BaseRecord::to(topic)
-            .partition(partition)
-            .key(k.as_bytes())
-            .payload(v.as_bytes());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    record = back;
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(60)).unwrap();
 }
