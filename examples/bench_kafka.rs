@@ -311,6 +311,7 @@ fn latency(
         malformed: 0.0,
         segment: 0.0,
         seed: 3,
+        ..SynthOptions::default()
     });
     let mut ev = SynthEvent::default();
     let started = Instant::now();

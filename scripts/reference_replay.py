@@ -4,7 +4,9 @@
 It keeps every accepted event and recomputes each decayed sum from scratch
 (f64, no reference times, no compact storage), so it shares no arithmetic
 with the Rust engine. `tests/reference.rs` runs both on generated streams and
-compares the outputs to 0.01 score points.
+compares the outputs to 0.01 score points. It follows v2 of the spec:
+de-duplication by event id (raw ids, not hashes), erasure requests, tier
+hysteresis and forgetting idle customers.
 
 Usage: reference_replay.py CONFIG.toml INPUT.jsonl > OUTPUT.jsonl
 Dead letters go to stderr as JSONL.
@@ -94,6 +96,9 @@ class Model:
         self.max_bytes = inp.get("max_event_bytes", 65536)
         self.max_lateness = duration(inp.get("max_lateness", "30d"))
         self.segment_events = inp.get("segment_events", {})
+        self.dedup_depth = inp.get("dedup_depth", 4)
+        self.hysteresis = sig.get("tier_hysteresis", 0.0)
+        self.forget_after = duration(sc["forget_after"]) if "forget_after" in sc else None
 
     def tier(self, s):
         t = 0
@@ -101,6 +106,16 @@ class Model:
             if tier["above"] < s:
                 t = i
         return t
+
+    def tier_from(self, s, current):
+        """Section 5 step 1: the tier with hysteresis around `current`."""
+        up = self.tier(s - self.hysteresis)
+        down = self.tier(s + self.hysteresis)
+        if up > current:
+            return up
+        if down < current:
+            return down
+        return current
 
 
 class Invalid(Exception):
@@ -121,6 +136,11 @@ def parse(line, model):
         raise Invalid("invalid_json")
     if not isinstance(obj, dict):
         raise Invalid("not_an_object")
+    if "erase" in obj:
+        cid = obj["erase"]
+        if not isinstance(cid, str) or not (1 <= len(cid.encode()) <= 256):
+            raise Invalid("invalid_customer_id")
+        return ("erase", cid)
     fmt = model.format
     if fmt == "auto":
         if "customer_id" in obj:
@@ -176,7 +196,8 @@ def parse(line, model):
             value = props.get("value")
     if value is None:
         value = 0.0
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    elif (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+          or value < 0 or value > 1e12):
         raise Invalid("invalid_value")
     if activity not in model.index:
         return "unknown_activity"
@@ -197,6 +218,7 @@ class Customer:
         self.ever = False
         self.at_risk = False
         self.last = None
+        self.ids = []  # remembered event ids, newest first
 
 
 def r2(x):
@@ -223,7 +245,7 @@ def evaluate(model, cid, c, T, cause, event_id, out):
     else:
         s = min(100.0, 100 * R / model.norm_max)
     s = min(100.0, max(0.0, s))
-    tier = model.tier(s)
+    tier = model.tier_from(s, c.emitted_tier)
     if s >= c.peak or T - c.peak_at > model.lookback:
         c.peak, c.peak_at = s, T
     if tier > 0:
@@ -257,11 +279,43 @@ def evaluate(model, cid, c, T, cause, event_id, out):
         c.at_risk = False
 
 
+W = None  # the watermark
+
+
+def accept(model, customers, e, out):
+    """Section 4 for one valid event: too_late, duplicate, sweep, apply."""
+    global W
+    if W is not None and e["t"] < W - model.max_lateness:
+        return
+    c = customers.get(e["customer"])
+    if model.dedup_depth > 0 and e["event_id"] is not None and c is not None and e["event_id"] in c.ids:
+        return
+    W2 = e["t"] if W is None else max(W, e["t"])
+    if W is not None and W2 // model.sweep > W // model.sweep:
+        T = (W2 // model.sweep) * model.sweep
+        for cid, cust in customers.items():
+            evaluate(model, cid, cust, T, "decay", None, out)
+        if model.forget_after is not None:
+            for cid in [cid for cid, cust in customers.items() if T - cust.last >= model.forget_after]:
+                del customers[cid]
+    W = W2
+    c = customers.get(e["customer"])
+    if c is None:
+        c = customers[e["customer"]] = Customer(W)
+    a = model.activities[e["k"]]
+    points = a["weight"] + a["value_weight"] * e["value"]
+    channel = e["channel"] or a["channel"]
+    c.events.append((e["k"], e["t"], points, channel))
+    c.last = e["t"] if c.last is None else max(c.last, e["t"])
+    if e["event_id"] is not None and model.dedup_depth > 0:
+        c.ids = ([e["event_id"]] + c.ids)[: model.dedup_depth]
+    evaluate(model, e["customer"], c, W, "event", e["event_id"], out)
+
+
 def main():
     with open(sys.argv[1], "rb") as f:
         model = Model(tomllib.load(f))
     customers = {}
-    W = None
     out = []
     with open(sys.argv[2], "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -275,23 +329,12 @@ def main():
                 continue
             if isinstance(e, str):
                 continue
-            if W is not None and e["t"] < W - model.max_lateness:
-                continue
-            W2 = e["t"] if W is None else max(W, e["t"])
-            if W is not None and W2 // model.sweep > W // model.sweep:
-                T = (W2 // model.sweep) * model.sweep
-                for cid, c in customers.items():
-                    evaluate(model, cid, c, T, "decay", None, out)
-            W = W2
-            c = customers.get(e["customer"])
-            if c is None:
-                c = customers[e["customer"]] = Customer(W)
-            a = model.activities[e["k"]]
-            points = a["weight"] + a["value_weight"] * e["value"]
-            channel = e["channel"] or a["channel"]
-            c.events.append((e["k"], e["t"], points, channel))
-            c.last = e["t"] if c.last is None else max(c.last, e["t"])
-            evaluate(model, e["customer"], c, W, "event", e["event_id"], out)
+            if isinstance(e, tuple):  # an erasure request: at T = W
+                if customers.pop(e[1], None) is not None:
+                    out.append({"schema": "ces.v1", "kind": "customer_erased",
+                                "customer_id": e[1], "at": fmt_time(W)})
+            else:
+                accept(model, customers, e, out)
             for o in out:
                 sys.stdout.write(json.dumps(o, separators=(",", ":")) + "\n")
             out.clear()

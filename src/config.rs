@@ -154,6 +154,10 @@ pub struct RawScoring {
     /// Absent: no cross-channel bonus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diversity: Option<RawDiversity>,
+    /// A sweep removes customers without an event for this long (spec
+    /// section 8). Absent: customers are never forgotten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -225,6 +229,10 @@ pub struct RawSignals {
     /// Default 5.0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_delta: Option<f64>,
+    /// Score points a score must pass a tier bound by to change the tier;
+    /// default 0.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_hysteresis: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn: Option<RawChurn>,
 }
@@ -261,6 +269,10 @@ pub struct RawInput {
     /// Default 30d.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lateness: Option<HumanDuration>,
+    /// Event ids remembered per customer for de-duplication; default 4,
+    /// 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_depth: Option<i64>,
     /// Segment `track` event name -> activity name.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub segment_events: IndexMap<String, String>,
@@ -360,6 +372,9 @@ pub const KAFKA_ENV: [(&str, &str); 5] = [
 ];
 
 const DAY: u64 = 86_400;
+/// The most event ids a customer can remember (`input.dedup_depth`): each
+/// costs 8 bytes per customer.
+const MAX_DEDUP_DEPTH: i64 = 64;
 
 impl Settings {
     /// Reads, parses and validates a configuration file, with the
@@ -654,6 +669,20 @@ fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
         i.max_lateness,
         Duration::from_secs(30 * DAY),
     )?;
+    let dedup_depth = i.dedup_depth.unwrap_or(4);
+    check(
+        "input.dedup_depth",
+        (0..=MAX_DEDUP_DEPTH).contains(&dedup_depth),
+        &format!("must be between 0 and {MAX_DEDUP_DEPTH}"),
+    )?;
+    let forget_after = match s.forget_after {
+        None => None,
+        Some(d) => {
+            let ms = millis("scoring.forget_after", Some(d), Duration::ZERO)?;
+            check("scoring.forget_after", ms > 0, "must be positive")?;
+            Some(ms)
+        }
+    };
     let segment_events = i
         .segment_events
         .iter()
@@ -671,6 +700,8 @@ fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
         max_event_bytes: usize::try_from(max_event_bytes).unwrap_or(usize::MAX),
         max_future_skew,
         max_lateness,
+        dedup_depth: dedup_depth as usize,
+        forget_after,
         segment_events,
     })
 }
@@ -795,6 +826,15 @@ fn build_signals(raw: &RawSignals) -> Result<Signals, ModelError> {
     )?;
     let min_delta = finite("signals.min_delta", raw.min_delta.unwrap_or(5.0))?;
     check("signals.min_delta", min_delta >= 0.0, "must be >= 0")?;
+    let tier_hysteresis = finite(
+        "signals.tier_hysteresis",
+        raw.tier_hysteresis.unwrap_or(0.0),
+    )?;
+    check(
+        "signals.tier_hysteresis",
+        (0.0..100.0).contains(&tier_hysteresis),
+        "must be in [0, 100)",
+    )?;
     let c = raw.churn.clone().unwrap_or_default();
     let lookback = millis(
         "signals.churn.lookback",
@@ -826,6 +866,7 @@ fn build_signals(raw: &RawSignals) -> Result<Signals, ModelError> {
     Ok(Signals {
         sweep_interval,
         min_delta,
+        tier_hysteresis,
         churn: Churn {
             lookback,
             min_peak,
@@ -904,6 +945,7 @@ fn effective_model(m: &Model) -> RawConfig {
                 bonus_per_channel: Some(d.bonus_per_channel),
                 max_channels: Some(i64::from(d.max_channels)),
             }),
+            forget_after: m.forget_after.and_then(dur),
         },
         tiers: Some(
             m.tiers
@@ -917,6 +959,7 @@ fn effective_model(m: &Model) -> RawConfig {
         signals: RawSignals {
             sweep_interval: dur(m.signals.sweep_interval),
             min_delta: Some(m.signals.min_delta),
+            tier_hysteresis: Some(m.signals.tier_hysteresis),
             churn: Some(RawChurn {
                 lookback: dur(churn.lookback),
                 min_peak: Some(churn.min_peak),
@@ -929,6 +972,7 @@ fn effective_model(m: &Model) -> RawConfig {
             max_event_bytes: Some(m.input.max_event_bytes as i64),
             max_future_skew: dur(m.input.max_future_skew),
             max_lateness: dur(m.input.max_lateness),
+            dedup_depth: Some(m.input.dedup_depth as i64),
             segment_events: m
                 .input
                 .segment_events
@@ -992,6 +1036,9 @@ mod tests {
         assert_eq!(m.input.max_event_bytes, 65_536);
         assert_eq!(m.input.max_future_skew, 300_000);
         assert_eq!(m.input.max_lateness, 30 * 86_400_000);
+        assert_eq!(m.input.dedup_depth, 4);
+        assert_eq!(m.signals.tier_hysteresis, 0.0);
+        assert_eq!(m.forget_after, None);
         assert_eq!(&*m.channels[0], "default");
         assert_eq!(m.activities[0].value_weight, 0.0);
         assert_eq!(m.activities[0].cap, None);
@@ -1096,6 +1143,36 @@ mod tests {
                 "[input.segment_events]\n\"Order Completed\" = \"purchase\"\n",
                 "input.segment_events.\"Order Completed\"",
                 "not in [scoring.activities]",
+            ),
+            (
+                "[input]\ndedup_depth = -1\n",
+                "input.dedup_depth",
+                "between 0 and 64",
+            ),
+            (
+                "[input]\ndedup_depth = 65\n",
+                "input.dedup_depth",
+                "between 0 and 64",
+            ),
+            (
+                "[signals]\ntier_hysteresis = -0.5\n",
+                "signals.tier_hysteresis",
+                "[0, 100)",
+            ),
+            (
+                "[signals]\ntier_hysteresis = \"2\"\n",
+                "signals.tier_hysteresis",
+                "invalid type",
+            ),
+            (
+                "[scoring]\nforget_after = \"0s\"\n",
+                "scoring.forget_after",
+                "must be positive",
+            ),
+            (
+                "[scoring]\nforget_after = \"a year\"\n",
+                "scoring.forget_after",
+                "invalid duration",
             ),
             (
                 "[scoring.diversity]\nmax_channels = 0\n",

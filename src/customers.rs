@@ -4,8 +4,10 @@
 //! allocation: every customer is a fixed-size record of 32-bit words in one
 //! `Vec<u32>`, whose stride depends on the model (one word per activity sum,
 //! one per channel). Customer ids live back to back in one byte arena, and a
-//! `hashbrown::HashTable<u32>` maps an id to its record's slot. Customers are
-//! never removed one by one: a partition's state is dropped as a whole.
+//! `hashbrown::HashTable<u32>` maps an id to its record's slot. A removed
+//! customer (forgotten or erased) is replaced by the last record, so that
+//! the table stays dense and its memory is reused; the id arena is
+//! compacted once half of it is garbage.
 //!
 //! Record layout, in words:
 //!
@@ -19,6 +21,7 @@
 //! | 9               | `emitted_score` (f32)                                  |
 //! | 8 ..            | one f32 decayed sum per activity, at `last_event_at`  |
 //! | then            | one channel time per channel (see below)               |
+//! | then            | `input.dedup_depth` remembered event ids, 64-bit hashes, newest first (0: empty) |
 //!
 //! The decayed sums are kept at one reference time, the customer's
 //! `last_event_at`, so that a customer with no new events costs nothing
@@ -73,6 +76,10 @@ pub struct Layout {
     pub wide_channels: bool,
     /// Diversity window, for channel ages.
     pub window: Millis,
+    /// Event ids remembered per customer (`input.dedup_depth`).
+    pub dedup: usize,
+    /// First word of the remembered ids.
+    dedup_at: usize,
     /// Words after the model's, for the shell's own per-customer data (the
     /// changelog store keeps the offset of the last event applied, per
     /// input topic, there).
@@ -90,13 +97,17 @@ impl Layout {
         };
         let wide_channels = window >= Millis::from(EXPIRED);
         let channel_words = if wide_channels { 2 } else { 1 };
+        let dedup = model.input.dedup_depth;
+        let dedup_at = HEADER_WORDS + activities + channels * channel_words;
         Layout {
             activities,
             channels,
             wide_channels,
             window,
+            dedup,
+            dedup_at,
             extra: 0,
-            stride: HEADER_WORDS + activities + channels * channel_words,
+            stride: dedup_at + 2 * dedup,
         }
     }
 
@@ -127,6 +138,11 @@ pub struct CustomerTable {
     wake_base: i64,
     /// A snapshot being copied out while processing goes on (copy-on-write).
     snapshot: Option<SnapshotCopy>,
+    /// Bytes of the id arena no record points to any more.
+    ids_garbage: usize,
+    /// Ids of the customers removed since [`Self::take_removed`], when the
+    /// shell asked for them (the changelog store writes their tombstones).
+    removed: Option<Vec<Box<str>>>,
 }
 
 /// A consistent copy of the table taken chunk by chunk: records not yet
@@ -170,7 +186,87 @@ impl CustomerTable {
             wake: Vec::new(),
             wake_base: 0,
             snapshot: None,
+            ids_garbage: 0,
+            removed: None,
         }
+    }
+
+    /// Keeps the ids of removed customers until [`Self::take_removed`].
+    pub fn track_removals(&mut self) {
+        self.removed.get_or_insert_with(Vec::new);
+    }
+
+    /// The ids of the customers removed since the last call (empty unless
+    /// [`Self::track_removals`] was called).
+    pub fn take_removed(&mut self) -> Vec<Box<str>> {
+        self.removed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Removes the customer in `slot`. The last record moves into `slot`
+    /// (a caller walking the slots must look at `slot` again). During a
+    /// snapshot both records are saved first, so that the snapshot still
+    /// sees the table as it was when it began.
+    pub fn remove(&mut self, slot: Slot) {
+        let len = self.len();
+        let s = slot as usize;
+        if s >= len {
+            return;
+        }
+        let last = (len - 1) as Slot;
+        self.before_write(slot);
+        self.before_write(last);
+        let stride = self.layout.stride;
+        let id = Self::id_bytes(&self.words, &self.ids, stride, slot);
+        let hash = self.hash(id);
+        if id.len() > INLINE_ID {
+            self.ids_garbage += id.len();
+        }
+        if let Some(removed) = &mut self.removed {
+            removed.push(String::from_utf8_lossy(id).into());
+        }
+        if let Ok(entry) = self.index.find_entry(hash, |&x| x == slot) {
+            entry.remove();
+        }
+        if slot != last {
+            let moved_hash = self.hash(Self::id_bytes(&self.words, &self.ids, stride, last));
+            if let Some(x) = self.index.find_mut(moved_hash, |&x| x == last) {
+                *x = slot;
+            }
+            let from = last as usize * stride;
+            self.words.copy_within(from..from + stride, s * stride);
+            self.wake[s] = self.wake[last as usize];
+        }
+        self.words.truncate(last as usize * stride);
+        self.wake.truncate(last as usize);
+        self.compact_ids();
+    }
+
+    /// Rewrites the id arena without the ids of removed customers, once
+    /// they are most of it. Not while a snapshot copies records: their
+    /// arena offsets must stay valid until it ends.
+    fn compact_ids(&mut self) {
+        if self.snapshot.is_some()
+            || self.ids_garbage < 1 << 16
+            || self.ids_garbage * 2 < self.ids.len()
+        {
+            return;
+        }
+        let stride = self.layout.stride;
+        let mut ids = Vec::with_capacity(self.ids.len() - self.ids_garbage);
+        for base in (0..self.words.len()).step_by(stride) {
+            let len = (self.words[base] & 0x1ff) as usize;
+            if len > INLINE_ID {
+                let start = self.words[base + 1] as usize;
+                // The arena only shrinks, so new offsets fit in a u32.
+                self.words[base + 1] = ids.len() as u32;
+                ids.extend_from_slice(&self.ids[start..start + len]);
+            }
+        }
+        self.ids = ids;
+        self.ids_garbage = 0;
     }
 
     /// A table from the records and id arena of a snapshot, its index
@@ -351,15 +447,18 @@ impl CustomerTable {
 
     /// The id arena as it was when the snapshot began, and ends the snapshot.
     pub fn finish_snapshot(&mut self) -> Vec<u8> {
-        match self.snapshot.take() {
+        let ids = match self.snapshot.take() {
             Some(copy) => self.ids[..copy.ids_len].to_vec(),
             None => Vec::new(),
-        }
+        };
+        self.compact_ids();
+        ids
     }
 
     /// Abandons a snapshot in progress.
     pub fn cancel_snapshot(&mut self) {
         self.snapshot = None;
+        self.compact_ids();
     }
 
     pub fn layout(&self) -> &Layout {
@@ -388,7 +487,18 @@ impl CustomerTable {
     /// The slot of a customer, if known.
     #[inline]
     pub fn find(&self, id: &str) -> Option<Slot> {
-        let hash = self.hash(id.as_bytes());
+        self.find_hashed(self.hash(id.as_bytes()), id)
+    }
+
+    /// The hash [`Self::find_hashed`] and [`Self::find_or_insert_hashed`] take.
+    #[inline]
+    pub fn hash_id(&self, id: &str) -> u64 {
+        self.hash(id.as_bytes())
+    }
+
+    /// [`Self::find`] with the id's hash computed beforehand.
+    #[inline]
+    pub fn find_hashed(&self, hash: u64, id: &str) -> Option<Slot> {
         let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
         self.index
             .find(hash, |&slot| {
@@ -421,7 +531,17 @@ impl CustomerTable {
         id: &str,
         init: impl FnOnce() -> NewCustomer,
     ) -> Result<(Slot, bool), TableFull> {
-        let hash = self.hash(id.as_bytes());
+        self.find_or_insert_hashed(self.hash(id.as_bytes()), id, init)
+    }
+
+    /// [`Self::find_or_insert`] with the id's hash computed beforehand.
+    #[inline]
+    pub fn find_or_insert_hashed(
+        &mut self,
+        hash: u64,
+        id: &str,
+        init: impl FnOnce() -> NewCustomer,
+    ) -> Result<(Slot, bool), TableFull> {
         let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
         if let Some(&slot) = self.index.find(hash, |&slot| {
             Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
@@ -662,6 +782,17 @@ macro_rules! getters {
         pub fn sum(&self, k: usize) -> f32 {
             f32::from_bits(self.w[HEADER_WORDS + k])
         }
+        /// Whether `hash` is among the remembered event ids.
+        #[inline]
+        pub fn remembers(&self, hash: u64) -> bool {
+            let at = self.layout.dedup_at;
+            (0..self.layout.dedup).any(|i| self.get_i64(at + 2 * i) as u64 == hash)
+        }
+        /// The remembered event-id hashes, newest first (0: empty).
+        pub fn remembered(&self) -> impl Iterator<Item = u64> + '_ {
+            let at = self.layout.dedup_at;
+            (0..self.layout.dedup).map(move |i| self.get_i64(at + 2 * i) as u64)
+        }
         /// An i64 from the extra words, at `i` (in i64 units); `None`
         /// beyond the layout.
         #[inline]
@@ -783,6 +914,18 @@ impl RecordMut<'_> {
                 self.w[at + c] = age as u32;
             }
         }
+    }
+
+    /// Remembers an accepted event's id hash (never 0), forgetting the
+    /// oldest one when all `dedup` places are taken.
+    #[inline]
+    pub fn remember(&mut self, hash: u64) {
+        let (at, n) = (self.layout.dedup_at, self.layout.dedup);
+        if n == 0 {
+            return;
+        }
+        self.w.copy_within(at..at + 2 * (n - 1), at + 2);
+        self.set_i64(at, hash as i64);
     }
 
     /// Stores an i64 in the extra words, at `i` (in i64 units).

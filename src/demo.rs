@@ -120,6 +120,8 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
             seed: 7,
             malformed: 0.002,
             segment: 0.1,
+            duplicates: 0.01,
+            erasures: 0.0005,
         },
     );
     let alerts = Alerts::start(&bootstrap, opts.partitions);

@@ -84,16 +84,41 @@ pub enum SignalKind<'a> {
         last_event_at: Millis,
     },
     ChurnRiskCleared,
+    /// An erasure request removed the customer (`score` and `tier` mean
+    /// nothing here).
+    CustomerErased,
 }
 
 impl SignalKind<'_> {
+    /// Every kind's name, in the order of [`SignalKind::index`].
+    pub const NAMES: [&'static str; 4] = [
+        "score_changed",
+        "churn_risk",
+        "churn_risk_cleared",
+        "customer_erased",
+    ];
+
     pub fn name(&self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+
+    /// A small index per kind, for counters.
+    pub fn index(&self) -> usize {
         match self {
-            SignalKind::ScoreChanged { .. } => "score_changed",
-            SignalKind::ChurnRisk { .. } => "churn_risk",
-            SignalKind::ChurnRiskCleared => "churn_risk_cleared",
+            SignalKind::ScoreChanged { .. } => 0,
+            SignalKind::ChurnRisk { .. } => 1,
+            SignalKind::ChurnRiskCleared => 2,
+            SignalKind::CustomerErased => 3,
         }
     }
+}
+
+/// The hash a customer remembers of an event id (section 1,
+/// de-duplication): xxh3, stable across processes and versions because it
+/// is kept in snapshots; never 0, which marks an empty place.
+#[inline]
+pub fn event_id_hash(id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id.as_bytes()).max(1)
 }
 
 /// Receives the signals the engine emits, in order.
@@ -151,6 +176,8 @@ pub struct Engine {
     /// state changes, so that metrics never scan the table.
     tier_counts: Vec<u64>,
     at_risk: u64,
+    /// Customers removed by sweeps (`scoring.forget_after`) so far.
+    forgotten: u64,
     /// The decay over `QUIET_STEPS[i] - 1` sweep intervals.
     grid_decay: [f64; 4],
 }
@@ -174,7 +201,6 @@ struct Evaluated {
     negative: f64,
     diversity: f64,
     score: f64,
-    tier: TierId,
 }
 
 impl Engine {
@@ -197,6 +223,7 @@ impl Engine {
             sweeps_on_grid: true,
             tier_counts: vec![0; model_tiers],
             at_risk: 0,
+            forgotten: 0,
             grid_decay,
         }
     }
@@ -248,6 +275,11 @@ impl Engine {
         self.at_risk
     }
 
+    /// Customers forgotten by sweeps so far (`scoring.forget_after`).
+    pub fn forgotten_count(&self) -> u64 {
+        self.forgotten
+    }
+
     /// Recounts tiers and risk from the table (after a restore).
     pub fn recount(&mut self) {
         self.tier_counts.iter_mut().for_each(|c| *c = 0);
@@ -282,6 +314,11 @@ impl Engine {
         if self.too_late(event.timestamp) {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
+        let hash = self.table.hash_id(&event.customer_id);
+        let id_hash = event.event_id.as_deref().map(event_id_hash);
+        if self.is_duplicate(hash, &event.customer_id, id_hash) {
+            return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
+        }
         let t = event.timestamp;
         let next = self.watermark.map_or(t, |w| w.max(t));
         if let Some(w) = self.watermark {
@@ -292,7 +329,59 @@ impl Engine {
             }
         }
         self.watermark = Some(next);
-        self.apply(event, next, sink)
+        self.apply_hashed(event, hash, id_hash, next, sink)
+    }
+
+    /// Section 1, de-duplication: whether the customer remembers the id,
+    /// as its state stands before the event (and before any sweep).
+    #[inline]
+    fn is_duplicate(&self, hash: u64, customer_id: &str, id_hash: Option<u64>) -> bool {
+        let Some(h) = id_hash else { return false };
+        self.model.input.dedup_depth > 0
+            && self
+                .table
+                .find_hashed(hash, customer_id)
+                .is_some_and(|slot| self.table.record(slot).remembers(h))
+    }
+
+    /// Section 1, erasure requests: removes a known customer and emits
+    /// `customer_erased` at `t`. Moves no watermark and sweeps nothing.
+    /// Returns whether the customer was known.
+    pub fn erase(&mut self, customer_id: &str, t: Millis, sink: &mut impl SignalSink) -> bool {
+        let Some(slot) = self.table.find(customer_id) else {
+            return false;
+        };
+        sink.signal(&Signal {
+            customer_id,
+            at: t,
+            score: 0.0,
+            tier: self.model.lowest_tier(),
+            kind: SignalKind::CustomerErased,
+        });
+        self.remove(slot);
+        true
+    }
+
+    /// An erasure with the replay clock (T = W).
+    pub fn erase_replay(&mut self, customer_id: &str, sink: &mut impl SignalSink) -> bool {
+        // Without a watermark no event was applied: no customer is known.
+        match self.watermark {
+            Some(w) => self.erase(customer_id, w, sink),
+            None => false,
+        }
+    }
+
+    /// Drops a customer's state, keeping the counters right.
+    fn remove(&mut self, slot: Slot) {
+        let rec = self.table.record(slot);
+        let tier = usize::from(rec.emitted_tier());
+        if let Some(c) = self.tier_counts.get_mut(tier) {
+            *c = c.saturating_sub(1);
+        }
+        if rec.has(flags::AT_RISK) {
+            self.at_risk = self.at_risk.saturating_sub(1);
+        }
+        self.table.remove(slot);
     }
 
     /// Section 4, live: the clock is `max(watermark, now)`; sweeps are the
@@ -306,11 +395,16 @@ impl Engine {
         if self.too_late(event.timestamp) {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
+        let hash = self.table.hash_id(&event.customer_id);
+        let id_hash = event.event_id.as_deref().map(event_id_hash);
+        if self.is_duplicate(hash, &event.customer_id, id_hash) {
+            return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
+        }
         let next = self
             .watermark
             .map_or(event.timestamp, |w| w.max(event.timestamp));
         self.watermark = Some(next);
-        self.apply(event, next.max(now), sink)
+        self.apply_hashed(event, hash, id_hash, next.max(now), sink)
     }
 
     /// The live clock: never behind the watermark.
@@ -319,17 +413,20 @@ impl Engine {
     }
 
     /// Applies an accepted event at clock `t` (`t >= event.timestamp`) and
-    /// evaluates its customer.
-    pub fn apply(
+    /// evaluates its customer. `hash` is the customer id's table hash,
+    /// `id_hash` the event id's.
+    fn apply_hashed(
         &mut self,
         event: &Event<'_>,
+        hash: u64,
+        id_hash: Option<u64>,
         t: Millis,
         sink: &mut impl SignalSink,
     ) -> Result<Outcome, EngineError> {
         let te = event.timestamp;
         let (slot, new_customer) =
             self.table
-                .find_or_insert(&event.customer_id, || NewCustomer {
+                .find_or_insert_hashed(hash, &event.customer_id, || NewCustomer {
                     last_event_at: te,
                     peak_at: t,
                 })?;
@@ -355,39 +452,67 @@ impl Engine {
             let channel = event.channel.unwrap_or(activity.channel);
             rec.touch_channel(usize::from(channel), te);
         }
+        if let Some(h) = id_hash {
+            rec.remember(h);
+        }
         rec.set_flag(flags::DIRTY, true);
         self.evaluate(slot, t, Cause::Event, event.event_id.as_deref(), sink);
         Ok(Outcome::Applied { new_customer, slot })
     }
 
-    /// Evaluates every customer at `t` with cause `decay`.
+    /// Section 4: evaluates every customer at `t` with cause `decay`, then
+    /// (section 8) removes those silent for `scoring.forget_after`.
     pub fn sweep(&mut self, t: Millis, sink: &mut impl SignalSink) {
-        self.sweep_range(0..Slot::MAX, t, sink);
+        let mut next = 0;
+        while let Some(n) = self.sweep_part(next, usize::MAX, t, sink) {
+            next = n;
+        }
     }
 
-    /// Evaluates the customers in `slots` at `t` with cause `decay`; a live
-    /// sweep runs in chunks so that other work can interleave.
+    /// One part of a sweep at `t`: up to `budget` customers from slot
+    /// `start` on, so that a live sweep can run in parts between batches of
+    /// events. Returns where the next part starts, or `None` when the
+    /// sweep reached the last customer. (Forgotten customers are replaced
+    /// by the last record, so the next part may start where this one did.)
     ///
     /// Customers whose wake-up mark shows that an evaluation at `t` cannot
     /// change anything are skipped: the result is the same as evaluating
     /// them, at a fraction of the cost (see [`Engine::quiet_until`]).
-    pub fn sweep_range(
+    pub fn sweep_part(
         &mut self,
-        slots: std::ops::Range<Slot>,
+        start: Slot,
+        budget: usize,
         t: Millis,
         sink: &mut impl SignalSink,
-    ) {
-        let end = slots.end.min(self.table.len() as Slot);
+    ) -> Option<Slot> {
         let interval = self.model.signals.sweep_interval;
-        // Skip a customer when t <= (base + wake) * interval.
-        let need = (t + interval - 1).div_euclid(interval) - self.table.wake_base();
-        for slot in slots.start..end {
+        let forget_after = self.model.forget_after;
+        let mut slot = start;
+        let mut left = budget;
+        while (slot as usize) < self.table.len() {
+            if left == 0 {
+                return Some(slot);
+            }
+            left -= 1;
+            // Skip a customer when t <= (base + wake) * interval. The base
+            // can move during the sweep (an evaluation may rebase it).
+            let need = (t + interval - 1).div_euclid(interval) - self.table.wake_base();
             let w = self.table.wakes()[slot as usize];
             if w != 0 && i64::from(w) >= need {
+                slot += 1;
                 continue;
             }
             self.evaluate(slot, t, Cause::Decay, None, sink);
+            // The quiet horizon never reaches past a customer's forgetting,
+            // so every customer due is evaluated here.
+            if forget_after.is_some_and(|d| t - self.table.record(slot).last_event_at() >= d) {
+                self.remove(slot);
+                self.forgotten += 1;
+                continue; // the last record moved into `slot`
+            }
+            slot += 1;
         }
+        None
     }
 
     /// Section 3 for one record at `t`. Fills `contributions` if given.
@@ -405,7 +530,6 @@ impl Engine {
             negative,
             diversity,
             score,
-            tier: model.tier_of(score),
         }
     }
 
@@ -437,7 +561,9 @@ impl Engine {
         let wake_base = self.table.wake_base();
         let (customer_id, mut rec) = self.table.id_and_record_mut(slot);
         let now = Self::score_at(model, rec.as_record(), t, Some(&mut self.contributions));
-        let (s, tier) = (now.score, now.tier);
+        // 1. The tier, with hysteresis around the emitted one.
+        let s = now.score;
+        let tier = model.tier_from(s, rec.emitted_tier());
 
         // 2. Peak. Compared at the stored (f32) precision, so that the same
         // score evaluated twice counts as reaching the peak again.
@@ -589,6 +715,10 @@ impl Engine {
         if rec.has(flags::EVER_ENGAGED) && t < inactive_at {
             last_t2 = last_t2.min(inactive_at - 1);
         }
+        // A customer due to be forgotten must be evaluated (and removed).
+        if let Some(d) = model.forget_after {
+            last_t2 = last_t2.min(rec.last_event_at().saturating_add(d) - 1);
+        }
 
         // Score limits the window must stay strictly within. The window may
         // start after `t` (on the grid), so each rule must keep the value it
@@ -598,11 +728,13 @@ impl Engine {
         let dropped = drop_applies && now.score <= drop_at;
         let mut floor = emitted - min_delta;
         let mut ceiling = emitted + min_delta;
+        // The tier stays while the score stays within h of its bounds.
+        let h = model.signals.tier_hysteresis;
         if let Some(above) = model.tiers[emitted_tier].above {
-            floor = floor.max(above);
+            floor = floor.max(above - h);
         }
         if let Some(next) = model.tiers.get(emitted_tier + 1).and_then(|t| t.above) {
-            ceiling = ceiling.min(next);
+            ceiling = ceiling.min(next + h);
         }
         if drop_applies {
             if dropped {
@@ -712,7 +844,7 @@ impl Engine {
             customer_id: self.table.id(slot).to_string(),
             at: t,
             score: e.score,
-            tier: e.tier,
+            tier: self.model.tier_from(e.score, rec.emitted_tier()),
             contributions,
             at_risk: rec.has(flags::AT_RISK),
             peak_score: f64::from(rec.peak_score()),

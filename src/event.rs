@@ -78,13 +78,16 @@ pub enum IgnoreReason {
     TooLate,
     /// A Segment `identify`, `group` or `alias` call.
     NotAnActivity,
+    /// The customer remembers the event's id (section 1, de-duplication).
+    Duplicate,
 }
 
 impl IgnoreReason {
-    pub const ALL: [IgnoreReason; 3] = [
+    pub const ALL: [IgnoreReason; 4] = [
         IgnoreReason::UnknownActivity,
         IgnoreReason::TooLate,
         IgnoreReason::NotAnActivity,
+        IgnoreReason::Duplicate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +95,7 @@ impl IgnoreReason {
             IgnoreReason::UnknownActivity => "unknown_activity",
             IgnoreReason::TooLate => "too_late",
             IgnoreReason::NotAnActivity => "not_an_activity",
+            IgnoreReason::Duplicate => "duplicate",
         }
     }
 }
@@ -131,9 +135,14 @@ pub struct Event<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed<'a> {
     Event(Event<'a>),
+    /// An erasure request (section 1): forget this customer.
+    Erase(Cow<'a, str>),
     Invalid(Invalid),
     Ignored(IgnoreReason),
 }
+
+/// The largest `value` an event may carry (section 1, v2).
+pub const MAX_VALUE: f64 = 1e12;
 
 /// What the caller knows besides the payload. Replay passes the default.
 #[derive(Debug, Clone, Copy, Default)]
@@ -152,6 +161,53 @@ fn invalid<'a>(reason: InvalidReason, detail: impl Into<String>) -> Parsed<'a> {
     })
 }
 
+/// A Kafka tombstone (a message without a value) on an input topic: an
+/// erasure request for the customer its key names (section 1).
+pub fn parse_tombstone(key: Option<&[u8]>) -> Parsed<'_> {
+    let Some(key) = key else {
+        return invalid(
+            InvalidReason::MissingCustomerId,
+            "tombstone (erasure request) without a key",
+        );
+    };
+    match std::str::from_utf8(key) {
+        Ok(id) => erase_id(Some(Val::Str(Cow::Borrowed(id))), "the tombstone's key"),
+        Err(_) => invalid(
+            InvalidReason::InvalidCustomerId,
+            "the tombstone's key (an erasure request) is not UTF-8",
+        ),
+    }
+}
+
+/// The customer id of an erasure request, by the rules of `customer_id`.
+fn erase_id<'a>(v: Option<Val<'a>>, field: &str) -> Parsed<'a> {
+    match v {
+        Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_CUSTOMER_ID_BYTES => Parsed::Erase(s),
+        Some(Val::Str(s)) if s.is_empty() => invalid(
+            InvalidReason::InvalidCustomerId,
+            format!("{field} (an erasure request) is empty"),
+        ),
+        Some(Val::Str(s)) => invalid(
+            InvalidReason::InvalidCustomerId,
+            format!(
+                "{field} (an erasure request) is {} bytes, over the limit of {MAX_CUSTOMER_ID_BYTES}",
+                s.len()
+            ),
+        ),
+        Some(other) => invalid(
+            InvalidReason::InvalidCustomerId,
+            format!(
+                "{field} (an erasure request) must be a string, got {}",
+                describe(&other)
+            ),
+        ),
+        None => invalid(
+            InvalidReason::InvalidCustomerId,
+            format!("{field} (an erasure request) must be a string, got null"),
+        ),
+    }
+}
+
 /// Parses one event payload under the model's input rules.
 pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<'a> {
     let max = model.input.max_event_bytes;
@@ -159,6 +215,15 @@ pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<
         return invalid(
             InvalidReason::TooLarge,
             format!("event is {} bytes, over the limit of {max}", payload.len()),
+        );
+    }
+    // JSON text is UTF-8 (RFC 8259, section 8.1), in fields the model does
+    // not read too: one fast check of the whole line, since the parser
+    // below skips unread strings without decoding them.
+    if let Err(e) = simdutf8::compat::from_utf8(payload) {
+        return invalid(
+            InvalidReason::InvalidJson,
+            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
         );
     }
     let fields = match read_fields(payload) {
@@ -188,6 +253,8 @@ fn json_kind(payload: &[u8]) -> &'static str {
 /// The top-level keys the model reads, in both formats.
 #[derive(Default)]
 struct Fields<'a> {
+    /// `erase` (an erasure request, whatever the format).
+    erase: Option<&'a RawValue>,
     customer_id: Option<&'a RawValue>,
     kind: Option<&'a RawValue>,
     timestamp: Option<&'a RawValue>,
@@ -213,6 +280,7 @@ fn read_fields(payload: &[u8]) -> Result<Option<Fields<'_>>, serde_json::Error> 
 
 /// A key of an object we capture from; everything else is `Other`.
 enum Key {
+    Erase,
     CustomerId,
     Type,
     Timestamp,
@@ -233,6 +301,7 @@ enum Key {
 impl Key {
     fn of(s: &str) -> Key {
         match s {
+            "erase" => Key::Erase,
             "customer_id" => Key::CustomerId,
             "type" => Key::Type,
             "timestamp" => Key::Timestamp,
@@ -321,6 +390,7 @@ impl<'de> Visitor<'de> for TopVisitor {
         // Duplicate keys: the last one wins, as in most JSON readers.
         while let Some(key) = map.next_key::<Key>()? {
             match key {
+                Key::Erase => f.erase = Some(map.next_value()?),
                 Key::CustomerId => f.customer_id = Some(map.next_value()?),
                 Key::Type => f.kind = Some(map.next_value()?),
                 Key::Timestamp => f.timestamp = Some(map.next_value()?),
@@ -475,6 +545,13 @@ enum Activity<'a> {
 }
 
 fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a> {
+    // An erasure request whatever else the object holds, in any format.
+    if let Some(raw) = f.erase {
+        return erase_id(
+            Some(classify(raw)).filter(|v| !matches!(v, Val::Null)),
+            "erase",
+        );
+    }
     let native = match model.input.format {
         InputFormat::Native => true,
         InputFormat::Segment => false,
@@ -640,11 +717,11 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     let value = match present(value_raw) {
         None => 0.0,
         Some(Val::Number(text)) => match text.parse::<f64>() {
-            Ok(v) if v.is_finite() && v >= 0.0 => v,
+            Ok(v) if v.is_finite() && (0.0..=MAX_VALUE).contains(&v) => v,
             _ => {
                 return invalid(
                     InvalidReason::InvalidValue,
-                    format!("{value_field} must be a finite number >= 0, got {text}"),
+                    format!("{value_field} must be a number in [0, 1e12], got {text}"),
                 )
             }
         },

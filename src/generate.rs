@@ -84,9 +84,12 @@ pub fn to_kafka(
         }
         let phase = (started.elapsed().as_secs_f64() % cycle) / cycle;
         synth.next(now_millis(), phase, &mut ev);
-        let mut record = BaseRecord::to(&target.topic)
-            .key(ev.key.as_bytes())
-            .payload(&ev.payload[..]);
+        let mut record = BaseRecord::to(&target.topic).key(ev.key.as_bytes());
+        // An erasure request is a tombstone on Kafka (a malformed one, with
+        // no customer id to key it by, goes as its JSON).
+        if !ev.erase || ev.key.is_empty() {
+            record = record.payload(&ev.payload[..]);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -134,6 +134,12 @@ enum Command {
         /// Share of malformed events.
         #[arg(long, default_value_t = 0.001)]
         malformed: f64,
+        /// Share of events sent twice with the same id (producer retries).
+        #[arg(long, default_value_t = 0.0)]
+        duplicates: f64,
+        /// Share of erasure requests (tombstones on Kafka).
+        #[arg(long, default_value_t = 0.0)]
+        erasures: f64,
     },
     /// Validate a configuration file and print the effective model, defaults filled in.
     CheckConfig {
@@ -215,11 +221,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             start,
             span,
             malformed,
+            duplicates,
+            erasures,
         } => {
+            for (flag, share) in [
+                ("--malformed", malformed),
+                ("--duplicates", duplicates),
+                ("--erasures", erasures),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&share),
+                    "{flag} must be a share in [0, 1], got {share}"
+                );
+            }
             let opts = ces_stream::synth::SynthOptions {
                 customers,
                 seed,
                 malformed,
+                duplicates,
+                erasures,
                 ..Default::default()
             };
             if let (Some(brokers), Some(topic)) = (brokers, topic) {

@@ -10,6 +10,7 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+use crate::engine::SignalKind;
 use crate::event::{IgnoreReason, InvalidReason};
 use crate::model::Model;
 
@@ -71,11 +72,15 @@ pub struct Metrics {
     pub snapshot_age_seconds: prometheus::Gauge,
     pub snapshot_failures: IntCounterVec,
     pub snapshot_restored_customers: IntCounter,
+    /// Erasure requests consumed (tombstones on an input topic).
+    pub erasures: IntCounter,
+    /// Customers removed by sweeps after `scoring.forget_after` of silence.
+    pub customers_forgotten: IntCounter,
     /// Resolved children, in `InvalidReason::ALL` / `IgnoreReason::ALL` order.
     pub rejected_by_reason: Vec<IntCounter>,
     pub ignored_by_reason: Vec<IntCounter>,
-    /// score_changed, churn_risk, churn_risk_cleared.
-    pub outputs_by_kind: [IntCounter; 3],
+    /// Per kind, in `SignalKind::NAMES` order.
+    pub outputs_by_kind: [IntCounter; 4],
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -262,11 +267,21 @@ impl Metrics {
             .iter()
             .map(|r| events_ignored.with_label_values(&[r.as_str()]))
             .collect();
-        let outputs_by_kind = [
-            outputs.with_label_values(&["score_changed"]),
-            outputs.with_label_values(&["churn_risk"]),
-            outputs.with_label_values(&["churn_risk_cleared"]),
-        ];
+        let outputs_by_kind = SignalKind::NAMES.map(|k| outputs.with_label_values(&[k]));
+        let erasures = IntCounter::new(
+            "ces_erasures_total",
+            "Erasure requests consumed (input tombstones), of known customers or not.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(erasures.clone()))
+            .expect("unique metric");
+        let customers_forgotten = IntCounter::new(
+            "ces_customers_forgotten_total",
+            "Customers removed by sweeps after scoring.forget_after without an event.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(customers_forgotten.clone()))
+            .expect("unique metric");
         for t in &model.tiers {
             tier_customers.with_label_values(&[&t.name]).set(0);
         }
@@ -320,6 +335,8 @@ impl Metrics {
             rejected_by_reason,
             ignored_by_reason,
             outputs_by_kind,
+            erasures,
+            customers_forgotten,
         }
     }
 

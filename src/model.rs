@@ -40,6 +40,9 @@ pub struct Model {
     pub tiers: Vec<Tier>,
     pub signals: Signals,
     pub input: InputRules,
+    /// `scoring.forget_after`: a sweep removes customers silent this long
+    /// (section 8); `None`: never.
+    pub forget_after: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +80,9 @@ pub struct Tier {
 pub struct Signals {
     pub sweep_interval: Millis,
     pub min_delta: f64,
+    /// `signals.tier_hysteresis`: how far past a bound a score must go to
+    /// change the tier (section 5, step 1); 0 is the plain tier rule.
+    pub tier_hysteresis: f64,
     pub churn: Churn,
 }
 
@@ -104,6 +110,9 @@ pub struct InputRules {
     pub max_event_bytes: usize,
     pub max_future_skew: Millis,
     pub max_lateness: Millis,
+    /// `input.dedup_depth`: event ids remembered per customer; 0 turns
+    /// de-duplication off.
+    pub dedup_depth: usize,
     /// Segment `track` event names mapped to activities, as configured.
     pub segment_events: Vec<(Box<str>, ActivityId)>,
     segment_lookup: FastMap<Box<str>, ActivityId>,
@@ -123,6 +132,8 @@ pub struct ModelParts {
     pub max_event_bytes: usize,
     pub max_future_skew: Millis,
     pub max_lateness: Millis,
+    pub dedup_depth: usize,
+    pub forget_after: Option<Millis>,
     pub segment_events: Vec<(String, String)>,
 }
 
@@ -229,9 +240,11 @@ impl Model {
                 max_event_bytes: parts.max_event_bytes,
                 max_future_skew: parts.max_future_skew,
                 max_lateness: parts.max_lateness,
+                dedup_depth: parts.dedup_depth,
                 segment_events,
                 segment_lookup,
             },
+            forget_after: parts.forget_after,
         })
     }
 
@@ -294,6 +307,27 @@ impl Model {
             }
         }
         tier as TierId
+    }
+
+    /// Section 5, step 1: the tier of `score` for a customer whose emitted
+    /// tier is `current`. With hysteresis h, the tier moves up only when
+    /// `score - h` is in a higher tier, down only when `score + h` is in a
+    /// lower one; with h = 0 this is [`Model::tier_of`].
+    #[inline]
+    pub fn tier_from(&self, score: f64, current: TierId) -> TierId {
+        let h = self.signals.tier_hysteresis;
+        if h == 0.0 {
+            return self.tier_of(score);
+        }
+        let up = self.tier_of(score - h);
+        if up > current {
+            return up;
+        }
+        let down = self.tier_of(score + h);
+        if down < current {
+            return down;
+        }
+        current
     }
 
     pub fn tier_name(&self, tier: TierId) -> &str {

@@ -95,6 +95,10 @@ impl Encoder {
         push_json_str(out, signal.customer_id);
         out.extend_from_slice(b",\"at\":");
         push_time(out, signal.at);
+        if let SignalKind::CustomerErased = signal.kind {
+            out.push(b'}');
+            return;
+        }
         out.extend_from_slice(b",\"score\":");
         push_score(out, signal.score);
         match signal.kind {
@@ -166,6 +170,7 @@ impl Encoder {
                 out.extend_from_slice(self.tier(signal.tier));
                 out.push(b'}');
             }
+            SignalKind::CustomerErased => {}
         }
     }
 }
@@ -259,6 +264,18 @@ mod tests {
             v,
             serde_json::json!({"schema": "ces.v1", "kind": "churn_risk_cleared", "customer_id": "c-42",
                 "at": "1970-01-01T00:00:00.000Z", "score": 45.0, "tier": "somewhat_engaged"})
+        );
+        let v = encode(&Signal {
+            customer_id: "c-42",
+            at: 0,
+            score: 0.0,
+            tier: 0,
+            kind: SignalKind::CustomerErased,
+        });
+        assert_eq!(
+            v,
+            serde_json::json!({"schema": "ces.v1", "kind": "customer_erased", "customer_id": "c-42",
+                "at": "1970-01-01T00:00:00.000Z"})
         );
     }
 }

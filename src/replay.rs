@@ -36,9 +36,14 @@ pub struct Summary {
     pub accepted: u64,
     pub invalid: [u64; InvalidReason::ALL.len()],
     pub ignored: [u64; IgnoreReason::ALL.len()],
-    /// score_changed, churn_risk, churn_risk_cleared.
-    pub outputs: [u64; 3],
+    /// Erasure requests (section 1), of known customers or not.
+    pub erasures: u64,
+    /// Per output kind, in `SignalKind::NAMES` order.
+    pub outputs: [u64; 4],
+    /// Customers held at the end.
     pub customers: u64,
+    /// Customers removed by sweeps (`scoring.forget_after`).
+    pub forgotten: u64,
     pub elapsed: Duration,
 }
 
@@ -65,11 +70,12 @@ impl Summary {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "replay: {} events in {:.2}s ({:.0} events/s), {} customers",
+            "replay: {} events in {:.2}s ({:.0} events/s), {} customers ({} forgotten)",
             self.events,
             self.elapsed.as_secs_f64(),
             self.events_per_second(),
-            self.customers
+            self.customers,
+            self.forgotten
         );
         let _ = writeln!(s, "  accepted {:>12}", self.accepted);
         let _ = writeln!(s, "  invalid  {:>12}", self.invalid_total());
@@ -84,11 +90,9 @@ impl Summary {
                 let _ = writeln!(s, "    {:<22}{:>10}", r.as_str(), self.ignored_count(r));
             }
         }
+        let _ = writeln!(s, "  erasures {:>12}", self.erasures);
         let _ = writeln!(s, "  outputs  {:>12}", self.outputs.iter().sum::<u64>());
-        for (name, n) in ["score_changed", "churn_risk", "churn_risk_cleared"]
-            .iter()
-            .zip(self.outputs)
-        {
+        for (name, n) in SignalKind::NAMES.iter().zip(self.outputs) {
             let _ = writeln!(s, "    {name:<22}{n:>10}");
         }
         s
@@ -133,7 +137,7 @@ pub fn replay_into(
     let mut out = Vec::with_capacity(FLUSH_BYTES * 2);
     let mut dead = Vec::new();
     let mut bytes_read = 0u64;
-    let mut outputs = [0u64; 3];
+    let mut outputs = [0u64; SignalKind::NAMES.len()];
     // Lines are read and parsed in batches, so that each customer's state
     // can be prefetched a few events before it is needed: with a million
     // customers, waiting for memory is most of the cost of an event.
@@ -182,7 +186,7 @@ pub fn replay_into(
             match p {
                 Parsed::Event(ev) => {
                     let mut sink = |s: &Signal<'_>| {
-                        outputs[kind_index(&s.kind)] += 1;
+                        outputs[s.kind.index()] += 1;
                         encoder.encode(s, &mut out);
                         out.push(b'\n');
                     };
@@ -196,6 +200,14 @@ pub fn replay_into(
                             })
                         }
                     }
+                }
+                Parsed::Erase(id) => {
+                    summary.erasures += 1;
+                    engine.erase_replay(id, &mut |s: &Signal<'_>| {
+                        outputs[s.kind.index()] += 1;
+                        encoder.encode(s, &mut out);
+                        out.push(b'\n');
+                    });
                 }
                 Parsed::Ignored(r) => summary.ignored[*r as usize] += 1,
                 Parsed::Invalid(inv) => {
@@ -227,16 +239,9 @@ pub fn replay_into(
     }
     summary.outputs = outputs;
     summary.customers = engine.customers().len() as u64;
+    summary.forgotten = engine.forgotten_count();
     summary.elapsed = started.elapsed();
     Ok(summary)
-}
-
-fn kind_index(kind: &SignalKind<'_>) -> usize {
-    match kind {
-        SignalKind::ScoreChanged { .. } => 0,
-        SignalKind::ChurnRisk { .. } => 1,
-        SignalKind::ChurnRiskCleared => 2,
-    }
 }
 
 /// `{"line": N, "reason": "...", "detail": "...", "payload": "..."}` + newline.

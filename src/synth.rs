@@ -63,6 +63,12 @@ pub struct SynthOptions {
     pub malformed: f64,
     /// Share of events in the Segment format, in [0, 1].
     pub segment: f64,
+    /// Share of events that are a producer's retry: a recent event sent
+    /// again with the same id, in [0, 1].
+    pub duplicates: f64,
+    /// Share of events that are erasure requests (`{"erase": id}`; a
+    /// tombstone on Kafka), a few of them malformed, in [0, 1].
+    pub erasures: f64,
 }
 
 impl Default for SynthOptions {
@@ -72,6 +78,8 @@ impl Default for SynthOptions {
             seed: 42,
             malformed: 0.001,
             segment: 0.1,
+            duplicates: 0.0,
+            erasures: 0.0,
         }
     }
 }
@@ -82,6 +90,9 @@ pub struct SynthEvent {
     pub key: String,
     pub payload: Vec<u8>,
     pub persona: Option<Persona>,
+    /// An erasure request: on Kafka a tombstone (key, no value) rather
+    /// than the JSON `payload`.
+    pub erase: bool,
 }
 
 pub struct Synth {
@@ -90,7 +101,12 @@ pub struct Synth {
     seq: u64,
     /// A bot's remaining burst: (customer, events left).
     burst: Option<(u64, u32)>,
+    /// Recent valid events, (key, payload), for retries.
+    recent: std::collections::VecDeque<(String, Vec<u8>)>,
 }
+
+/// Recent events a retry can repeat.
+const RECENT: usize = 32;
 
 const SEGMENTS: [&str; 4] = ["smb", "mid_market", "enterprise", "consumer"];
 const PAGES: [&str; 6] = [
@@ -110,6 +126,7 @@ impl Synth {
             rng,
             seq: 0,
             burst: None,
+            recent: std::collections::VecDeque::with_capacity(RECENT),
         }
     }
 
@@ -121,6 +138,24 @@ impl Synth {
     pub fn next(&mut self, t: Millis, phase: f64, out: &mut SynthEvent) {
         self.seq += 1;
         out.payload.clear();
+        out.erase = false;
+        // The options at 0 draw nothing, so that a seed gives the same
+        // stream as before they existed.
+        if self.opts.duplicates > 0.0
+            && !self.recent.is_empty()
+            && self.rng.random_bool(self.opts.duplicates.clamp(0.0, 1.0))
+        {
+            let i = self.rng.random_range(0..self.recent.len());
+            let (key, payload) = &self.recent[i];
+            out.key.clone_from(key);
+            out.payload.extend_from_slice(payload);
+            out.persona = None;
+            return;
+        }
+        if self.opts.erasures > 0.0 && self.rng.random_bool(self.opts.erasures.clamp(0.0, 1.0)) {
+            self.erasure(out);
+            return;
+        }
         let customer = self.pick_customer(phase);
         let persona = Persona::of(customer);
         out.key = Self::customer_id(customer);
@@ -143,6 +178,43 @@ impl Synth {
                 t,
                 &mut out.payload,
             );
+        }
+        if self.opts.duplicates > 0.0 {
+            if self.recent.len() == RECENT {
+                self.recent.pop_front();
+            }
+            self.recent
+                .push_back((out.key.clone(), out.payload.clone()));
+        }
+    }
+
+    /// An erasure request: mostly of a known customer, some of customers
+    /// never seen, a few malformed.
+    fn erasure(&mut self, out: &mut SynthEvent) {
+        let n = self.opts.customers.max(1);
+        out.persona = None;
+        out.erase = true;
+        match self.rng.random_range(0..20) {
+            0 => {
+                out.key = String::new();
+                out.payload.extend_from_slice(b"{\"erase\":\"\"}");
+            }
+            1 => {
+                out.key = String::new();
+                out.payload.extend_from_slice(b"{\"erase\":42}");
+            }
+            2 => {
+                out.key = format!("gone-{}", self.rng.random_range(0..1000));
+                out.payload.extend_from_slice(b"{\"erase\":");
+                push_json_str(&mut out.payload, &out.key);
+                out.payload.push(b'}');
+            }
+            _ => {
+                out.key = Self::customer_id(self.rng.random_range(0..n));
+                out.payload.extend_from_slice(b"{\"erase\":");
+                push_json_str(&mut out.payload, &out.key);
+                out.payload.push(b'}');
+            }
         }
     }
 

@@ -12,12 +12,36 @@ use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
 
 const DAY: i64 = 86_400_000;
 
-fn generate(path: &Path, events: u64, customers: u64, seed: u64, span: i64, shuffle: bool) {
+/// The shape of a generated stream.
+#[derive(Clone, Copy)]
+struct Stream {
+    events: u64,
+    customers: u64,
+    seed: u64,
+    span: i64,
+    /// Some events arrive up to two days late.
+    shuffle: bool,
+    /// Shares of producer retries and of erasure requests (spec v2).
+    duplicates: f64,
+    erasures: f64,
+}
+
+fn generate(path: &Path, stream: Stream) {
+    let Stream {
+        events,
+        customers,
+        seed,
+        span,
+        shuffle,
+        ..
+    } = stream;
     let mut synth = Synth::new(SynthOptions {
         customers,
         seed,
         malformed: 0.01,
         segment: 0.2,
+        duplicates: stream.duplicates,
+        erasures: stream.erasures,
     });
     let mut ev = SynthEvent::default();
     let start = 1_788_220_800_000; // 2026-09-01
@@ -38,11 +62,13 @@ fn generate(path: &Path, events: u64, customers: u64, seed: u64, span: i64, shuf
     }
 }
 
-fn compare(config: &Path, events: u64, customers: u64, seed: u64, span: i64, shuffle: bool) {
+/// Runs both implementations; returns our outputs as JSON values and our
+/// replay summary.
+fn compare(config: &Path, stream: Stream) -> (Vec<serde_json::Value>, String) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.jsonl");
-    generate(&input, events, customers, seed, span, shuffle);
+    generate(&input, stream);
     let ours = tmp.path().join("ours.jsonl");
     let ours_dead = tmp.path().join("ours-dead.jsonl");
     let status = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
@@ -106,12 +132,46 @@ fn compare(config: &Path, events: u64, customers: u64, seed: u64, span: i64, shu
         .collect();
     assert!(!ours_dead.is_empty());
     assert_eq!(ours_dead, theirs_dead);
+    let outputs = std::fs::read_to_string(&ours)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        outputs,
+        String::from_utf8_lossy(&status.stderr).into_owned(),
+    )
 }
+
+/// A count from the replay summary: the number after `label`.
+fn summary_count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(label)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .unwrap_or_else(|| panic!("no {label} in the summary:\n{summary}"))
+}
+
+/// Outputs of one kind.
+fn count(outputs: &[serde_json::Value], kind: &str) -> usize {
+    outputs.iter().filter(|o| o["kind"] == kind).count()
+}
+
+const V1: Stream = Stream {
+    events: 12_000,
+    customers: 250,
+    seed: 11,
+    span: 25 * DAY,
+    shuffle: true,
+    duplicates: 0.0,
+    erasures: 0.0,
+};
 
 #[test]
 fn default_model_agrees_with_the_reference() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-    compare(&config, 12_000, 250, 11, 25 * DAY, true);
+    compare(&config, V1);
 }
 
 #[test]
@@ -178,5 +238,61 @@ inactivity = "4d"
     );
     let config = tmp.path().join("other.toml");
     std::fs::write(&config, text).unwrap();
-    compare(&config, 8_000, 150, 23, 20 * DAY, true);
+    compare(
+        &config,
+        Stream {
+            events: 8_000,
+            customers: 150,
+            seed: 23,
+            span: 20 * DAY,
+            ..V1
+        },
+    );
+}
+
+/// Every v2 feature on: retries within and beyond the de-duplication
+/// depth, erasure requests (of known, unknown and malformed ids), tier
+/// hysteresis, and customers forgotten after four quiet days.
+#[test]
+fn v2_features_agree_with_the_reference() {
+    let default =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
+    let mut text = String::new();
+    for line in default.lines() {
+        if line.starts_with("tier_hysteresis")
+            || line.starts_with("forget_after")
+            || line.starts_with("dedup_depth")
+        {
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+        match line {
+            "[scoring]" => text.push_str("forget_after = \"4d\"\n"),
+            "[signals]" => text.push_str("tier_hysteresis = 3.0\n"),
+            "[input]" => text.push_str("dedup_depth = 2\n"),
+            _ => {}
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("v2.toml");
+    std::fs::write(&config, text).unwrap();
+    let (outputs, summary) = compare(
+        &config,
+        Stream {
+            events: 15_000,
+            customers: 300,
+            seed: 5,
+            span: 30 * DAY,
+            duplicates: 0.05,
+            erasures: 0.004,
+            ..V1
+        },
+    );
+    // The stream really exercises the features.
+    assert!(count(&outputs, "customer_erased") >= 5, "{summary}");
+    assert!(summary_count(&summary, "duplicate") >= 200, "{summary}");
+    assert!(summary_count(&summary, "customers (") >= 20, "{summary}");
+    assert!(summary_count(&summary, "erasures") >= 40, "{summary}");
 }

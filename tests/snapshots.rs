@@ -28,6 +28,7 @@ fn stream(events: u64, customers: u64, days: i64, seed: u64) -> Vec<(String, Str
         seed,
         malformed: 0.002,
         segment: 0.1,
+        ..SynthOptions::default()
     });
     let mut ev = SynthEvent::default();
     (0..events)

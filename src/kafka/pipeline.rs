@@ -175,7 +175,8 @@ impl Drop for StopOnDrop {
 struct Outgoing {
     topic: bool, // true: output topic, false: dead-letter topic
     key: Vec<u8>,
-    payload: Vec<u8>,
+    /// `None`: a tombstone (`customer_erased`).
+    payload: Option<Vec<u8>>,
     headers: OwnedHeaders,
 }
 
@@ -545,20 +546,21 @@ impl Worker<'_> {
         let silent = st.is_rebuilding(&topic, offset);
         let now = now_millis().max(st.clock);
         let payload = msg.payload().unwrap_or(&[]);
-        let parsed = if payload.is_empty() {
-            Parsed::Invalid(event::Invalid {
+        let parsed = match msg.payload() {
+            // A tombstone: an erasure request for the customer of its key.
+            None => event::parse_tombstone(msg.key()),
+            Some([]) => Parsed::Invalid(event::Invalid {
                 reason: event::InvalidReason::InvalidJson,
                 detail: "empty message".into(),
-            })
-        } else {
-            event::parse(
+            }),
+            Some(payload) => event::parse(
                 payload,
                 &model,
                 ParseContext {
                     fallback_timestamp: timestamp,
                     now: Some(now),
                 },
-            )
+            ),
         };
         self.outbox.clear();
         match parsed {
@@ -582,7 +584,7 @@ impl Worker<'_> {
                 let outbox = &mut self.outbox;
                 let mut sink = |s: &Signal<'_>| {
                     if !silent {
-                        metrics.outputs_by_kind[kind_index(&s.kind)].inc();
+                        metrics.outputs_by_kind[s.kind.index()].inc();
                         outbox.push(encode_signal(encoder, s));
                     }
                 };
@@ -606,6 +608,23 @@ impl Worker<'_> {
                     Err(source) => return Err(PipelineError::Engine { partition, source }),
                 }
                 st.clock = st.engine.live_clock(now);
+            }
+            Parsed::Erase(id) => {
+                metrics.erasures.inc();
+                let t = match self.clock {
+                    Clock::Wall => Some(st.clock_at(now)),
+                    Clock::Event => st.engine.watermark(),
+                };
+                let encoder = &self.encoder;
+                let outbox = &mut self.outbox;
+                if let Some(t) = t {
+                    st.engine.erase(&id, t, &mut |s: &Signal<'_>| {
+                        if !silent {
+                            metrics.outputs_by_kind[s.kind.index()].inc();
+                            outbox.push(encode_signal(encoder, s));
+                        }
+                    });
+                }
             }
             Parsed::Ignored(r) => metrics.ignored_by_reason[r as usize].inc(),
             Parsed::Invalid(inv) => {
@@ -635,7 +654,7 @@ impl Worker<'_> {
                     self.outbox.push(Outgoing {
                         topic: false,
                         key: msg.key().unwrap_or(&[]).to_vec(),
-                        payload: payload.to_vec(),
+                        payload: Some(payload.to_vec()),
                         headers,
                     });
                 }
@@ -672,8 +691,10 @@ impl Worker<'_> {
     fn send(&self, topic: &str, out: &Outgoing, source: Box<Source>) -> Result<(), PipelineError> {
         let mut record = BaseRecord::with_opaque_to(topic, source)
             .key(&out.key[..])
-            .payload(&out.payload[..])
             .headers(out.headers.clone());
+        if let Some(p) = &out.payload {
+            record = record.payload(&p[..]);
+        }
         let mut waited = false;
         loop {
             match self.producer.send(record) {
@@ -693,17 +714,18 @@ impl Worker<'_> {
                 Err((
                     KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
                     back,
-                )) if !out.topic && out.payload.len() > 1024 => {
+                )) if !out.topic && out.payload.as_ref().is_some_and(|p| p.len() > 1024) => {
                     // A dead letter too large for the producer: keep its
                     // head and say so, rather than stopping the stream.
-                    let keep = (out.payload.len() / 2).min(64 * 1024);
+                    let len = out.payload.as_ref().map_or(0, Vec::len);
+                    let keep = (len / 2).min(64 * 1024);
                     let smaller = Outgoing {
                         topic: false,
                         key: out.key.clone(),
-                        payload: out.payload[..keep].to_vec(),
+                        payload: out.payload.as_ref().map(|p| p[..keep].to_vec()),
                         headers: out.headers.clone().insert(Header {
                             key: headers::TRUNCATED,
-                            value: Some(&out.payload.len().to_string()),
+                            value: Some(&len.to_string()),
                         }),
                     };
                     return self.send(topic, &smaller, back.delivery_opaque);
@@ -744,10 +766,14 @@ impl Worker<'_> {
                 let t = st.clock_at(now_millis());
                 let encoder = &self.encoder;
                 let metrics = &self.shared.metrics;
+                let forgotten = st.engine.forgotten_count();
                 st.engine.sweep(t, &mut |s: &Signal<'_>| {
-                    metrics.outputs_by_kind[kind_index(&s.kind)].inc();
+                    metrics.outputs_by_kind[s.kind.index()].inc();
                     outbox.push(encode_signal(encoder, s));
                 });
+                metrics
+                    .customers_forgotten
+                    .inc_by(st.engine.forgotten_count() - forgotten);
             }
             // Sweep outputs hold no input offset back: they are derived
             // from state that a restart rebuilds.
@@ -856,31 +882,23 @@ impl Worker<'_> {
     }
 }
 
-fn kind_index(kind: &SignalKind<'_>) -> usize {
-    match kind {
-        SignalKind::ScoreChanged { .. } => 0,
-        SignalKind::ChurnRisk { .. } => 1,
-        SignalKind::ChurnRiskCleared => 2,
-    }
-}
-
 /// An output event as a Kafka message: keyed by customer id, with the
 /// `ces-kind` header.
 fn encode_signal(encoder: &Encoder, s: &Signal<'_>) -> Outgoing {
-    let mut payload = Vec::with_capacity(256);
-    encoder.encode(s, &mut payload);
-    let kind = match s.kind {
-        SignalKind::ScoreChanged { .. } => "score_changed",
-        SignalKind::ChurnRisk { .. } => "churn_risk",
-        SignalKind::ChurnRiskCleared => "churn_risk_cleared",
-    };
+    // `customer_erased` is a tombstone, so that a compacted output topic
+    // drops the customer's signals too.
+    let payload = (!matches!(s.kind, SignalKind::CustomerErased)).then(|| {
+        let mut payload = Vec::with_capacity(256);
+        encoder.encode(s, &mut payload);
+        payload
+    });
     Outgoing {
         topic: true,
         key: s.customer_id.as_bytes().to_vec(),
         payload,
         headers: OwnedHeaders::new().insert(Header {
             key: headers::KIND,
-            value: Some(kind),
+            value: Some(s.kind.name()),
         }),
     }
 }
