@@ -53,6 +53,11 @@ fn invalid() {
 }
 
 #[test]
+fn v2() {
+    run_case("v2");
+}
+
+#[test]
 fn stdin_and_stdout() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/basics");
     let input = std::fs::read(dir.join("input.jsonl")).unwrap();

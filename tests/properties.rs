@@ -1,5 +1,7 @@
 //! Property tests of the scoring core: order independence, invalid events
-//! leave no trace, scores stay within [0, 100].
+//! leave no trace, scores stay within [0, 100]; and for v2, retries within
+//! the de-duplication depth leave no trace, and with tier hysteresis a
+//! score moving within h of a bound never changes the tier.
 
 mod common;
 
@@ -159,7 +161,7 @@ proptest! {
     #[test]
     fn scores_stay_within_0_and_100(
         events in prop::collection::vec(event(), 1..80),
-        huge in prop::collection::vec((0u8..6, prop_oneof![Just(1e300f64), Just(f64::MAX), 1e30..1e40f64]), 0..4),
+        huge in prop::collection::vec((0u8..6, prop_oneof![Just(1e12f64), Just(1e300f64), Just(f64::MAX), 1e30..1e40f64]), 0..4),
     ) {
         let m = default_model();
         let mut lines: Vec<String> = events.iter().map(Ev::line).collect();
@@ -177,6 +179,83 @@ proptest! {
         }
         for (_, s, _) in final_scores(&engine, T0 + 40 * DAY) {
             prop_assert!((0.0..=100.0).contains(&s));
+        }
+    }
+
+    #[test]
+    fn retries_within_the_dedup_depth_change_no_output(
+        events in prop::collection::vec(event(), 1..60),
+        retries in prop::collection::vec((any::<prop::sample::Index>(), 0usize..4), 1..15),
+    ) {
+        // Every event carries an id; a retry is a copy of one, sent again
+        // after at most 3 later lines: fewer than the default depth (4) of
+        // events of its customer come in between.
+        let m = default_model();
+        let lines: Vec<String> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut v: serde_json::Value = serde_json::from_str(&e.line()).unwrap();
+                v["event_id"] = json!(format!("e-{i}"));
+                v.to_string()
+            })
+            .collect();
+        let mut after: Vec<Vec<String>> = vec![Vec::new(); lines.len()];
+        for (at, delay) in &retries {
+            let i = at.index(lines.len());
+            let j = (i + delay).min(lines.len() - 1);
+            after[j].push(lines[i].clone());
+        }
+        let mut with_retries = Vec::new();
+        for (line, extra) in lines.iter().zip(&after) {
+            with_retries.push(line.clone());
+            with_retries.extend(extra.iter().cloned());
+        }
+        let (a, out_a) = run(&m, &lines);
+        let (b, out_b) = run(&m, &with_retries);
+        prop_assert_eq!(String::from_utf8(out_a).unwrap(), String::from_utf8(out_b).unwrap());
+        let at = T0 + 25 * DAY;
+        prop_assert_eq!(final_scores(&a, at), final_scores(&b, at));
+        prop_assert_eq!(a.watermark(), b.watermark());
+    }
+
+    #[test]
+    fn a_score_within_h_of_a_bound_never_changes_the_tier(
+        moves in prop::collection::vec(any::<bool>(), 1..120),
+        from_above in any::<bool>(),
+    ) {
+        // Linear scores in steps of 0.5 at one instant; bound 40, h = 2.
+        // From above (42.5, somewhat_engaged) the score then wanders in
+        // [38.5, 42.5]; from below (37.5, very_disengaged) in [37.5, 42].
+        let m = model(r#"
+[scoring.normalization]
+kind = "linear"
+max = 100.0
+[scoring.activities]
+up = { weight = 0.5 }
+down = { weight = -0.5 }
+[signals]
+sweep_interval = "100000d"
+min_delta = 0.0
+tier_hysteresis = 2.0
+"#);
+        let (start, low, high) = if from_above { (85, 77, 85) } else { (75, 75, 84) };
+        let mut lines: Vec<String> = (0..start).map(|_| ev("c", "up", T0)).collect();
+        let mut halves = start;
+        for up in moves {
+            let next = if up { halves + 1 } else { halves - 1 };
+            if (low..=high).contains(&next) {
+                halves = next;
+                lines.push(ev("c", if up { "up" } else { "down" }, T0));
+            }
+        }
+        let (_, out) = run(&m, &lines);
+        let outputs = parse_jsonl(&out);
+        let expected = if from_above { "somewhat_engaged" } else { "very_disengaged" };
+        for o in &outputs[start..] {
+            prop_assert_eq!(o["kind"].as_str(), Some("score_changed"), "{}", o);
+            prop_assert_eq!(o["tier"].as_str(), Some(expected), "{}", o);
+            prop_assert_eq!(o["previous_tier"].as_str(), Some(expected), "{}", o);
         }
     }
 }
