@@ -140,6 +140,14 @@ pub struct RawSnapshot {
     /// The changelog topic of the `kafka` store; default `<group_id>-state`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    /// The changelog's replication factor when ces-stream creates it;
+    /// default: the broker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i64>,
+    /// Topic configs of a changelog ces-stream creates (it is always
+    /// compacted); default `min.compaction.lag.ms` = 86400000 (a day).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub topic_config: IndexMap<String, OptionValue>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -493,12 +501,32 @@ fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelEr
     if let Some(t) = &raw.topic {
         check("snapshot.topic", !t.is_empty(), "cannot be empty")?;
     }
+    if let Some(r) = raw.replication_factor {
+        check(
+            "snapshot.replication_factor",
+            (1..=i64::from(i16::MAX)).contains(&r),
+            "must be at least 1",
+        )?;
+    }
+    let mut topic_config = vec![("min.compaction.lag.ms".to_string(), "86400000".to_string())];
+    for (k, v) in &raw.topic_config {
+        let key = format!("snapshot.topic_config.{}", quote_key(k));
+        check(
+            &key,
+            k != "cleanup.policy",
+            "cannot be set: the changelog is always compacted",
+        )?;
+        topic_config.retain(|(name, _)| name != k);
+        topic_config.push((k.clone(), v.to_string()));
+    }
     Ok(SnapshotSettings {
         store: raw.store.unwrap_or(StoreKind::Local),
         dir,
         interval,
         keep: keep as usize,
         topic: raw.topic,
+        replication_factor: raw.replication_factor.map(|r| r as i32),
+        topic_config,
     })
 }
 
@@ -900,6 +928,12 @@ fn effective_raw(settings: &Settings) -> RawConfig {
         interval: Some(HumanDuration(s.interval)),
         keep: Some(s.keep as i64),
         topic: s.topic.clone(),
+        replication_factor: s.replication_factor.map(i64::from),
+        topic_config: s
+            .topic_config
+            .iter()
+            .map(|(k, v)| (k.clone(), OptionValue::Text(v.clone())))
+            .collect(),
     });
     raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
     raw

@@ -56,6 +56,18 @@ pub mod flags {
     pub const AT_RISK: u8 = 2;
     /// Changed since the last snapshot.
     pub const DIRTY: u8 = 4;
+    /// A record of this customer went to the changelog store before (in
+    /// its current generation): a restore that finds no committed record
+    /// of it knows that compaction removed one.
+    pub const PERSISTED: u8 = 8;
+}
+
+/// A removed customer, as the changelog store needs it for a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub id: Box<str>,
+    /// Its record had gone to the changelog before (`flags::PERSISTED`).
+    pub persisted: bool,
 }
 
 /// Why the table cannot take another customer.
@@ -80,10 +92,6 @@ pub struct Layout {
     pub dedup: usize,
     /// First word of the remembered ids.
     dedup_at: usize,
-    /// Words after the model's, for the shell's own per-customer data (the
-    /// changelog store keeps the offset of the last event applied, per
-    /// input topic, there).
-    pub extra: usize,
     stride: usize,
 }
 
@@ -106,16 +114,8 @@ impl Layout {
             window,
             dedup,
             dedup_at,
-            extra: 0,
             stride: dedup_at + 2 * dedup,
         }
-    }
-
-    /// The layout with `words` more per record.
-    pub fn with_extra(mut self, words: usize) -> Layout {
-        self.stride = self.stride - self.extra + words;
-        self.extra = words;
-        self
     }
 
     /// Words of one record.
@@ -140,9 +140,10 @@ pub struct CustomerTable {
     snapshot: Option<SnapshotCopy>,
     /// Bytes of the id arena no record points to any more.
     ids_garbage: usize,
-    /// Ids of the customers removed since [`Self::take_removed`], when the
-    /// shell asked for them (the changelog store writes their tombstones).
-    removed: Option<Vec<Box<str>>>,
+    /// Customers removed since [`Self::take_removed`], with their
+    /// `PERSISTED` flag, when the shell asked for them (the changelog store
+    /// writes their tombstones).
+    removed: Option<Vec<Removed>>,
 }
 
 /// A consistent copy of the table taken chunk by chunk: records not yet
@@ -196,13 +197,26 @@ impl CustomerTable {
         self.removed.get_or_insert_with(Vec::new);
     }
 
-    /// The ids of the customers removed since the last call (empty unless
+    /// The customers removed since the last call (empty unless
     /// [`Self::track_removals`] was called).
-    pub fn take_removed(&mut self) -> Vec<Box<str>> {
+    pub fn take_removed(&mut self) -> Vec<Removed> {
         self.removed
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
+    }
+
+    /// Adds to the removed customers one that the store must delete (a
+    /// restore found a record of it that no longer counts).
+    pub fn note_removed(&mut self, removed: Removed) {
+        self.removed.get_or_insert_with(Vec::new).push(removed);
+    }
+
+    /// Marks a customer changed, so that the next snapshot writes it.
+    pub fn mark_dirty(&mut self, id: &str) {
+        if let Some(slot) = self.find(id) {
+            self.record_mut(slot).set_flag(flags::DIRTY, true);
+        }
     }
 
     /// Removes the customer in `slot`. The last record moves into `slot`
@@ -225,7 +239,11 @@ impl CustomerTable {
             self.ids_garbage += id.len();
         }
         if let Some(removed) = &mut self.removed {
-            removed.push(String::from_utf8_lossy(id).into());
+            let flags = (self.words[s * stride] >> 24) as u8;
+            removed.push(Removed {
+                id: String::from_utf8_lossy(id).into(),
+                persisted: flags & flags::PERSISTED != 0,
+            });
         }
         if let Ok(entry) = self.index.find_entry(hash, |&x| x == slot) {
             entry.remove();
@@ -374,15 +392,18 @@ impl CustomerTable {
     }
 
     /// As [`Self::snapshot_chunk`], but hands only the records changed since
-    /// the last snapshot to `f` (id, words), and marks the live ones that
-    /// did not change during this snapshot clean.
+    /// the last snapshot to `f` (id, words), marks the live ones that did
+    /// not change during this snapshot clean, and marks every customer
+    /// written `PERSISTED`.
     pub fn snapshot_chunk_dirty(&mut self, max: usize, mut f: impl FnMut(&str, &[u32])) -> bool {
         let stride = self.layout.stride;
         let dirty_bit = u32::from(flags::DIRTY) << 24;
+        let persisted_bit = u32::from(flags::PERSISTED) << 24;
         let Some(copy) = &mut self.snapshot else {
             return true;
         };
         let end = (copy.next + max).min(copy.len);
+        let mut moved: Vec<String> = Vec::new();
         for slot in copy.next..end {
             let base = slot * stride;
             let saved = copy.saved.remove(&(slot as Slot));
@@ -396,11 +417,21 @@ impl CustomerTable {
             let id = std::str::from_utf8(id_of(&words[..4], &self.ids)).unwrap_or("");
             f(id, words);
             if saved.is_none() {
-                self.words[base] &= !dirty_bit;
+                self.words[base] = (self.words[base] & !dirty_bit) | persisted_bit;
+            } else {
+                // Changed (or moved, or removed) since the snapshot began:
+                // it stays dirty; find it by id to flag it.
+                moved.push(id.to_string());
             }
         }
         copy.next = end;
-        end == copy.len
+        let done = end == copy.len;
+        for id in moved {
+            if let Some(slot) = self.find(&id) {
+                self.words[slot as usize * stride] |= persisted_bit;
+            }
+        }
+        done
     }
 
     /// Marks every customer changed (after a failed incremental write).
@@ -413,13 +444,15 @@ impl CustomerTable {
     }
 
     /// A table from (id, record words) pairs written by another table: the
-    /// id words are rewritten for this one; every record starts clean.
+    /// id words are rewritten for this one; every record starts clean and
+    /// `PERSISTED`.
     pub fn from_records<'a>(
         layout: Layout,
         records: impl Iterator<Item = (&'a str, &'a [u32])>,
     ) -> Result<CustomerTable, String> {
         let stride = layout.stride;
         let dirty_bit = u32::from(flags::DIRTY) << 24;
+        let persisted_bit = u32::from(flags::PERSISTED) << 24;
         let mut words = Vec::new();
         let mut ids = Vec::new();
         for (id, rec) in records {
@@ -431,7 +464,7 @@ impl CustomerTable {
             }
             let base = words.len();
             words.extend_from_slice(rec);
-            words[base] = (words[base] & !0x1ff & !dirty_bit) | id.len() as u32;
+            words[base] = (words[base] & !0x1ff & !dirty_bit) | persisted_bit | id.len() as u32;
             if id.len() > INLINE_ID {
                 words[base + 1] =
                     u32::try_from(ids.len()).map_err(|_| "id arena full".to_string())?;
@@ -586,12 +619,6 @@ impl CustomerTable {
         r.set_i64(6, init.peak_at);
         for c in 0..self.layout.channels {
             r.clear_channel(c);
-        }
-        // Extra words start at -1 ("nothing applied yet" for offsets).
-        let extra = self.layout.extra;
-        let stride = self.layout.stride;
-        for w in &mut self.words[base + stride - extra..base + stride] {
-            *w = u32::MAX;
         }
         Ok(slot)
     }
@@ -793,13 +820,6 @@ macro_rules! getters {
             let at = self.layout.dedup_at;
             (0..self.layout.dedup).map(move |i| self.get_i64(at + 2 * i) as u64)
         }
-        /// An i64 from the extra words, at `i` (in i64 units); `None`
-        /// beyond the layout.
-        #[inline]
-        pub fn extra_i64(&self, i: usize) -> Option<i64> {
-            let at = self.layout.stride - self.layout.extra + 2 * i;
-            (at + 1 < self.w.len()).then(|| self.get_i64(at))
-        }
         /// Time of the latest positive event in channel `c`, if it may still
         /// lie within the diversity window.
         #[inline]
@@ -928,18 +948,140 @@ impl RecordMut<'_> {
         self.set_i64(at, hash as i64);
     }
 
-    /// Stores an i64 in the extra words, at `i` (in i64 units).
-    pub fn set_extra_i64(&mut self, i: usize, v: i64) {
-        let at = self.layout.stride - self.layout.extra + 2 * i;
-        if at + 1 < self.w.len() {
-            self.set_i64(at, v);
-        }
-    }
-
     pub fn as_record(&self) -> Record<'_> {
         Record {
             w: self.w,
             layout: self.layout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        let settings = crate::config::Settings::from_toml(
+            "[scoring.activities]\na = { weight = 1.0 }\nb = { weight = 2.0 }\n[input]\ndedup_depth = 2\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        Layout::for_model(&settings.model)
+    }
+
+    /// Every customer's id and record words, sorted by id.
+    fn contents(t: &CustomerTable) -> Vec<(String, Vec<u32>)> {
+        let mut v: Vec<_> = (0..t.len() as Slot)
+            .map(|s| (t.id(s).to_string(), t.record(s).w[4..].to_vec()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn id(i: u64) -> String {
+        // Short ids live in the record, long ones in the arena.
+        if i % 3 == 0 {
+            format!("a-rather-long-customer-id-{i}")
+        } else {
+            format!("c{i}")
+        }
+    }
+
+    #[test]
+    fn removal_keeps_the_index_and_the_other_records() {
+        let mut t = CustomerTable::new(layout());
+        for i in 0..100 {
+            let (slot, _) = t
+                .find_or_insert(&id(i), || NewCustomer {
+                    last_event_at: i as i64,
+                    peak_at: 0,
+                })
+                .unwrap();
+            t.record_mut(slot).set_sum(0, i as f64);
+            t.record_mut(slot).remember(i + 1);
+        }
+        for i in (0..100).step_by(3) {
+            let slot = t.find(&id(i)).unwrap();
+            t.remove(slot);
+        }
+        assert_eq!(t.len(), 66);
+        for i in 0..100 {
+            match t.find(&id(i)) {
+                Some(slot) => {
+                    assert!(i % 3 != 0);
+                    assert_eq!(t.id(slot), id(i));
+                    let r = t.record(slot);
+                    assert_eq!(r.last_event_at(), i as i64);
+                    assert_eq!(r.sum(0), i as f32);
+                    assert!(r.remembers(i + 1) && !r.remembers(i + 2));
+                }
+                None => assert_eq!(i % 3, 0),
+            }
+        }
+        // Removed customers come back as new ones.
+        let (_, new) = t
+            .find_or_insert(&id(0), || NewCustomer {
+                last_event_at: 7,
+                peak_at: 7,
+            })
+            .unwrap();
+        assert!(new);
+    }
+
+    #[test]
+    fn a_snapshot_sees_the_table_as_it_began_whatever_is_removed_or_added() {
+        // Interleave snapshot chunks with removals, insertions and writes:
+        // the copy must equal the table at the start.
+        let mut t = CustomerTable::new(layout());
+        let mut next = 0u64;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..300 {
+            let (slot, _) = t
+                .find_or_insert(&id(next), || NewCustomer {
+                    last_event_at: next as i64,
+                    peak_at: 0,
+                })
+                .unwrap();
+            t.record_mut(slot).set_sum(1, next as f64);
+            next += 1;
+        }
+        for round in 0..5 {
+            let before = contents(&t);
+            t.begin_snapshot();
+            let mut copied = Vec::new();
+            loop {
+                for _ in 0..rand(20) {
+                    match rand(3) {
+                        0 if t.len() > 1 => t.remove(rand(t.len() as u64) as Slot),
+                        1 => {
+                            let (slot, _) = t
+                                .find_or_insert(&id(next), || NewCustomer {
+                                    last_event_at: next as i64,
+                                    peak_at: 0,
+                                })
+                                .unwrap();
+                            t.record_mut(slot).set_sum(0, 1.0);
+                            next += 1;
+                        }
+                        _ => {
+                            let slot = rand(t.len() as u64) as Slot;
+                            t.record_mut(slot).set_sum(0, round as f64 + 2.0);
+                        }
+                    }
+                }
+                if t.snapshot_chunk(7, &mut copied) {
+                    break;
+                }
+            }
+            let ids = t.finish_snapshot();
+            let copy = CustomerTable::from_parts(*t.layout(), copied, ids).unwrap();
+            assert_eq!(contents(&copy), before, "round {round}");
         }
     }
 }

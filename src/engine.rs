@@ -205,12 +205,7 @@ struct Evaluated {
 
 impl Engine {
     pub fn new(model: Arc<Model>) -> Engine {
-        Engine::with_extra_words(model, 0)
-    }
-
-    /// An engine whose records carry `extra` more words for the shell.
-    pub fn with_extra_words(model: Arc<Model>, extra: usize) -> Engine {
-        let layout = Layout::for_model(&model).with_extra(extra);
+        let layout = Layout::for_model(&model);
         let n = model.activities.len();
         let model_tiers = model.tiers.len();
         let interval = model.signals.sweep_interval;

@@ -179,10 +179,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(&config)?;
             settings.kafka()?;
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(ces_stream::service::run(
+            let result = runtime.block_on(ces_stream::service::run(
                 settings,
                 ces_stream::shutdown::signal(),
-            ))?;
+            ));
+            // The service bounds its own shutdown: a client call still
+            // blocked past shutdown_timeout must not hold the exit.
+            runtime.shutdown_background();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo {

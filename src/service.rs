@@ -61,7 +61,7 @@ pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, S
                 .topic
                 .clone()
                 .unwrap_or_else(|| format!("{}-state", kafka.group_id));
-            let store = ChangelogStore::open(kafka, &topic)?;
+            let store = ChangelogStore::open(kafka, s, &topic)?;
             tracing::info!(topic = %topic, "snapshots go to the changelog topic");
             Ok(hooks_for(Store::Kafka(Arc::new(store)), s.interval, shared))
         }
@@ -84,7 +84,9 @@ pub fn open_store(settings: &Settings) -> Result<Option<Store>, ServiceError> {
                 .topic
                 .clone()
                 .unwrap_or_else(|| format!("{}-state", kafka.group_id));
-            Some(Store::Kafka(Arc::new(ChangelogStore::open(kafka, &topic)?)))
+            Some(Store::Kafka(Arc::new(ChangelogStore::open_existing(
+                kafka, &topic,
+            )?)))
         }
     })
 }
@@ -135,11 +137,7 @@ pub async fn run_on(
         Arc::new(settings.model.clone()),
         settings.http.segments.clone(),
     );
-    if settings.snapshot.store == StoreKind::Kafka {
-        let mut topics = settings.kafka()?.input_topics.clone();
-        topics.sort();
-        shared.applied_topics = Arc::new(topics);
-    }
+    shared.track_removals = settings.snapshot.store == StoreKind::Kafka;
     let (hooks, periodic) = state_store(&settings, &shared)?;
     let api = ApiState {
         shared: shared.clone(),

@@ -47,8 +47,12 @@ struct Soak {
     broker: Broker,
     dir: tempfile::TempDir,
     input: String,
+    output: String,
+    dead: String,
     group: String,
     config: PathBuf,
+    /// The model's text (the default model on the event clock).
+    model: String,
 }
 
 impl Soak {
@@ -64,6 +68,11 @@ impl Soak {
     /// config with the default model on the event clock, `snapshot` inside
     /// its `[snapshot]` section.
     fn build(partitions: i32, snapshot: &str) -> Soak {
+        Soak::build_with(partitions, snapshot, |m| m)
+    }
+
+    /// As [`Soak::build`], with `edit` changing the model's text.
+    fn build_with(partitions: i32, snapshot: &str, edit: impl Fn(String) -> String) -> Soak {
         let broker = Broker::start();
         let dir = tempfile::tempdir().unwrap();
         let input = unique("clicks");
@@ -73,11 +82,32 @@ impl Soak {
         create_topic(&broker.bootstrap, &input, partitions);
         create_topic(&broker.bootstrap, &output, partitions);
         create_topic(&broker.bootstrap, &dead, 1);
-        let model = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
-        )
-        .unwrap()
-        .replace("[input]\n", "[input]\nclock = \"event\"\n");
+        let model = edit(
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
+            )
+            .unwrap()
+            .replace("[input]\n", "[input]\nclock = \"event\"\n"),
+        );
+        let mut soak = Soak {
+            broker,
+            dir,
+            input,
+            output,
+            dead,
+            group,
+            config: PathBuf::new(),
+            model,
+        };
+        let (group, output) = (soak.group.clone(), soak.output.clone());
+        soak.config = soak.config_for("config", &group, &output, snapshot);
+        soak
+    }
+
+    /// Writes `NAME.toml`: the soak's model, input and dead-letter topic,
+    /// with this group, output topic and `[snapshot]` section body.
+    fn config_for(&self, name: &str, group: &str, output: &str, snapshot: &str) -> PathBuf {
+        let (broker, dir, input, dead) = (&self.broker, &self.dir, &self.input, &self.dead);
         let kafka = format!(
             r#"
 [kafka]
@@ -104,14 +134,9 @@ dir = "{}"
             broker.bootstrap,
             dir.path().join("state").display()
         );
-        let config = write_config(dir.path(), &model, &kafka);
-        Soak {
-            broker,
-            dir,
-            input,
-            group,
-            config,
-        }
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, format!("{}\n{kafka}", self.model)).unwrap();
+        path
     }
 
     fn start(&self, name: &str) -> Instance {
@@ -121,7 +146,12 @@ dir = "{}"
     /// Runs an instance until it has caught up with the end of the input,
     /// then stops it with SIGTERM (which snapshots the partition).
     fn drain(&self, name: &str, end: usize) {
-        let mut instance = self.start(name);
+        self.drain_with(&self.config, name, end);
+    }
+
+    /// As [`Soak::drain`], with another config file.
+    fn drain_with(&self, config: &Path, name: &str, end: usize) {
+        let mut instance = Instance::start(config, &self.dir.path().join(format!("{name}.log")));
         let needle = format!("positions=[(\"{}\", {end})]", self.input);
         let deadline = Instant::now() + Duration::from_secs(180);
         while !instance.log_text().contains(&needle) {
@@ -137,9 +167,13 @@ dir = "{}"
     }
 
     fn inspect(&self, at: &str) -> HashMap<String, serde_json::Value> {
+        self.inspect_with(&self.config, at)
+    }
+
+    fn inspect_with(&self, config: &Path, at: &str) -> HashMap<String, serde_json::Value> {
         let out = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
             .args(["inspect", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .args(["--at", at])
             .output()
             .unwrap();
@@ -209,8 +243,13 @@ fn assert_same_state(
             bad.push(format!("{id}: missing"));
             continue;
         };
-        let (a, b) = (s["score"].as_f64().unwrap(), r["score"].as_f64().unwrap());
-        if (a - b).abs() > 0.01 || s["tier"] != r["tier"] || s["at_risk"] != r["at_risk"] {
+        let close = |k: &str| (s[k].as_f64().unwrap() - r[k].as_f64().unwrap()).abs() <= 0.01;
+        if !close("score")
+            || !close("peak_score")
+            || s["tier"] != r["tier"]
+            || s["at_risk"] != r["at_risk"]
+            || s["last_event_at"] != r["last_event_at"]
+        {
             bad.push(format!("{id}: restored {s} replayed {r}"));
         }
     }
@@ -437,4 +476,165 @@ fn rebalances_between_instances_with_the_kafka_store_keep_the_state_exact() {
         replayed.extend(replay_final(config, evs, at, &sub));
     }
     assert_same_state(&restored, &replayed);
+}
+
+/// The outputs of one uninterrupted replay of `events`, in order.
+fn replay_outputs(config: &Path, events: &[(String, String)], dir: &Path) -> Vec<String> {
+    let input = dir.join("replay-outputs-input.jsonl");
+    let text: Vec<&str> = events.iter().map(|(_, v)| v.as_str()).collect();
+    std::fs::write(&input, text.join("\n") + "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["replay", "--no-progress", "--config"])
+        .arg(config)
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// An output message as the replay writes it: the JSON payload, or the
+/// `customer_erased` line a tombstone stands for.
+fn as_replay_line(m: &rdkafka::message::OwnedMessage) -> String {
+    use rdkafka::message::Message;
+    match m.payload() {
+        Some(p) => String::from_utf8(p.to_vec()).unwrap(),
+        None => format!("customer_erased {}", key(m)),
+    }
+}
+
+/// Copies changelog `from` to `to` (one partition) without its last
+/// checkpoint: what a kill -9 between a snapshot's records and its
+/// checkpoint leaves.
+fn copy_without_last_checkpoint(bootstrap: &str, from: &str, to: &str) -> usize {
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let messages = read_all(bootstrap, from, 1);
+    let last = messages
+        .iter()
+        .rposition(|m| m.key() == Some(ces_stream::snapshot::changelog::CHECKPOINT_KEY))
+        .expect("a checkpoint");
+    create_topic(bootstrap, to, 1);
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut copied = 0;
+    for (i, m) in messages.iter().enumerate() {
+        if i == last {
+            continue;
+        }
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        if let Some(h) = m.headers() {
+            for h in h.iter() {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(to)
+            .partition(0)
+            .key(m.key().unwrap_or(b""))
+            .headers(headers);
+        if let Some(p) = m.payload() {
+            record = record.payload(p);
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+        copied += 1;
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    copied
+}
+
+#[test]
+fn a_changelog_record_ahead_of_its_checkpoint_restores_exactly() {
+    // The issue's case: one partition, the event clock, max_lateness 2d.
+    // E0, E1 (c-1, Jan 1), a clean stop (checkpoint after E1); E2 (c-1,
+    // Jan 9) processed and its record of c-1 in the changelog, but no
+    // checkpoint: the state a kill -9 between records and checkpoint
+    // leaves. Then E3 (c-3, Jan 6): too late in an uninterrupted run
+    // (the watermark is Jan 9), so c-3 never exists, and c-1 keeps the
+    // peak of that run.
+    let changelog = unique("state-a");
+    let soak = Soak::build_with(
+        1,
+        &format!("store = \"kafka\"\ninterval = \"1h\"\ntopic = \"{changelog}\"\n"),
+        |m| m.replace("max_lateness = \"30d\"", "max_lateness = \"2d\""),
+    );
+    let ev = |id: &str, c: &str, kind: &str, t: &str, value: Option<f64>| {
+        let mut v =
+            serde_json::json!({"event_id": id, "customer_id": c, "type": kind, "timestamp": t});
+        if let Some(x) = value {
+            v["value"] = serde_json::json!(x);
+        }
+        (c.to_string(), v.to_string())
+    };
+    let events = vec![
+        ev("e0", "c-1", "purchase", "2026-01-01T00:00:00Z", Some(300.0)),
+        ev("e1", "c-1", "renewal", "2026-01-01T06:00:00Z", None),
+        ev("e2", "c-1", "upgrade", "2026-01-09T00:00:00Z", None),
+        ev("e3", "c-3", "purchase", "2026-01-06T00:00:00Z", Some(50.0)),
+    ];
+    let bootstrap = soak.broker.bootstrap.clone();
+    produce_to(&bootstrap, &soak.input, 0, &events[..2]);
+    soak.drain("first", 2); // records of c-1, checkpoint at offset 2
+    produce_to(&bootstrap, &soak.input, 0, &events[2..3]);
+    soak.drain("second", 3); // c-1 with E2, checkpoint at offset 3
+
+    // Another changelog: the same without the last checkpoint. A new group
+    // (nothing committed: E2's outputs count as never delivered) and a new
+    // output topic.
+    let cut = unique("state-b");
+    let second = std::fs::read_to_string(soak.dir.path().join("second.log")).unwrap();
+    assert!(second.contains("snapshot written on release"), "{second}");
+    assert!(copy_without_last_checkpoint(&bootstrap, &changelog, &cut) >= 3);
+    let output = unique("signals-b");
+    create_topic(&bootstrap, &output, 1);
+    let config = soak.config_for(
+        "cut",
+        &unique("group-b"),
+        &output,
+        &format!("store = \"kafka\"\ninterval = \"1h\"\ntopic = \"{cut}\"\n"),
+    );
+    produce_to(&bootstrap, &soak.input, 0, &events[3..]);
+    soak.drain_with(&config, "restored", 4);
+    let log = std::fs::read_to_string(soak.dir.path().join("restored.log")).unwrap();
+    assert!(
+        log.contains("records written after the last checkpoint"),
+        "{log}"
+    );
+
+    // The clock and sweeps: the state equals one uninterrupted replay.
+    let at = "2026-01-10T00:00:00Z";
+    let restored = soak.inspect_with(&config, at);
+    let replayed = replay_final(&config, &events, at, soak.dir.path());
+    assert!(
+        !replayed.contains_key("c-3"),
+        "E3 is too late: {replayed:?}"
+    );
+    assert_same_state(&restored, &replayed);
+
+    // The outputs: every signal of the events after the checkpoint (E2's,
+    // the sweep before it, E3's none), none missing, none invented.
+    let all = replay_outputs(&config, &events, soak.dir.path());
+    let before = replay_outputs(&config, &events[..2], soak.dir.path());
+    assert_eq!(all[..before.len()], before[..]);
+    let expected = &all[before.len()..];
+    assert!(!expected.is_empty());
+    let published: Vec<String> = read_all(&bootstrap, &output, 1)
+        .iter()
+        .map(as_replay_line)
+        .collect();
+    assert_eq!(published, expected, "\n{log}");
 }

@@ -64,15 +64,49 @@ impl OffsetTracker {
     /// `outputs` messages, none acknowledged yet. Must be called before the
     /// outputs are sent.
     pub fn processed(&mut self, topic: &Arc<str>, partition: i32, offset: i64, outputs: u32) {
+        self.add_outputs(topic, partition, offset, outputs);
         let p = self
             .parts
             .entry((Arc::clone(topic), partition))
             .or_default();
-        if outputs > 0 {
-            p.pending.push_back((offset, outputs));
-            self.in_flight += u64::from(outputs);
-        }
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Records `outputs` more messages produced for `offset`, not later than
+    /// any offset already recorded (a sweep's outputs count toward the last
+    /// processed offset, so that no snapshot or commit covers its state
+    /// before they are acknowledged).
+    pub fn add_outputs(&mut self, topic: &Arc<str>, partition: i32, offset: i64, outputs: u32) {
+        if outputs == 0 {
+            return;
+        }
+        let p = self
+            .parts
+            .entry((Arc::clone(topic), partition))
+            .or_default();
+        match p.pending.back_mut() {
+            Some((o, n)) if *o == offset => *n += outputs,
+            _ => p.pending.push_back((offset, outputs)),
+        }
+        self.in_flight += u64::from(outputs);
+    }
+
+    /// A partition restored from a snapshot resumes at `offset`: every
+    /// output of the events before it was acknowledged, so it can be
+    /// committed at once (lag reads 0 when nothing is left to process).
+    pub fn restored(&mut self, topic: &str, partition: i32, offset: i64) {
+        let p = self.parts.entry((Arc::from(topic), partition)).or_default();
+        p.next = Some(p.next.map_or(offset, |n| n.max(offset)));
+    }
+
+    /// Where the outputs of a sweep of `partition` count: the last
+    /// processed offset of one of its topics, if any.
+    pub fn sweep_source(&self, partition: i32) -> Option<(Arc<str>, i64)> {
+        self.parts
+            .iter()
+            .filter(|((_, p), _)| *p == partition)
+            .filter_map(|((t, _), o)| o.next.map(|n| (Arc::clone(t), n - 1)))
+            .min_by(|a, b| a.0.cmp(&b.0))
     }
 
     /// Starts tracking a newly assigned partition whose group offset is
@@ -102,7 +136,7 @@ impl OffsetTracker {
         self.parts
             .iter()
             .filter_map(|((t, p), o)| {
-                let safe = o.safe()?;
+                let safe = o.safe().filter(|&s| s >= 0)?;
                 (o.committed < Some(safe)).then(|| (Arc::clone(t), *p, safe))
             })
             .collect()

@@ -83,9 +83,9 @@ pub struct Shared {
     /// `[metrics] segments`, in order: a customer's segment id is its
     /// 1-based position here.
     pub segments: Arc<Vec<String>>,
-    /// With the changelog store: the input topics whose last applied offset
-    /// each customer record keeps (in its extra words), in this order.
-    pub applied_topics: Arc<Vec<String>>,
+    /// The changelog store deletes removed customers: partition states
+    /// keep track of them.
+    pub track_removals: bool,
 }
 
 impl Shared {
@@ -101,16 +101,17 @@ impl Shared {
             metrics,
             health: Arc::new(Health::default()),
             segments: Arc::new(segments),
-            applied_topics: Arc::new(Vec::new()),
+            track_removals: false,
         }
     }
 
     /// A new, empty partition state.
     pub fn new_state(&self) -> PartitionState {
-        PartitionState::from_engine(crate::engine::Engine::with_extra_words(
-            Arc::clone(&self.model),
-            2 * self.applied_topics.len(),
-        ))
+        let mut engine = crate::engine::Engine::new(Arc::clone(&self.model));
+        if self.track_removals {
+            engine.customers_mut().track_removals();
+        }
+        PartitionState::from_engine(engine)
     }
 
     fn segment_id(&self, segment: Option<&str>) -> u8 {
@@ -149,8 +150,9 @@ pub async fn run(
     // If this future is dropped (its runtime shuts down), the thread stops too.
     let _guard = StopOnDrop(Arc::clone(&stop));
     let clock = settings.clock;
+    let bound = kafka.shutdown_timeout;
     let mut handle = tokio::task::spawn_blocking(move || {
-        run_blocking(&kafka, clock, shared, hooks, periodic, &thread_stop)
+        run_blocking(&kafka, clock, shared, hooks, periodic, thread_stop)
     });
     tokio::select! {
         result = &mut handle => return result.unwrap_or(Err(PipelineError::Panicked)),
@@ -159,7 +161,18 @@ pub async fn run(
             stop.store(true, Ordering::SeqCst);
         }
     }
-    handle.await.unwrap_or(Err(PipelineError::Panicked))
+    // The pipeline thread bounds every step of its shutdown by the same
+    // deadline; this is the backstop when a client call blocks past it.
+    match tokio::time::timeout(bound, &mut handle).await {
+        Ok(result) => result.unwrap_or(Err(PipelineError::Panicked)),
+        Err(_) => {
+            tracing::error!(
+                timeout = ?bound,
+                "shutdown did not finish within shutdown_timeout: exiting anyway; events not yet committed are processed again by the next owner"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Sets the stop flag when dropped.
@@ -201,7 +214,7 @@ pub fn run_blocking(
     shared: Shared,
     hooks: Option<Arc<dyn PartitionHooks>>,
     periodic: Option<Periodic>,
-    stop: &AtomicBool,
+    stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let producer: ThreadedProducer<Delivery> = kafka
@@ -212,8 +225,19 @@ pub fn run_blocking(
             source,
         })?;
     let producer = Arc::new(producer);
-    check_topics(kafka, &producer)?;
-    check_co_partitioned(kafka, &producer)?;
+    // Metadata is read with a consumer that never lets a broker create a
+    // topic it is asked about (a producer's metadata request may).
+    let metadata: BaseConsumer = kafka
+        .consumer_config()
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|source| PipelineError::Client {
+            client: "consumer",
+            source,
+        })?;
+    check_topics(kafka, &metadata)?;
+    check_co_partitioned(kafka, &metadata)?;
+    drop(metadata);
 
     let consumer_config = kafka.consumer_config();
     let reset_to_end = matches!(
@@ -230,6 +254,8 @@ pub fn run_blocking(
         flush_timeout: kafka.shutdown_timeout,
         hooks,
         reset_to_end,
+        stop: Arc::clone(&stop),
+        deadline: Mutex::new(None),
     };
     let consumer: BaseConsumer<GroupContext> = consumer_config
         .create_with_context(context)
@@ -261,10 +287,18 @@ pub fn run_blocking(
         tracker,
         topics: HashMap::new(),
         outbox: Vec::new(),
-        stop,
+        stop: &stop,
         periodic,
     };
     let result = worker.run(&consumer);
+    // Every step from here on ends by this deadline (the loop leaves within
+    // a poll of the stop signal).
+    let deadline = Instant::now()
+        + kafka
+            .shutdown_timeout
+            .saturating_sub(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    *consumer.context().deadline.lock() = Some(deadline);
     worker
         .shared
         .health
@@ -278,7 +312,6 @@ pub fn run_blocking(
     }
     // Whatever happened, hand back what can be handed back: flush, commit,
     // release every partition (its state goes to the store), leave the group.
-    let deadline = Instant::now() + kafka.shutdown_timeout;
     let ctx = consumer.context();
     let drained = ctx.drain(deadline);
     let assigned: Vec<(String, i32)> = ctx.assigned.lock().iter().cloned().collect();
@@ -290,20 +323,29 @@ pub fn run_blocking(
     } else {
         ctx.commit(&consumer, &assigned);
     }
-    consumer.unsubscribe();
-    drop(consumer);
-    tracing::info!("consumer closed");
+    // Leaving the group can wait on the coordinator (and serve one more
+    // rebalance); do it on a thread of its own, for what is left of the
+    // deadline.
+    let (closed, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+        let _ = closed.send(());
+    });
+    match wait.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(()) => tracing::info!("consumer closed"),
+        Err(_) => tracing::warn!("the consumer did not leave the group by the shutdown deadline"),
+    }
     result
 }
 
 /// The partitions of `topic`; `None` when the brokers do not know it.
 fn partition_count(
     kafka: &KafkaSettings,
-    producer: &ThreadedProducer<Delivery>,
+    metadata: &BaseConsumer,
     topic: &str,
 ) -> Result<Option<usize>, PipelineError> {
-    let metadata = producer
-        .client()
+    let metadata = metadata
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .map_err(|source| PipelineError::Unreachable {
             brokers: kafka.brokers.clone(),
@@ -320,7 +362,7 @@ fn partition_count(
 /// state lives in one partition number across all of them.
 fn check_co_partitioned(
     kafka: &KafkaSettings,
-    producer: &ThreadedProducer<Delivery>,
+    producer: &BaseConsumer,
 ) -> Result<(), PipelineError> {
     let literal: Vec<&String> = kafka
         .input_topics
@@ -348,16 +390,13 @@ fn check_co_partitioned(
 
 /// Fails fast when the output topics are missing, rather than retrying
 /// deliveries forever.
-fn check_topics(
-    kafka: &KafkaSettings,
-    producer: &ThreadedProducer<Delivery>,
-) -> Result<(), PipelineError> {
+fn check_topics(kafka: &KafkaSettings, producer: &BaseConsumer) -> Result<(), PipelineError> {
     check_topics_until(kafka, producer, Instant::now() + Duration::from_secs(10))
 }
 
 fn check_topics_until(
     kafka: &KafkaSettings,
-    producer: &ThreadedProducer<Delivery>,
+    producer: &BaseConsumer,
     deadline: Instant,
 ) -> Result<(), PipelineError> {
     for (topic, role) in [
@@ -541,7 +580,6 @@ impl Worker<'_> {
         let state = shared
             .partitions
             .get_or_insert_with(partition, || shared.new_state());
-        let applied_index = shared.applied_topics.iter().position(|t| **t == *topic);
         let mut st = state.lock();
         let silent = st.is_rebuilding(&topic, offset);
         let now = now_millis().max(st.clock);
@@ -566,20 +604,6 @@ impl Worker<'_> {
         match parsed {
             Parsed::Event(mut ev) => {
                 ev.segment_id = self.shared.segment_id(ev.segment.as_deref());
-                // After a restore from the changelog, a customer's record may
-                // already include this event (a snapshot cut half-written).
-                if let Some(i) = applied_index {
-                    let table = st.engine.customers();
-                    let done = table
-                        .find(&ev.customer_id)
-                        .and_then(|slot| table.record(slot).extra_i64(i))
-                        .is_some_and(|applied| offset <= applied);
-                    if done {
-                        drop(st);
-                        self.tracker.lock().processed(&topic, partition, offset, 0);
-                        return Ok(());
-                    }
-                }
                 let encoder = &self.encoder;
                 let outbox = &mut self.outbox;
                 let mut sink = |s: &Signal<'_>| {
@@ -595,15 +619,7 @@ impl Worker<'_> {
                     Clock::Event => st.engine.process_replay(&ev, &mut sink),
                 };
                 match result {
-                    Ok(Outcome::Applied { slot, .. }) => {
-                        metrics.events_accepted.inc();
-                        if let Some(i) = applied_index {
-                            st.engine
-                                .customers_mut()
-                                .record_mut(slot)
-                                .set_extra_i64(i, offset);
-                        }
-                    }
+                    Ok(Outcome::Applied { .. }) => metrics.events_accepted.inc(),
                     Ok(Outcome::Ignored(r)) => metrics.ignored_by_reason[r as usize].inc(),
                     Err(source) => return Err(PipelineError::Engine { partition, source }),
                 }
@@ -775,12 +791,21 @@ impl Worker<'_> {
                     .customers_forgotten
                     .inc_by(st.engine.forgotten_count() - forgotten);
             }
-            // Sweep outputs hold no input offset back: they are derived
-            // from state that a restart rebuilds.
+            // Sweep outputs count toward the partition's last processed
+            // offset: neither a commit nor a snapshot covers the state they
+            // come from before they are acknowledged.
+            let (topic, offset) = self
+                .tracker
+                .lock()
+                .sweep_source(p)
+                .unwrap_or_else(|| (Arc::from(""), -1));
+            self.tracker
+                .lock()
+                .add_outputs(&topic, p, offset, outbox.len() as u32);
             let source = Box::new(Source {
-                topic: Arc::from(""),
+                topic,
                 partition: p,
-                offset: -1,
+                offset,
                 timestamp: None,
             });
             for out in &outbox {

@@ -8,6 +8,7 @@
 //! before their first message, and start them where the state says.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,12 +27,24 @@ use crate::model::Model;
 /// What a state store does when partitions come and go (snapshots).
 pub trait PartitionHooks: Send + Sync {
     /// The state to start `partition` with, and for each input topic the
-    /// offset to resume from (`None`: the group's committed offset).
-    fn restore(&self, partition: i32, topics: &[String]) -> (PartitionState, Vec<Option<i64>>);
+    /// offset to resume from (`None`: the group's committed offset). Gives
+    /// up early (an empty state) when `cancel` is set.
+    fn restore(
+        &self,
+        partition: i32,
+        topics: &[String],
+        cancel: &AtomicBool,
+    ) -> (PartitionState, Vec<Option<i64>>);
     /// Called with a partition's final state before it is dropped (revoke
     /// or shutdown), after its outputs are acknowledged. `next` holds, per
-    /// input topic, the next offset to process.
-    fn release(&self, partition: i32, state: &mut PartitionState, next: &[(String, Option<i64>)]);
+    /// input topic, the next offset to process. Done by `deadline`.
+    fn release(
+        &self,
+        partition: i32,
+        state: &mut PartitionState,
+        next: &[(String, Option<i64>)],
+        deadline: Instant,
+    );
 }
 
 /// The consumer's context: owns what a rebalance must touch.
@@ -49,6 +62,11 @@ pub struct GroupContext {
     /// `auto.offset.reset` is latest: a partition without state starts at
     /// the end of the log instead of rebuilding from its beginning.
     pub reset_to_end: bool,
+    /// Set once the pipeline stops: an assignment that comes during the
+    /// shutdown is taken without restoring anything.
+    pub stop: Arc<AtomicBool>,
+    /// When the shutdown must be over.
+    pub deadline: Mutex<Option<Instant>>,
 }
 
 impl ClientContext for GroupContext {
@@ -73,6 +91,14 @@ fn pairs(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl GroupContext {
+    /// `deadline`, or the shutdown's if earlier.
+    fn bounded(&self, deadline: Instant) -> Instant {
+        match *self.deadline.lock() {
+            Some(d) => d.min(deadline),
+            None => deadline,
+        }
+    }
+
     /// Resends failed deliveries and waits until nothing produced is
     /// waiting for an acknowledgement, or until `deadline`.
     pub fn drain(&self, deadline: Instant) -> bool {
@@ -121,13 +147,21 @@ impl GroupContext {
 
     fn on_assign(&self, consumer: &BaseConsumer<GroupContext>, tpl: &mut TopicPartitionList) {
         let list = pairs(tpl);
-        tracing::info!(partitions = ?list, "partitions assigned");
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        if self.stop.load(Ordering::SeqCst) {
+            // Leaving the group: nothing of these is restored or processed.
+            tracing::info!(partitions = ?list, "partitions assigned during the shutdown: not taken");
+            return;
+        }
+        tracing::info!(partitions = ?list, "partitions assigned");
         // The group's committed offsets say which outputs were already
         // published; they do not say where to resume, because the state
         // lives in memory (and in snapshots), not in Kafka.
+        let timeout = self
+            .bounded(Instant::now() + Duration::from_secs(30))
+            .saturating_duration_since(Instant::now());
         let committed: Vec<((String, i32), i64)> = match consumer
-            .committed_offsets(tpl.clone(), Duration::from_secs(30))
+            .committed_offsets(tpl.clone(), timeout)
         {
             Ok(c) => c
                 .elements()
@@ -162,7 +196,7 @@ impl GroupContext {
             // A restored partition resumes after its snapshot; without one,
             // the state is rebuilt from the log (auto.offset.reset).
             let (mut state, offsets) = match &self.hooks {
-                Some(h) => h.restore(p, &topics),
+                Some(h) => h.restore(p, &topics, &self.stop),
                 None => (
                     PartitionState::new(Arc::clone(&self.model)),
                     vec![None; topics.len()],
@@ -188,9 +222,13 @@ impl GroupContext {
                         state.silent_below.push((topic.clone(), c));
                     }
                 }
-                self.tracker
-                    .lock()
-                    .assigned(topic, p, committed_of(topic, p));
+                {
+                    let mut tracker = self.tracker.lock();
+                    tracker.assigned(topic, p, committed_of(topic, p));
+                    if let Offset::Offset(o) = start {
+                        tracker.restored(topic, p, o);
+                    }
+                }
                 tracing::info!(topic = %topic, partition = p, start = ?start, committed = ?committed_of(topic, p), "partition starts");
             }
             self.partitions.insert(p, state);
@@ -221,7 +259,8 @@ impl GroupContext {
         }
         let list = &list[..];
         let started = Instant::now();
-        if !self.drain(started + self.flush_timeout) {
+        let deadline = self.bounded(started + self.flush_timeout);
+        if !self.drain(deadline) {
             tracing::warn!(
                 "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
                 self.flush_timeout
@@ -255,7 +294,7 @@ impl GroupContext {
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
                     if acknowledged {
-                        h.release(p, &mut state.lock(), &next);
+                        h.release(p, &mut state.lock(), &next, deadline);
                     } else {
                         tracing::warn!(partition = p, "outputs unacknowledged: no snapshot on release; the next owner restores the previous one");
                     }

@@ -4,69 +4,311 @@
 //!
 //! The changelog (`<group_id>-state` by default) has as many partitions as
 //! the input; partition N holds, keyed by customer id, the record of every
-//! customer of input partition N, and checkpoint records (key
-//! `\0ces-checkpoint`) holding the watermark, the clock and the input
-//! offsets a snapshot covers. Snapshots are incremental: only customers
-//! changed since the last one are written, then the checkpoint.
+//! customer of input partition N, tombstones of the customers removed
+//! (erased or forgotten), and checkpoint records (key `\0ces-checkpoint`)
+//! holding the watermark, the clock and the input offsets of a snapshot.
+//! Snapshots are incremental: the customers removed and changed since the
+//! last one, then, once every one of those writes and every output of the
+//! events the snapshot covers are acknowledged, its checkpoint.
 //!
-//! A crash can cut a snapshot half-written: customer records newer than the
-//! last checkpoint. Every record therefore carries, per input topic, the
-//! offset of the last event applied to that customer (in the record's extra
-//! words); after a restore, an event at or below it is skipped, so nothing
-//! is counted twice and nothing is missed.
+//! **What a restore uses.** A crash can cut a snapshot half-written:
+//! records after the last checkpoint, newer than the offsets it resumes
+//! from. A restore takes each customer's latest record *before* the last
+//! checkpoint, the state exactly as of that checkpoint, and ignores
+//! everything after it; the next snapshot rewrites those customers, so that
+//! the stale records never count later. Compaction could remove the record
+//! before the checkpoint once a newer one exists; the topic is created with
+//! `min.compaction.lag.ms` (1 day by default) so that it cannot within a
+//! day of the crash, and every record and tombstone says whether an earlier
+//! record of its customer exists: a restore that finds one missing rebuilds
+//! the partition from the log rather than restore a wrong state.
+//!
+//! **Generations.** A partition rebuilt from the log (no checkpoint, a
+//! checkpoint of another model, a record lost) starts a new generation:
+//! records carry it, and a restore ignores records of other generations;
+//! the first snapshot of a generation writes every customer and deletes
+//! the keys of the older ones.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, ClientContext};
 
-use crate::customers::{CustomerTable, Layout};
+use crate::customers::{flags, CustomerTable, Layout, Removed};
 use crate::engine::Engine;
 use crate::kafka::settings::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::snapshot::format::{self, Encoder, Header};
-use crate::snapshot::Restored;
+use crate::snapshot::{Restored, SnapshotSettings};
 
 /// The key of checkpoint records.
 pub const CHECKPOINT_KEY: &[u8] = b"\0ces-checkpoint";
-/// First byte of a customer record's value.
+/// First byte of a customer record's value: then the generation (u64) and
+/// the record's words (u32), little-endian.
 const RECORD_TAG: u8 = b'C';
+/// First byte of a checkpoint's value: then the generation (u64) and the
+/// snapshot header (`format`, without records).
+const CHECKPOINT_TAG: u8 = b'K';
+/// Header of a tombstone: "1" when an earlier record of the customer exists.
+pub const PERSISTED_HEADER: &str = "ces-persisted";
+/// How long a restore may read one changelog partition.
+const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Why the changelog cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
     #[error("changelog {topic}: {source}")]
     Kafka { topic: String, source: KafkaError },
-    #[error("changelog {topic} has {found} partitions, the input has {expected}")]
+    #[error("changelog {topic} has {found} partitions, the input has {expected}: use another [snapshot] topic, or delete it (its state is rebuilt from the input)")]
     Partitions {
         topic: String,
         found: usize,
         expected: usize,
     },
+    #[error("changelog {topic} does not exist")]
+    Missing { topic: String },
+    #[error("input topic {0} does not exist: the changelog needs its partition count")]
+    MissingInput(String),
     #[error("the kafka snapshot store needs literal input topics, not a pattern ({0})")]
     Pattern(String),
+    #[error(
+        "changelog {topic} partition {partition}: not read to its end within {READ_TIMEOUT:?}"
+    )]
+    ReadTimeout { topic: String, partition: i32 },
+    #[error("reading the changelog was cancelled (shutdown)")]
+    Cancelled,
 }
 
-/// What a changelog partition holds: its latest checkpoint and the latest
-/// record of every customer.
-pub type ChangelogContents = (Option<Header>, HashMap<String, Vec<u32>>);
+/// One message of a changelog partition, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Record {
+        id: String,
+        generation: u64,
+        words: Vec<u32>,
+    },
+    Tombstone {
+        id: String,
+        /// An earlier record of the customer exists.
+        persisted: bool,
+    },
+    Checkpoint {
+        generation: u64,
+        header: Header,
+    },
+}
+
+impl Entry {
+    /// Decodes a message; `None` for one that is not ours (logged).
+    pub fn decode(key: &[u8], value: Option<&[u8]>, persisted: bool) -> Option<Entry> {
+        if key == CHECKPOINT_KEY {
+            let value = value?;
+            if value.len() < 9 || value[0] != CHECKPOINT_TAG {
+                tracing::warn!("changelog: a checkpoint of an unknown format is ignored");
+                return None;
+            }
+            let generation = u64::from_le_bytes(value[1..9].try_into().ok()?);
+            return match format::decode(&value[9..]) {
+                Ok((header, _, _)) => Some(Entry::Checkpoint { generation, header }),
+                Err(e) => {
+                    tracing::warn!("changelog: a bad checkpoint is ignored: {e}");
+                    None
+                }
+            };
+        }
+        let id = std::str::from_utf8(key).ok()?.to_string();
+        match value {
+            None => Some(Entry::Tombstone { id, persisted }),
+            Some(v) if v.len() >= 9 && v[0] == RECORD_TAG && (v.len() - 9) % 4 == 0 => {
+                let generation = u64::from_le_bytes(v[1..9].try_into().ok()?);
+                let words = v[9..]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                Some(Entry::Record {
+                    id,
+                    generation,
+                    words,
+                })
+            }
+            Some(_) => {
+                tracing::warn!("changelog: a record of an unknown format is ignored");
+                None
+            }
+        }
+    }
+}
+
+/// A customer's messages since the last checkpoint.
+#[derive(Debug, Default)]
+struct Ahead {
+    /// The latest: a record (generation, words), or `None` for a tombstone.
+    latest: Option<(u64, Vec<u32>)>,
+    /// One of them says an earlier record of the customer exists.
+    persisted: bool,
+}
+
+/// Folds a changelog partition, message by message, into its state as of
+/// the last checkpoint (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Fold {
+    /// Every customer's latest record before the last checkpoint.
+    committed: HashMap<String, (u64, Vec<u32>)>,
+    /// Messages after the last checkpoint, per customer.
+    ahead: HashMap<String, Ahead>,
+    checkpoint: Option<(u64, Header)>,
+}
+
+/// A changelog partition as a restore sees it.
+#[derive(Debug, Default, PartialEq)]
+pub struct Recovered {
+    /// The last checkpoint (generation, header), if it can be restored.
+    pub checkpoint: Option<(u64, Header)>,
+    /// The records of the checkpoint's generation as of it.
+    pub records: Vec<(String, Vec<u32>)>,
+    /// Customers with messages after the checkpoint: the next snapshot must
+    /// rewrite them (a record if present then, else a tombstone).
+    pub ahead: Vec<String>,
+    /// Keys whose record the restored state does not use (other
+    /// generations, or everything when nothing can be restored): the next
+    /// snapshot deletes them unless it writes them.
+    pub stale: Vec<String>,
+    /// Customers whose committed record compaction removed: when not empty
+    /// the checkpoint cannot be restored exactly (`checkpoint` is `None`).
+    pub lost: Vec<String>,
+}
+
+impl Fold {
+    pub fn push(&mut self, entry: Entry) {
+        match entry {
+            Entry::Record {
+                id,
+                generation,
+                words,
+            } => {
+                let a = self.ahead.entry(id).or_default();
+                a.persisted |= words
+                    .first()
+                    .is_some_and(|w| (w >> 24) as u8 & flags::PERSISTED != 0);
+                a.latest = Some((generation, words));
+            }
+            Entry::Tombstone { id, persisted } => {
+                let a = self.ahead.entry(id).or_default();
+                a.persisted |= persisted;
+                a.latest = None;
+            }
+            Entry::Checkpoint { generation, header } => {
+                for (id, a) in self.ahead.drain() {
+                    match a.latest {
+                        Some(r) => {
+                            self.committed.insert(id, r);
+                        }
+                        None => {
+                            self.committed.remove(&id);
+                        }
+                    }
+                }
+                self.checkpoint = Some((generation, header));
+            }
+        }
+    }
+
+    pub fn finish(self) -> Recovered {
+        let Some((generation, header)) = self.checkpoint else {
+            let mut stale: Vec<String> = self.committed.into_keys().collect();
+            stale.extend(self.ahead.into_keys());
+            return Recovered {
+                stale,
+                ..Recovered::default()
+            };
+        };
+        let lost: Vec<String> = self
+            .ahead
+            .iter()
+            .filter(|(id, a)| {
+                a.persisted
+                    && self
+                        .committed
+                        .get(*id)
+                        .is_none_or(|(g, _)| *g != generation)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let ahead: Vec<String> = self.ahead.into_keys().collect();
+        if !lost.is_empty() {
+            let mut stale: Vec<String> = self.committed.into_keys().collect();
+            stale.extend(ahead);
+            return Recovered {
+                stale,
+                lost,
+                ..Recovered::default()
+            };
+        }
+        let mut records = Vec::with_capacity(self.committed.len());
+        let mut stale = Vec::new();
+        for (id, (g, words)) in self.committed {
+            if g == generation {
+                records.push((id, words));
+            } else {
+                stale.push(id);
+            }
+        }
+        Recovered {
+            checkpoint: Some((generation, header)),
+            records,
+            ahead,
+            stale,
+            lost: Vec::new(),
+        }
+    }
+}
+
+/// A client context that does not report the end of a partition (the
+/// restore asks for it) as an error.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!("changelog reader: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
+/// The snapshots of one partition in flight: a periodic snapshot's
+/// checkpoint is written by another thread once its outputs are
+/// acknowledged, and must never land after a newer snapshot's records.
+#[derive(Debug, Default)]
+struct Writer {
+    /// The generation records and checkpoints of the partition carry.
+    generation: u64,
+    /// The ticket of the snapshot whose checkpoint is awaited, if any.
+    awaited: Option<u64>,
+    next_ticket: u64,
+}
 
 /// A compacted changelog topic.
 pub struct ChangelogStore {
     pub topic: String,
-    /// Input topics in the order of the records' applied-offset words.
+    /// Input topics, sorted: the order of a checkpoint's offsets.
     pub topics: Vec<String>,
     client: ClientConfig,
     producer: ThreadedProducer<DefaultProducerContext>,
+    /// Per partition; the lock is held while a checkpoint is written.
+    writers: Mutex<HashMap<i32, Arc<Mutex<Writer>>>>,
 }
 
 impl std::fmt::Debug for ChangelogStore {
@@ -84,10 +326,42 @@ fn kafka_err(topic: &str) -> impl FnOnce(KafkaError) -> ChangelogError + '_ {
     }
 }
 
+/// A proof that a periodic snapshot may write its checkpoint, unless a
+/// newer snapshot of the partition came first.
+#[derive(Debug)]
+pub struct Ticket {
+    partition: i32,
+    id: u64,
+}
+
 impl ChangelogStore {
     /// Connects, and creates the changelog (compacted, as many partitions
-    /// as the input) if it does not exist.
-    pub fn open(kafka: &KafkaSettings, topic: &str) -> Result<ChangelogStore, ChangelogError> {
+    /// as the input) with the admin API if it does not exist.
+    pub fn open(
+        kafka: &KafkaSettings,
+        snapshot: &SnapshotSettings,
+        topic: &str,
+    ) -> Result<ChangelogStore, ChangelogError> {
+        let store = ChangelogStore::connect(kafka, topic)?;
+        store.ensure_topic(snapshot)?;
+        Ok(store)
+    }
+
+    /// Connects to an existing changelog, for reading (`inspect`).
+    pub fn open_existing(
+        kafka: &KafkaSettings,
+        topic: &str,
+    ) -> Result<ChangelogStore, ChangelogError> {
+        let store = ChangelogStore::connect(kafka, topic)?;
+        if store.partition_count(topic)?.is_none() {
+            return Err(ChangelogError::Missing {
+                topic: topic.to_string(),
+            });
+        }
+        Ok(store)
+    }
+
+    fn connect(kafka: &KafkaSettings, topic: &str) -> Result<ChangelogStore, ChangelogError> {
         let mut topics = Vec::new();
         for t in &kafka.input_topics {
             if t.starts_with('^') {
@@ -108,19 +382,13 @@ impl ChangelogStore {
         }
         let producer: ThreadedProducer<DefaultProducerContext> =
             pc.create().map_err(kafka_err(topic))?;
-        let store = ChangelogStore {
+        Ok(ChangelogStore {
             topic: topic.to_string(),
             topics,
             client,
             producer,
-        };
-        store.ensure_topic()?;
-        Ok(store)
-    }
-
-    /// Extra record words: one i64 per input topic.
-    pub fn extra_words(&self) -> usize {
-        2 * self.topics.len()
+            writers: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Partitions of the changelog.
@@ -131,10 +399,13 @@ impl ChangelogStore {
         }
     }
 
+    /// The partitions of `topic`, `None` if it does not exist. Asked with
+    /// a consumer that never lets the broker create the topic.
     fn partition_count(&self, topic: &str) -> Result<Option<usize>, ChangelogError> {
-        let md = self
-            .producer
-            .client()
+        let mut config = self.client.clone();
+        config.set("allow.auto.create.topics", "false");
+        let consumer: BaseConsumer = config.create().map_err(kafka_err(topic))?;
+        let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(30))
             .map_err(kafka_err(topic))?;
         Ok(md
@@ -144,69 +415,165 @@ impl ChangelogStore {
             .map(|t| t.partitions().len()))
     }
 
-    fn ensure_topic(&self) -> Result<(), ChangelogError> {
+    /// Runs `f` with a runtime of its own on a thread of its own: the
+    /// admin API is async, and the store may be opened from inside the
+    /// service's runtime, where blocking on a future is not allowed.
+    fn on_admin_thread<T: Send>(
+        &self,
+        f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send,
+    ) -> Result<T, ChangelogError> {
+        let failed = |e: String| ChangelogError::Kafka {
+            topic: self.topic.clone(),
+            source: KafkaError::AdminOpCreation(e),
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| f(&rt))
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .map_err(|_| "the admin thread panicked".to_string())?
+        })
+        .map_err(failed)
+    }
+
+    fn ensure_topic(&self, snapshot: &SnapshotSettings) -> Result<(), ChangelogError> {
         let input = &self.topics[0];
-        let expected = self.partition_count(input)?.unwrap_or(0);
+        let expected = self
+            .partition_count(input)?
+            .ok_or_else(|| ChangelogError::MissingInput(input.clone()))?;
         if let Some(found) = self.partition_count(&self.topic)? {
-            if expected > 0 && found != expected {
+            if found != expected {
                 return Err(ChangelogError::Partitions {
                     topic: self.topic.clone(),
                     found,
                     expected,
                 });
             }
+            self.check_compacted();
             return Ok(());
         }
         let admin: AdminClient<DefaultClientContext> =
             self.client.create().map_err(kafka_err(&self.topic))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ChangelogError::Kafka {
-                topic: self.topic.clone(),
-                source: KafkaError::AdminOpCreation(e.to_string()),
-            })?;
-        let new = NewTopic::new(
-            &self.topic,
-            expected.max(1) as i32,
-            TopicReplication::Fixed(-1),
-        )
-        .set("cleanup.policy", "compact");
-        let created = runtime.block_on(admin.create_topics(
-            [&new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ));
-        let failed = match created {
-            Ok(results) => results.into_iter().any(|r| r.is_err()),
-            Err(_) => true,
+        let replication = match snapshot.replication_factor {
+            Some(r) => TopicReplication::Fixed(r),
+            None => TopicReplication::Fixed(-1), // the broker's default
         };
-        if failed {
-            // Brokers that refuse "broker default" replication: ask for 1.
-            let new = NewTopic::new(
-                &self.topic,
-                expected.max(1) as i32,
-                TopicReplication::Fixed(1),
-            )
+        let mut new = NewTopic::new(&self.topic, expected as i32, replication)
             .set("cleanup.policy", "compact");
-            let results = runtime
-                .block_on(admin.create_topics([&new], &AdminOptions::new()))
-                .map_err(kafka_err(&self.topic))?;
-            for r in results {
-                if let Err((_, code)) = r {
-                    if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                        return Err(ChangelogError::Kafka {
-                            topic: self.topic.clone(),
-                            source: KafkaError::AdminOp(code),
-                        });
-                    }
+        for (k, v) in &snapshot.topic_config {
+            new = new.set(k, v);
+        }
+        let results = self
+            .on_admin_thread(|rt| {
+                rt.block_on(admin.create_topics(
+                    [&new],
+                    &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+                ))
+            })?
+            .map_err(kafka_err(&self.topic))?;
+        for r in results {
+            match r {
+                Ok(_) => {}
+                // Another instance created it meanwhile.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(ChangelogError::Kafka {
+                        topic: self.topic.clone(),
+                        source: KafkaError::AdminOp(code),
+                    })
                 }
             }
         }
-        tracing::info!(topic = %self.topic, partitions = expected, "changelog topic created");
+        tracing::info!(
+            topic = %self.topic,
+            partitions = expected,
+            replication = ?snapshot.replication_factor,
+            "changelog topic created (compacted)"
+        );
         // Wait until the topic is visible.
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.partition_count(&self.topic)?.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Warns when an existing changelog is not compacted: it would work,
+    /// but keep every snapshot forever.
+    fn check_compacted(&self) {
+        let policy = (|| {
+            let admin: AdminClient<DefaultClientContext> = self.client.create().ok()?;
+            let results = self
+                .on_admin_thread(|rt| {
+                    rt.block_on(admin.describe_configs(
+                        [&ResourceSpecifier::Topic(&self.topic)],
+                        &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+                    ))
+                })
+                .ok()?
+                .ok()?;
+            let resource = results.into_iter().next()?.ok()?;
+            resource.get("cleanup.policy").and_then(|e| e.value.clone())
+        })();
+        match policy {
+            Some(p) if p.contains("compact") => {}
+            Some(p) => tracing::error!(
+                topic = %self.topic,
+                cleanup_policy = %p,
+                "the changelog topic is not compacted: it keeps every snapshot and grows without bound; set cleanup.policy=compact on it"
+            ),
+            None => tracing::warn!(
+                topic = %self.topic,
+                "cannot read the changelog topic's cleanup.policy: make sure it is compacted"
+            ),
+        }
+    }
+
+    fn writer(&self, p: i32) -> Arc<Mutex<Writer>> {
+        Arc::clone(self.writers.lock().entry(p).or_default())
+    }
+
+    /// The generation partition `p`'s writes carry.
+    fn generation(&self, p: i32) -> u64 {
+        self.writer(p).lock().generation
+    }
+
+    /// Registers a periodic snapshot of `p` whose checkpoint comes later.
+    pub fn ticket(&self, p: i32) -> Ticket {
+        let w = self.writer(p);
+        let mut w = w.lock();
+        w.next_ticket += 1;
+        w.awaited = Some(w.next_ticket);
+        Ticket {
+            partition: p,
+            id: w.next_ticket,
+        }
+    }
+
+    /// Cancels the checkpoint of a periodic snapshot not written yet (a
+    /// release snapshot comes now). Waits for one being written. Returns
+    /// true when one was cancelled: its records were written without a
+    /// checkpoint, so the changes they hold must be written again.
+    pub fn cancel_awaited(&self, p: i32) -> bool {
+        self.writer(p).lock().awaited.take().is_some()
+    }
+
+    /// Writes tombstones for removed customers to changelog partition `p`.
+    pub fn write_tombstones(&self, p: i32, removed: &[Removed]) -> Result<(), KafkaError> {
+        for r in removed {
+            let headers = OwnedHeaders::new().insert(KafkaHeader {
+                key: PERSISTED_HEADER,
+                value: Some(if r.persisted { "1" } else { "0" }),
+            });
+            let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
+                .partition(p)
+                .key(r.id.as_bytes())
+                .headers(headers);
+            self.send(record)?;
         }
         Ok(())
     }
@@ -217,32 +584,32 @@ impl ChangelogStore {
         p: i32,
         records: impl Iterator<Item = (&'a str, &'a [u32])>,
     ) -> Result<usize, KafkaError> {
+        let generation = self.generation(p);
         let mut n = 0;
         let mut value = Vec::new();
         for (id, words) in records {
             value.clear();
             value.push(RECORD_TAG);
+            value.extend_from_slice(&generation.to_le_bytes());
             for w in words {
                 value.extend_from_slice(&w.to_le_bytes());
             }
-            self.send(p, id.as_bytes(), &value)?;
+            self.send(
+                BaseRecord::to(&self.topic)
+                    .partition(p)
+                    .key(id.as_bytes())
+                    .payload(&value[..]),
+            )?;
             n += 1;
         }
         Ok(n)
     }
 
-    fn send(&self, p: i32, key: &[u8], value: &[u8]) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::to(&self.topic)
-            .partition(p)
-            .key(key)
-            .payload(value);
+    fn send<'a>(&self, mut record: BaseRecord<'a, [u8], [u8]>) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((
-                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     std::thread::sleep(Duration::from_millis(1));
                     record = back;
                 }
@@ -256,44 +623,91 @@ impl ChangelogStore {
         self.producer.flush(timeout)
     }
 
-    /// Writes the checkpoint that makes a snapshot current, and waits for it.
-    pub fn write_checkpoint(&self, header: &Header) -> Result<u64, KafkaError> {
+    /// Writes the checkpoint of a snapshot taken while processing was
+    /// paused (a release), after every record sent before it, within
+    /// `timeout`.
+    pub fn write_checkpoint(&self, header: &Header, timeout: Duration) -> Result<u64, KafkaError> {
+        let w = self.writer(header.partition);
+        let w = w.lock();
+        self.checkpoint_locked(header, w.generation, timeout)
+    }
+
+    /// Writes the checkpoint of a periodic snapshot unless a newer
+    /// snapshot was written meanwhile (`Ok(None)`).
+    pub fn commit_ticket(
+        &self,
+        ticket: Ticket,
+        header: &Header,
+    ) -> Result<Option<u64>, KafkaError> {
+        let w = self.writer(ticket.partition);
+        let mut w = w.lock();
+        if w.awaited != Some(ticket.id) {
+            return Ok(None);
+        }
+        let bytes = self.checkpoint_locked(header, w.generation, Duration::from_secs(60))?;
+        w.awaited = None;
+        Ok(Some(bytes))
+    }
+
+    /// Writes a checkpoint; the caller holds the partition's writer lock.
+    fn checkpoint_locked(
+        &self,
+        header: &Header,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<u64, KafkaError> {
+        let deadline = Instant::now() + timeout;
+        // Every record of the snapshot before the checkpoint.
+        self.flush(timeout)?;
         let mut h = header.clone();
         h.customers = 0;
         h.ids_len = 0;
-        let bytes = Encoder::new(Vec::new(), &h)
+        let encoded = Encoder::new(Vec::new(), &h)
             .and_then(|e| e.finish(&[]))
             .map_err(|e| {
-                KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::InvalidMessage)
-                    .tap_log(&e)
+                tracing::error!("cannot encode a checkpoint: {e}");
+                KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessage)
             })?;
-        self.send(header.partition, CHECKPOINT_KEY, &bytes)?;
-        self.flush(Duration::from_secs(60))?;
-        Ok(bytes.len() as u64)
+        let mut value = Vec::with_capacity(9 + encoded.len());
+        value.push(CHECKPOINT_TAG);
+        value.extend_from_slice(&generation.to_le_bytes());
+        value.extend_from_slice(&encoded);
+        self.send(
+            BaseRecord::to(&self.topic)
+                .partition(header.partition)
+                .key(CHECKPOINT_KEY)
+                .payload(&value[..]),
+        )?;
+        self.flush(deadline.saturating_duration_since(Instant::now()))?;
+        Ok(value.len() as u64)
     }
 
-    /// Reads changelog partition `p` to its end: the latest checkpoint and
-    /// every customer's latest record.
-    pub fn read(&self, p: i32) -> Result<ChangelogContents, ChangelogError> {
+    /// Reads changelog partition `p` to its end, unless `cancel` is set.
+    pub fn read(&self, p: i32, cancel: &AtomicBool) -> Result<Recovered, ChangelogError> {
         let mut config = self.client.clone();
         config
             .set("group.id", format!("{}-restore", self.topic))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            .set("allow.auto.create.topics", "false")
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer = config.create().map_err(kafka_err(&self.topic))?;
+        let consumer: BaseConsumer<Quiet> = config
+            .create_with_context(Quiet)
+            .map_err(kafka_err(&self.topic))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Beginning)
             .map_err(kafka_err(&self.topic))?;
         consumer.assign(&tpl).map_err(kafka_err(&self.topic))?;
-        let mut checkpoint = None;
-        let mut records: HashMap<String, Vec<u32>> = HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut fold = Fold::default();
+        let deadline = Instant::now() + READ_TIMEOUT;
         loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err(ChangelogError::Cancelled);
+            }
             if Instant::now() > deadline {
-                return Err(ChangelogError::Kafka {
+                return Err(ChangelogError::ReadTimeout {
                     topic: self.topic.clone(),
-                    source: KafkaError::PartitionEOF(p),
+                    partition: p,
                 });
             }
             match consumer.poll(Duration::from_millis(200)) {
@@ -304,59 +718,80 @@ impl ChangelogStore {
                     continue;
                 }
                 Some(Ok(m)) => {
-                    let (Some(key), Some(value)) = (m.key(), m.payload()) else {
-                        continue;
-                    };
-                    if key == CHECKPOINT_KEY {
-                        match format::decode(value) {
-                            Ok((h, _, _)) => checkpoint = Some(h),
-                            Err(e) => tracing::warn!(
-                                "bad checkpoint in {} partition {p}: {e}",
-                                self.topic
-                            ),
-                        }
-                    } else if value.first() == Some(&RECORD_TAG) && (value.len() - 1) % 4 == 0 {
-                        let words = value[1..]
-                            .chunks_exact(4)
-                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect();
-                        if let Ok(id) = std::str::from_utf8(key) {
-                            records.insert(id.to_string(), words);
-                        }
+                    let Some(key) = m.key() else { continue };
+                    let persisted = m.headers().is_some_and(|h| {
+                        h.iter()
+                            .any(|h| h.key == PERSISTED_HEADER && h.value == Some(b"1"))
+                    });
+                    if let Some(entry) = Entry::decode(key, m.payload(), persisted) {
+                        fold.push(entry);
                     }
                 }
             }
         }
-        Ok((checkpoint, records))
+        Ok(fold.finish())
     }
 
-    /// The state of partition `p` from the changelog, if it has a
-    /// checkpoint made with this model.
-    pub fn load(&self, p: i32, model: &Arc<Model>, metrics: &Metrics) -> Option<Restored> {
-        let (checkpoint, records) = match self.read(p) {
+    /// What partition `p` restores from: its state as of the last
+    /// checkpoint, if that was made with this model and is complete; and
+    /// what the next snapshot must clean up either way. Sets the
+    /// generation the partition's writes carry from now on.
+    pub fn load(&self, p: i32, model: &Arc<Model>, metrics: &Metrics) -> Loaded {
+        self.load_until(p, model, metrics, &AtomicBool::new(false))
+    }
+
+    /// As [`ChangelogStore::load`], giving up when `cancel` is set.
+    pub fn load_until(
+        &self,
+        p: i32,
+        model: &Arc<Model>,
+        metrics: &Metrics,
+        cancel: &AtomicBool,
+    ) -> Loaded {
+        let recovered = match self.read(p, cancel) {
             Ok(r) => r,
+            Err(ChangelogError::Cancelled) => return self.rebuild(p, Vec::new()),
             Err(e) => {
                 metrics
                     .snapshot_failures
                     .with_label_values(&["corrupt"])
                     .inc();
-                tracing::error!("cannot read the changelog: {e}");
-                return None;
+                tracing::error!("cannot read the changelog: {e}; rebuilding from the log");
+                return self.rebuild(p, Vec::new());
             }
         };
-        let header = checkpoint?;
-        let expected = super::fingerprint(model);
-        if header.fingerprint != expected {
+        if !recovered.lost.is_empty() {
+            metrics
+                .snapshot_failures
+                .with_label_values(&["compacted"])
+                .inc();
+            tracing::error!(
+                partition = p,
+                customers = recovered.lost.len(),
+                example = %recovered.lost[0],
+                "the changelog lost records of its last checkpoint to compaction: rebuilding the partition from the log (raise the topic's min.compaction.lag.ms)"
+            );
+        }
+        let Some((generation, header)) = recovered.checkpoint else {
+            return self.rebuild(p, recovered.stale);
+        };
+        if header.fingerprint != super::fingerprint(model) {
             tracing::warn!(
                 partition = p,
-                "changelog state made with another scoring model: rebuilding from the log"
+                "changelog state made with another scoring model or version: rebuilding from the log"
             );
-            return None;
+            let mut stale = recovered.stale;
+            stale.extend(recovered.records.into_iter().map(|(id, _)| id));
+            stale.extend(recovered.ahead);
+            return self.rebuild(p, stale);
         }
-        let layout = Layout::for_model(model).with_extra(self.extra_words());
+        let layout = Layout::for_model(model);
         let table = match CustomerTable::from_records(
             layout,
-            records.iter().map(|(id, w)| (id.as_str(), w.as_slice())),
+            recovered
+                .records
+                .iter()
+                .map(|(id, w)| (id.as_str(), w.as_slice())),
         ) {
             Ok(t) => t,
             Err(e) => {
@@ -364,26 +799,260 @@ impl ChangelogStore {
                     .snapshot_failures
                     .with_label_values(&["corrupt"])
                     .inc();
-                tracing::error!(partition = p, "unusable changelog records: {e}");
-                return None;
+                tracing::error!(
+                    partition = p,
+                    "unusable changelog records: {e}; rebuilding from the log"
+                );
+                let mut stale = recovered.stale;
+                stale.extend(recovered.records.into_iter().map(|(id, _)| id));
+                stale.extend(recovered.ahead);
+                return self.rebuild(p, stale);
             }
         };
-        Some(Restored {
-            engine: Engine::from_parts(Arc::clone(model), table, header.watermark),
-            path: std::path::PathBuf::from(format!("{}[{p}]", self.topic)),
-            header,
-        })
+        *self.writer(p).lock() = Writer {
+            generation,
+            ..Writer::default()
+        };
+        if !recovered.ahead.is_empty() {
+            tracing::info!(
+                partition = p,
+                customers = recovered.ahead.len(),
+                "records written after the last checkpoint (a snapshot cut short) are ignored; the next snapshot rewrites them"
+            );
+        }
+        Loaded {
+            restored: Some(Restored {
+                engine: Engine::from_parts(Arc::clone(model), table, header.watermark),
+                path: std::path::PathBuf::from(format!("{}[{p}]", self.topic)),
+                header,
+            }),
+            rewrite: recovered.ahead,
+            delete: recovered.stale,
+        }
+    }
+
+    /// A partition rebuilt from the log: a new generation.
+    fn rebuild(&self, p: i32, delete: Vec<String>) -> Loaded {
+        let generation = rand::random::<u64>();
+        *self.writer(p).lock() = Writer {
+            generation,
+            ..Writer::default()
+        };
+        Loaded {
+            restored: None,
+            rewrite: Vec::new(),
+            delete,
+        }
     }
 }
 
-/// Logs an error while mapping it away.
-trait TapLog {
-    fn tap_log(self, e: &dyn std::fmt::Display) -> Self;
+/// What a restore from the changelog gives.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The state as of the last checkpoint; `None`: rebuild from the log.
+    pub restored: Option<Restored>,
+    /// Customers the next snapshot must write again, as they are then
+    /// (records after the checkpoint must not count later).
+    pub rewrite: Vec<String>,
+    /// Keys the next snapshot must delete unless it writes them.
+    pub delete: Vec<String>,
 }
 
-impl TapLog for KafkaError {
-    fn tap_log(self, e: &dyn std::fmt::Display) -> Self {
-        tracing::error!("cannot encode a checkpoint: {e}");
-        self
+impl Loaded {
+    /// Prepares `engine` so that its next snapshot cleans the changelog up:
+    /// tracks removals, deletes stale keys, rewrites the customers ahead.
+    pub fn prepare(&self, engine: &mut Engine) {
+        let table = engine.customers_mut();
+        table.track_removals();
+        for id in self.delete.iter().chain(&self.rewrite) {
+            if table.find(id).is_some() {
+                table.mark_dirty(id);
+            } else {
+                table.note_removed(Removed {
+                    id: id.as_str().into(),
+                    persisted: false,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(offset: i64) -> Header {
+        Header {
+            partition: 0,
+            fingerprint: 1,
+            created_at: 0,
+            watermark: Some(offset * 10),
+            clock: 0,
+            stride: 2,
+            offsets: vec![("in".into(), offset)],
+            customers: 0,
+            ids_len: 0,
+        }
+    }
+
+    fn record(id: &str, g: u64, value: u32, persisted: bool) -> Entry {
+        let flags = if persisted {
+            u32::from(flags::PERSISTED) << 24
+        } else {
+            0
+        };
+        Entry::Record {
+            id: id.into(),
+            generation: g,
+            words: vec![flags | id.len() as u32, value],
+        }
+    }
+
+    fn checkpoint(g: u64, offset: i64) -> Entry {
+        Entry::Checkpoint {
+            generation: g,
+            header: header(offset),
+        }
+    }
+
+    fn fold(entries: Vec<Entry>) -> Recovered {
+        let mut f = Fold::default();
+        for e in entries {
+            f.push(e);
+        }
+        let mut r = f.finish();
+        r.records.sort();
+        r.ahead.sort();
+        r.stale.sort();
+        r
+    }
+
+    fn value(r: &Recovered, id: &str) -> Option<u32> {
+        r.records.iter().find(|(i, _)| i == id).map(|(_, w)| w[1])
+    }
+
+    #[test]
+    fn records_after_the_last_checkpoint_are_ignored() {
+        let r = fold(vec![
+            record("a", 7, 1, false),
+            record("b", 7, 1, false),
+            checkpoint(7, 10),
+            record("a", 7, 2, true), // a snapshot cut short by a crash
+            record("c", 7, 2, false),
+        ]);
+        assert_eq!(r.checkpoint, Some((7, header(10))));
+        assert_eq!(value(&r, "a"), Some(1));
+        assert_eq!(value(&r, "b"), Some(1));
+        assert_eq!(value(&r, "c"), None);
+        assert_eq!(r.ahead, ["a", "c"]);
+        assert!(r.lost.is_empty() && r.stale.is_empty());
+    }
+
+    #[test]
+    fn tombstones_before_the_checkpoint_remove_and_after_it_do_not() {
+        let r = fold(vec![
+            record("a", 7, 1, false),
+            record("b", 7, 1, false),
+            Entry::Tombstone {
+                id: "a".into(),
+                persisted: true,
+            },
+            checkpoint(7, 10),
+            Entry::Tombstone {
+                id: "b".into(),
+                persisted: true,
+            },
+        ]);
+        assert_eq!(value(&r, "a"), None);
+        assert_eq!(value(&r, "b"), Some(1));
+        assert_eq!(r.ahead, ["b"]);
+    }
+
+    #[test]
+    fn later_checkpoints_commit_what_came_before_them() {
+        let r = fold(vec![
+            record("a", 7, 1, false),
+            checkpoint(7, 10),
+            record("a", 7, 2, true),
+            checkpoint(7, 20),
+            record("a", 7, 3, true),
+        ]);
+        assert_eq!(r.checkpoint.as_ref().map(|c| c.1.offsets[0].1), Some(20));
+        assert_eq!(value(&r, "a"), Some(2));
+    }
+
+    #[test]
+    fn a_record_lost_to_compaction_is_detected() {
+        // Compaction removed a's record before the checkpoint, because a
+        // newer one (after it) exists; that one says an earlier existed.
+        let r = fold(vec![
+            record("b", 7, 1, false),
+            checkpoint(7, 10),
+            record("a", 7, 2, true),
+        ]);
+        assert_eq!(r.checkpoint, None);
+        assert_eq!(r.lost, ["a"]);
+        assert_eq!(r.stale, ["a", "b"]);
+        // A customer new since the checkpoint is not a loss.
+        let r = fold(vec![
+            record("b", 7, 1, false),
+            checkpoint(7, 10),
+            record("a", 7, 2, false),
+            Entry::Tombstone {
+                id: "c".into(),
+                persisted: false,
+            },
+        ]);
+        assert!(r.lost.is_empty());
+        assert!(r.checkpoint.is_some());
+    }
+
+    #[test]
+    fn other_generations_do_not_count() {
+        let r = fold(vec![
+            record("old", 3, 1, false),
+            record("both", 3, 1, false),
+            checkpoint(3, 10),
+            record("both", 9, 5, false),
+            record("new", 9, 5, false),
+            checkpoint(9, 4),
+        ]);
+        assert_eq!(r.checkpoint.as_ref().map(|c| c.0), Some(9));
+        assert_eq!(value(&r, "both"), Some(5));
+        assert_eq!(value(&r, "new"), Some(5));
+        assert_eq!(value(&r, "old"), None);
+        assert_eq!(r.stale, ["old"]);
+    }
+
+    #[test]
+    fn without_a_checkpoint_everything_is_stale() {
+        let r = fold(vec![record("a", 1, 1, false), record("b", 1, 1, true)]);
+        assert_eq!(r.checkpoint, None);
+        assert_eq!(r.stale, ["a", "b"]);
+        assert!(r.records.is_empty());
+    }
+
+    #[test]
+    fn messages_decode_back() {
+        let e = Entry::decode(b"c-1", None, true);
+        assert_eq!(
+            e,
+            Some(Entry::Tombstone {
+                id: "c-1".into(),
+                persisted: true
+            })
+        );
+        let mut v = vec![RECORD_TAG];
+        v.extend_from_slice(&5u64.to_le_bytes());
+        v.extend_from_slice(&7u32.to_le_bytes());
+        assert_eq!(
+            Entry::decode(b"c-1", Some(&v), false),
+            Some(Entry::Record {
+                id: "c-1".into(),
+                generation: 5,
+                words: vec![7]
+            })
+        );
+        assert_eq!(Entry::decode(b"c-1", Some(b"junk"), false), None);
     }
 }

@@ -17,6 +17,7 @@ pub mod local;
 pub mod periodic;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,13 @@ pub struct SnapshotSettings {
     pub keep: usize,
     /// The changelog topic of the kafka store; default `<group_id>-state`.
     pub topic: Option<String>,
+    /// The changelog's replication factor when ces-stream creates it;
+    /// `None`: the broker's default.
+    pub replication_factor: Option<i32>,
+    /// Topic configs of a changelog ces-stream creates, besides
+    /// `cleanup.policy = compact`: by default `min.compaction.lag.ms` of a
+    /// day (see `changelog`).
+    pub topic_config: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,9 +120,7 @@ pub fn engine_from(
     words: Vec<u32>,
     ids: Vec<u8>,
 ) -> Result<Engine, format::FormatError> {
-    let base = Layout::for_model(model);
-    let extra = (header.stride as usize).saturating_sub(base.stride());
-    let layout = base.with_extra(extra);
+    let layout = Layout::for_model(model);
     if header.stride as usize != layout.stride() {
         return Err(format::FormatError::Inconsistent(format!(
             "records of {} words, the model needs {}",
@@ -131,11 +137,20 @@ pub fn engine_from(
     ))
 }
 
-/// A fingerprint of the parts of the model that shape the state.
+/// The version of the per-customer state: part of the fingerprint, so that
+/// a snapshot of an older version is never read as this one (version 2:
+/// scoring model v2, remembered event ids, no per-record offsets).
+const STATE_VERSION: u32 = 2;
+
+/// A fingerprint of the parts of the model that shape the state, and of
+/// the state's version.
 pub fn fingerprint(model: &Model) -> u64 {
     use std::hash::{Hash, Hasher};
     // A fixed hasher: the fingerprint is stored and compared across runs.
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    STATE_VERSION.hash(&mut h);
+    model.input.dedup_depth.hash(&mut h);
+    model.forget_after.hash(&mut h);
     model.half_life.hash(&mut h);
     for a in &model.activities {
         a.name.hash(&mut h);
@@ -169,18 +184,11 @@ pub enum Store {
 }
 
 impl Store {
-    /// Extra words per customer record this store needs.
-    pub fn extra_words(&self) -> usize {
-        match self {
-            Store::Local(_) => 0,
-            Store::Kafka(c) => c.extra_words(),
-        }
-    }
-
+    /// What a restart would restore for `partition` (`inspect`).
     pub fn load(&self, partition: i32, model: &Arc<Model>, metrics: &Metrics) -> Option<Restored> {
         match self {
             Store::Local(s) => s.load(partition, model, metrics),
-            Store::Kafka(s) => s.load(partition, model, metrics),
+            Store::Kafka(s) => s.load(partition, model, metrics).restored,
         }
     }
 
@@ -192,6 +200,7 @@ impl Store {
         fingerprint: u64,
         state: &mut PartitionState,
         offsets: Vec<(String, i64)>,
+        deadline: std::time::Instant,
     ) -> Result<u64, String> {
         match self {
             Store::Local(s) => s
@@ -200,6 +209,12 @@ impl Store {
             Store::Kafka(c) => {
                 let table = state.engine.customers_mut();
                 table.cancel_snapshot();
+                // A periodic snapshot whose checkpoint never came: the
+                // changes it wrote are written again.
+                if c.cancel_awaited(partition) {
+                    table.mark_all_dirty();
+                }
+                let removed = table.take_removed();
                 let (customers, ids_len) = table.begin_snapshot();
                 let mut records: Vec<(String, Vec<u32>)> = Vec::new();
                 table.snapshot_chunk_dirty(usize::MAX, |id, w| {
@@ -216,16 +231,27 @@ impl Store {
                     ids_len,
                 );
                 let result = c
-                    .write_records(
-                        partition,
-                        records.iter().map(|(i, w)| (i.as_str(), w.as_slice())),
-                    )
-                    .and_then(|_| c.flush(Duration::from_secs(60)))
-                    .and_then(|_| c.write_checkpoint(&header));
+                    .write_tombstones(partition, &removed)
+                    .and_then(|()| {
+                        c.write_records(
+                            partition,
+                            records.iter().map(|(i, w)| (i.as_str(), w.as_slice())),
+                        )
+                    })
+                    .and_then(|_| {
+                        c.write_checkpoint(
+                            &header,
+                            deadline.saturating_duration_since(std::time::Instant::now()),
+                        )
+                    });
                 match result {
                     Ok(bytes) => Ok(bytes + records.len() as u64 * (header.stride as u64 * 4)),
                     Err(e) => {
-                        state.engine.customers_mut().mark_all_dirty();
+                        let table = state.engine.customers_mut();
+                        table.mark_all_dirty();
+                        for r in removed {
+                            table.note_removed(r);
+                        }
                         Err(e.to_string())
                     }
                 }
@@ -243,9 +269,22 @@ pub struct StoreHooks {
 }
 
 impl PartitionHooks for StoreHooks {
-    fn restore(&self, partition: i32, topics: &[String]) -> (PartitionState, Vec<Option<i64>>) {
+    fn restore(
+        &self,
+        partition: i32,
+        topics: &[String],
+        cancel: &AtomicBool,
+    ) -> (PartitionState, Vec<Option<i64>>) {
         let started = std::time::Instant::now();
-        match self.store.load(partition, &self.model, &self.metrics) {
+        // The changelog store also says what its next snapshot must clean.
+        let (restored, loaded) = match &self.store {
+            Store::Local(s) => (s.load(partition, &self.model, &self.metrics), None),
+            Store::Kafka(c) => {
+                let mut loaded = c.load_until(partition, &self.model, &self.metrics, cancel);
+                (loaded.restored.take(), Some(loaded))
+            }
+        };
+        let (mut state, offsets) = match restored {
             Some(r) => {
                 let customers = r.engine.customers().len();
                 self.metrics
@@ -275,17 +314,26 @@ impl PartitionHooks for StoreHooks {
             }
             None => {
                 tracing::info!(partition, "no snapshot: rebuilding from the log");
-                let engine =
-                    Engine::with_extra_words(Arc::clone(&self.model), self.store.extra_words());
+                let engine = Engine::new(Arc::clone(&self.model));
                 (
                     PartitionState::from_engine(engine),
                     vec![None; topics.len()],
                 )
             }
+        };
+        if let Some(loaded) = loaded {
+            loaded.prepare(&mut state.engine);
         }
+        (state, offsets)
     }
 
-    fn release(&self, partition: i32, state: &mut PartitionState, next: &[(String, Option<i64>)]) {
+    fn release(
+        &self,
+        partition: i32,
+        state: &mut PartitionState,
+        next: &[(String, Option<i64>)],
+        deadline: std::time::Instant,
+    ) {
         let offsets: Vec<(String, i64)> = next
             .iter()
             .filter_map(|(t, o)| o.map(|o| (t.clone(), o)))
@@ -294,10 +342,13 @@ impl PartitionHooks for StoreHooks {
             return; // nothing processed: the previous snapshot still holds
         }
         let started = std::time::Instant::now();
-        match self
-            .store
-            .save_now(partition, fingerprint(&self.model), state, offsets)
-        {
+        match self.store.save_now(
+            partition,
+            fingerprint(&self.model),
+            state,
+            offsets,
+            deadline,
+        ) {
             Ok(bytes) => {
                 self.metrics
                     .snapshot_seconds

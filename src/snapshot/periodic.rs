@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use crate::kafka::delivery::OffsetTracker;
 use crate::kafka::partitions::Partitions;
 use crate::metrics::Metrics;
+use crate::snapshot::changelog::{ChangelogStore, Ticket};
 use crate::snapshot::local::LocalWriter;
 use crate::snapshot::{header_for, Header, Store};
 
@@ -35,8 +36,13 @@ struct Active {
 enum Target {
     /// A file of the local store.
     File(LocalWriter),
-    /// Changed customers to the changelog, then this checkpoint.
-    Changelog { header: Header, records: usize },
+    /// Removed and changed customers to the changelog, then this
+    /// checkpoint, unless a newer snapshot comes first (the ticket).
+    Changelog {
+        header: Header,
+        records: usize,
+        ticket: Ticket,
+    },
 }
 
 impl Target {
@@ -109,6 +115,11 @@ impl Periodic {
         if self.rewrite.lock().remove(&p) {
             st.engine.customers_mut().mark_all_dirty();
         }
+        // Customers removed before the cut: their tombstones come first.
+        let removed = match &self.store {
+            Store::Kafka(_) => st.engine.customers_mut().take_removed(),
+            Store::Local(_) => Vec::new(),
+        };
         let (customers, ids_len) = st.engine.customers_mut().begin_snapshot();
         let header = header_for(
             p,
@@ -132,7 +143,27 @@ impl Periodic {
                     return;
                 }
             },
-            Store::Kafka(_) => Target::Changelog { header, records: 0 },
+            Store::Kafka(c) => {
+                let ticket = c.ticket(p);
+                if let Err(e) = c.write_tombstones(p, &removed) {
+                    let table = st.engine.customers_mut();
+                    table.cancel_snapshot();
+                    for r in removed {
+                        table.note_removed(r);
+                    }
+                    self.metrics
+                        .snapshot_failures
+                        .with_label_values(&["write"])
+                        .inc();
+                    tracing::error!(partition = p, "cannot start a snapshot: {e}");
+                    return;
+                }
+                Target::Changelog {
+                    header,
+                    records: 0,
+                    ticket,
+                }
+            }
         };
         self.active.insert(
             p,
@@ -207,8 +238,12 @@ impl Periodic {
                     return;
                 }
             },
-            Target::Changelog { header, records } => match &self.store {
-                Store::Kafka(c) => Finish::Changelog(Arc::clone(c), header, records),
+            Target::Changelog {
+                header,
+                records,
+                ticket,
+            } => match &self.store {
+                Store::Kafka(c) => Finish::Changelog(Arc::clone(c), header, records, ticket),
                 Store::Local(_) => return,
             },
         };
@@ -317,22 +352,22 @@ impl Periodic {
 /// A finished snapshot waiting to become current.
 enum Finish {
     File(crate::snapshot::local::Pending),
-    Changelog(
-        Arc<crate::snapshot::changelog::ChangelogStore>,
-        Header,
-        usize,
-    ),
+    Changelog(Arc<ChangelogStore>, Header, usize, Ticket),
 }
 
 impl Finish {
     fn commit(self) -> Result<u64, String> {
         match self {
             Finish::File(p) => p.commit().map_err(|e| e.to_string()),
-            Finish::Changelog(c, header, records) => {
-                c.flush(Duration::from_secs(60))
-                    .map_err(|e| e.to_string())?;
-                let bytes = c.write_checkpoint(&header).map_err(|e| e.to_string())?;
-                Ok(bytes + (records as u64) * u64::from(header.stride) * 4)
+            Finish::Changelog(c, header, records, ticket) => {
+                match c
+                    .commit_ticket(ticket, &header)
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(bytes) => Ok(bytes + (records as u64) * u64::from(header.stride) * 4),
+                    // A newer snapshot's checkpoint covers these records.
+                    None => Ok(0),
+                }
             }
         }
     }

@@ -330,3 +330,97 @@ pub fn end_offset(bootstrap: &str, topic: &str, partition: i32) -> i64 {
         .unwrap()
         .1
 }
+
+/// Every message of `topic` that nobody writes to any more, partition by
+/// partition (in offset order within each): read until nothing new comes
+/// for a second. (tansu's high watermark can lag behind the last record
+/// of a batch, so it is only a lower bound.)
+pub fn read_all(bootstrap: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let total: i64 = (0..partitions)
+        .map(|p| end_offset(bootstrap, topic, p))
+        .sum();
+    let consumer: BaseConsumer = client_config(bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last_new = Instant::now();
+    let mut messages = Vec::new();
+    while Instant::now() < deadline && (messages.len() as i64) < total
+        || last_new.elapsed() < Duration::from_secs(1)
+    {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            messages.push(m.detach());
+            last_new = Instant::now();
+        }
+        assert!(Instant::now() < deadline, "could not read all of {topic}");
+    }
+    messages.sort_by_key(|m| (m.partition(), m.offset()));
+    messages
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The sum of a metric's series (every label set) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let n = series.split('{').next()?;
+            (n == name).then(|| v.trim().parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+impl Instance {
+    /// The HTTP address the instance logged it listens on.
+    pub fn http_addr(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log_text();
+            if let Some(addr) = log
+                .split("listen=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                return addr.trim_matches('"').to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no HTTP address in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
