@@ -297,26 +297,42 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
 #[test]
 fn sigterm_with_events_in_flight_loses_none() {
     let s = Setup::new(2);
-    let mut a = s.start("a");
+    // Outputs wait up to a second in the producer before they are sent, so
+    // that while events flow some are always consumed and not yet
+    // acknowledged.
+    let config = s.config("[kafka.producer_options]\n\"linger.ms\" = 1000\n");
+    let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
     assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    let addr = a.http_addr(Duration::from_secs(10));
     // Produce while the instance consumes, and stop it in the middle.
     let bootstrap = s.broker.bootstrap.clone();
     let input = s.input.clone();
     let producer = std::thread::spawn(move || {
         for chunk in rounds(200, 10, "visit").chunks(200) {
             produce(&bootstrap, &input, chunk);
+            std::thread::sleep(Duration::from_millis(100));
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Outputs start at the fifth visit of a customer (1000 events in).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(&http_get(&addr, "/metrics").1, "ces_events_consumed_total") < 1100.0 {
+        assert!(std::time::Instant::now() < deadline, "{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let status = a
         .terminate(Duration::from_secs(30))
         .expect("exits on SIGTERM");
     assert!(status.success(), "{}", a.log_text());
-    assert!(
-        a.log_text().contains("partitions released"),
-        "{}",
-        a.log_text()
-    );
+    let log = a.log_text();
+    assert!(log.contains("partitions released"), "{log}");
+    // Proof that the signal came with outputs in flight.
+    let in_flight: u64 = log
+        .split("outputs_unacknowledged=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the stop logs what is in flight");
+    assert!(in_flight > 0, "nothing was in flight:\n{log}");
     producer.join().unwrap();
 
     let a2 = s.start("a2");
@@ -336,4 +352,68 @@ fn sigterm_with_events_in_flight_loses_none() {
         a.log_text(),
         a2.log_text()
     );
+}
+
+#[test]
+fn a_stop_during_a_rebalance_ends_within_shutdown_timeout() {
+    // Two instances with the kafka store (a restore reads the changelog);
+    // each round starts a third one and stops one of the first two while
+    // the group rebalances, events flowing all along.
+    let s = Setup::new(4);
+    let config = s.config("store = \"kafka\"\ninterval = \"500ms\"\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("shutdown_timeout = \"20s\"", "shutdown_timeout = \"5s\"");
+    std::fs::write(&config, text).unwrap();
+    let bootstrap = s.broker.bootstrap.clone();
+    let input = s.input.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                produce(
+                    &bootstrap,
+                    &input,
+                    &rounds(50, 1, if n % 2 == 0 { "visit" } else { "buy" }),
+                );
+                n += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let start = |name: &str| Instance::start(&config, &s.dir.path().join(format!("{name}.log")));
+    // Each round: two members own the partitions; a third joins, and while
+    // the group rebalances the oldest member is stopped.
+    let mut current = start("m-0");
+    let mut other = start("m-1");
+    let mut worst = Duration::ZERO;
+    for (round, delay) in [0u64, 300, 800, 1500].into_iter().enumerate() {
+        for m in [&current, &other] {
+            assert!(
+                m.wait_for_log("partition starts", Duration::from_secs(60)),
+                "round {round}: {}",
+                m.log_text()
+            );
+        }
+        let joiner = start(&format!("m-{}", round + 2));
+        std::thread::sleep(Duration::from_millis(delay));
+        let signalled = std::time::Instant::now();
+        let status = current
+            .terminate(Duration::from_secs(30))
+            .expect("exits on SIGTERM");
+        let took = signalled.elapsed();
+        assert!(status.success(), "{}", current.log_text());
+        assert!(
+            took < Duration::from_millis(5_000 + 1_000),
+            "round {round}: the stop took {took:?} with shutdown_timeout = 5s\n{}",
+            current.log_text()
+        );
+        worst = worst.max(took);
+        current = std::mem::replace(&mut other, joiner);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    producer.join().unwrap();
+    eprintln!("slowest stop during a rebalance: {worst:?}");
 }

@@ -375,107 +375,284 @@ fn partition_of(customer: &str, partitions: u32) -> i32 {
     (crc32fast::hash(customer.as_bytes()) % partitions) as i32
 }
 
+/// A stream for the kafka-store soak: events (with retries and erasure
+/// requests) per input partition, as (key, payload); an erasure request's
+/// payload is `None` (a tombstone on Kafka, `{"erase": id}` in a replay).
+fn soak_stream(
+    events: u64,
+    customers: u64,
+    days: i64,
+    seed: u64,
+    partitions: i32,
+) -> Vec<Vec<(String, Option<String>)>> {
+    let mut synth = Synth::new(SynthOptions {
+        customers,
+        seed,
+        malformed: 0.005,
+        segment: 0.1,
+        duplicates: 0.03,
+        erasures: 0.002,
+    });
+    let mut ev = SynthEvent::default();
+    let mut per_partition = vec![Vec::new(); partitions as usize];
+    for i in 0..events {
+        let t = START + days * DAY * i as i64 / events as i64;
+        synth.next(t, i as f64 / events as f64, &mut ev);
+        let tombstone = ev.erase && !ev.key.is_empty();
+        let payload = (!tombstone).then(|| String::from_utf8(ev.payload.clone()).unwrap());
+        let p = partition_of(&ev.key, partitions as u32);
+        per_partition[p as usize].push((ev.key.clone(), payload));
+    }
+    per_partition
+}
+
+/// The replay input of one partition's messages.
+fn as_jsonl(messages: &[(String, Option<String>)]) -> Vec<(String, String)> {
+    messages
+        .iter()
+        .map(|(k, v)| {
+            let line = v
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({ "erase": k }).to_string());
+            (k.clone(), line)
+        })
+        .collect()
+}
+
+type Producer = rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>;
+
+/// An idempotent producer: messages to one partition stay in order.
+fn producer(bootstrap: &str) -> Producer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Produces messages (tombstones for `None`) to one partition, in order,
+/// and waits for them.
+fn produce_messages(
+    producer: &Producer,
+    topic: &str,
+    partition: i32,
+    messages: &[(String, Option<String>)],
+) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    for (k, v) in messages {
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(topic).partition(partition).key(k.as_bytes());
+        if let Some(v) = v {
+            record = record.payload(v.as_bytes());
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// A multiset of lines.
+fn counts<'a>(lines: impl Iterator<Item = &'a String>) -> HashMap<&'a str, usize> {
+    let mut m = HashMap::new();
+    for l in lines {
+        *m.entry(l.as_str()).or_default() += 1;
+    }
+    m
+}
+
+/// A replay output line as the output topic carries it: `customer_erased`
+/// is a tombstone there, keyed by the customer, without a time.
+fn as_published(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    if v["kind"] == "customer_erased" {
+        format!("customer_erased {}", v["customer_id"].as_str().unwrap())
+    } else {
+        line.to_string()
+    }
+}
+
+/// Every `expected` line is published at least as often (nothing
+/// missing), and nothing is published that is not expected (nothing
+/// invented). Returns the number of duplicates.
+fn assert_published(what: &str, expected: &[String], published: &[String]) -> usize {
+    let (want, got) = (counts(expected.iter()), counts(published.iter()));
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(l, n)| got.get(*l).copied().unwrap_or(0) < **n)
+        .map(|(l, _)| *l)
+        .collect();
+    let invented: Vec<_> = got.keys().filter(|l| !want.contains_key(*l)).collect();
+    assert!(
+        missing.is_empty() && invented.is_empty(),
+        "{what}: {} missing, e.g. {:?}; {} invented, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)],
+        invented.len(),
+        &invented[..invented.len().min(3)]
+    );
+    published.len() - expected.len()
+}
+
 #[test]
-fn rebalances_between_instances_with_the_kafka_store_keep_the_state_exact() {
+fn kafka_store_kill_9_soak_two_instances_lose_and_invent_nothing() {
+    // The kafka store, two instances in one group, 4 partitions: events
+    // (with retries and erasure requests) stream for about a minute while
+    // one instance or the other is killed -9 ten times and restarted; then
+    // both are stopped with SIGTERM. What the changelog restores equals one
+    // replay per partition, and the output and dead-letter topics hold
+    // every message those replays emit, and none they do not (duplicates
+    // are allowed: at-least-once).
     const PARTITIONS: i32 = 4;
-    let soak = Soak::build(PARTITIONS, "store = \"kafka\"\ninterval = \"300ms\"\n");
-    let (broker, dir, input, config) = (&soak.broker, &soak.dir, &soak.input, &soak.config);
+    // Outputs linger in the producer for up to 50 ms, so that a kill often
+    // finds events consumed whose outputs are not acknowledged yet.
+    let soak = Soak::build(
+        PARTITIONS,
+        "store = \"kafka\"\ninterval = \"300ms\"\n[kafka.producer_options]\n\"linger.ms\" = 50\n",
+    );
+    let per_partition = soak_stream(24_000, 300, 12, 29, PARTITIONS);
+    let (dir, config) = (soak.dir.path().to_path_buf(), soak.config.clone());
     let start = |name: &str| {
         Instance::start_logging(
-            config,
-            &dir.path().join(format!("{name}.log")),
-            "info,librdkafka=warn,ces_stream::kafka::pipeline=debug",
+            &config,
+            &dir.join(format!("{name}.log")),
+            "info,librdkafka=warn",
         )
     };
 
-    let events = stream(40_000, 2_000, 15, 29);
-    let mut per_partition: Vec<Vec<(String, String)>> = vec![Vec::new(); PARTITIONS as usize];
-    for e in &events {
-        per_partition[partition_of(&e.0, PARTITIONS as u32) as usize].push(e.clone());
-    }
-    let chunks = 6;
-    let produce_chunk = |k: usize| {
-        for (p, evs) in per_partition.iter().enumerate() {
-            let size = evs.len().div_ceil(chunks);
-            let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
-            produce_to(&broker.bootstrap, input, p as i32, part);
-        }
+    let producer = {
+        let (bootstrap, input) = (soak.broker.bootstrap.clone(), soak.input.clone());
+        let per_partition = per_partition.clone();
+        std::thread::spawn(move || {
+            let producer = producer(&bootstrap);
+            let rounds = 300;
+            for k in 0..rounds {
+                for (p, evs) in per_partition.iter().enumerate() {
+                    let size = evs.len().div_ceil(rounds);
+                    let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
+                    produce_messages(&producer, &input, p as i32, part);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
     };
 
-    // Instances come and go while events flow: graceful stops, a crash.
-    let mut a = start("a");
-    assert!(
-        a.wait_for_log("partition starts", Duration::from_secs(60)),
-        "{}",
-        a.log_text()
-    );
-    produce_chunk(0);
-    let b = start("b");
-    produce_chunk(1);
-    std::thread::sleep(Duration::from_secs(2));
-    let mut c = start("c");
-    produce_chunk(2);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        a.terminate(Duration::from_secs(60))
-            .expect("a stops")
-            .success(),
-        "{}",
-        a.log_text()
-    );
-    produce_chunk(3);
-    std::thread::sleep(Duration::from_millis(1500));
-    b.signal("KILL"); // a crash, possibly in the middle of a snapshot
-    drop(b);
-    produce_chunk(4);
-    let a2 = start("a2");
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        c.terminate(Duration::from_secs(60))
-            .expect("c stops")
-            .success(),
-        "{}",
-        c.log_text()
-    );
-    produce_chunk(5);
-
-    // One instance drains everything, then stops (snapshots on release).
-    let mut last = a2;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let log = last.log_text();
-        let done = (0..PARTITIONS).all(|p| {
-            let end = per_partition[p as usize].len();
-            log.lines().any(|l| {
-                l.contains("caught up")
-                    && l.contains(&format!("partition={p} "))
-                    && l.contains(&format!("(\"{input}\", {end})"))
-            })
-        });
-        if done {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not drained:\n{log}");
-        std::thread::sleep(Duration::from_millis(200));
+    let mut instances = [start("a-0"), start("b-0")];
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for round in 1..=10 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Kill an instance that owns partitions and works on them (a killed
+        // member stays in the group until its session times out, so
+        // killing faster would only keep the group rebalancing).
+        let victim = (seed >> 8) as usize % 2;
+        assert!(
+            instances[victim].wait_for_log("partition starts", Duration::from_secs(90)),
+            "{}",
+            instances[victim].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200 + seed % 2500));
+        instances[victim].signal("KILL");
+        let _ = instances[victim].child.wait();
+        let name = format!("{}-{round}", ["a", "b"][victim]);
+        instances[victim] = start(&name);
     }
-    assert!(
-        last.terminate(Duration::from_secs(60))
-            .expect("stops")
-            .success(),
-        "{}",
-        last.log_text()
-    );
+    producer.join().unwrap();
 
-    // What the changelog restores equals one replay per partition.
-    let at = "2026-10-20T00:00:00Z";
+    // Both alive: wait until every event's outputs are acknowledged and
+    // committed, then stop both.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for (p, evs) in per_partition.iter().enumerate() {
+        while committed(&soak.broker.bootstrap, &soak.group, &soak.input, p as i32)
+            != Some(evs.len() as i64)
+        {
+            assert!(Instant::now() < deadline, "partition {p} not drained");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    for instance in &mut instances {
+        let status = instance.terminate(Duration::from_secs(60)).expect("stops");
+        assert!(status.success(), "{}", instance.log_text());
+    }
+    // Restarts restored partitions from the changelog (not only rebuilt
+    // them from the log).
+    let logs: String = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    let restores = logs.matches("partition restored from snapshot").count();
+    let cut_short = logs
+        .matches("records written after the last checkpoint")
+        .count();
+    if std::env::var("CES_SOAK_KEEP").is_ok() {
+        let keep = std::path::PathBuf::from("/tmp/soak-logs");
+        let _ = std::fs::remove_dir_all(&keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()) {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                std::fs::copy(e.path(), keep.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    assert!(restores >= 4, "{restores} restores");
+
+    // The state: what a restart restores equals one replay per partition.
+    let at = "2026-10-14T00:00:00Z";
     let restored = soak.inspect(at);
     let mut replayed = HashMap::new();
+    let mut outputs = Vec::new();
+    let mut dead = Vec::new();
+    let model = ces_stream::config::Settings::load(&config).unwrap().model;
     for (p, evs) in per_partition.iter().enumerate() {
-        let sub = dir.path().join(format!("replay-{p}"));
+        let sub = dir.join(format!("replay-{p}"));
         std::fs::create_dir_all(&sub).unwrap();
-        replayed.extend(replay_final(config, evs, at, &sub));
+        let lines = as_jsonl(evs);
+        replayed.extend(replay_final(&config, &lines, at, &sub));
+        outputs.extend(
+            replay_outputs(&config, &lines, &sub)
+                .iter()
+                .map(|l| as_published(l)),
+        );
+        dead.extend(evs.iter().filter_map(|(_, v)| {
+            let v = v.as_ref()?;
+            matches!(
+                ces_stream::event::parse(v.as_bytes(), &model, Default::default()),
+                ces_stream::event::Parsed::Invalid(_)
+            )
+            .then(|| v.clone())
+        }));
     }
     assert_same_state(&restored, &replayed);
+
+    // The signals: nothing missing, nothing invented.
+    let published: Vec<String> = read_all(&soak.broker.bootstrap, &soak.output, PARTITIONS)
+        .iter()
+        .map(as_replay_line)
+        .collect();
+    let duplicates = assert_published("outputs", &outputs, &published);
+    let dead_published: Vec<String> = read_all(&soak.broker.bootstrap, &soak.dead, 1)
+        .iter()
+        .map(as_replay_line)
+        .collect();
+    let dead_duplicates = assert_published("dead letters", &dead, &dead_published);
+    eprintln!(
+        "soak: {} customers, {} outputs expected, {} duplicates; {} dead letters, {} duplicates; {restores} restores, {cut_short} of them past a snapshot cut short",
+        replayed.len(),
+        outputs.len(),
+        duplicates,
+        dead.len(),
+        dead_duplicates
+    );
 }
 
 /// The outputs of one uninterrupted replay of `events`, in order.

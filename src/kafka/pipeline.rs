@@ -291,6 +291,10 @@ pub fn run_blocking(
         periodic,
     };
     let result = worker.run(&consumer);
+    tracing::info!(
+        outputs_unacknowledged = worker.tracker.lock().in_flight(),
+        "consumption stopped"
+    );
     // Every step from here on ends by this deadline (the loop leaves within
     // a poll of the stop signal).
     let deadline = Instant::now()
