@@ -291,7 +291,7 @@ impl Metrics {
         for range in SCORE_RANGES {
             score_customers.with_label_values(&[range]).set(0);
         }
-        for kind in ["write", "corrupt"] {
+        for kind in ["write", "corrupt", "incompatible", "compacted"] {
             snapshot_failures.with_label_values(&[kind]);
         }
         for error in [

@@ -417,3 +417,153 @@ fn a_stop_during_a_rebalance_ends_within_shutdown_timeout() {
     producer.join().unwrap();
     eprintln!("slowest stop during a rebalance: {worst:?}");
 }
+
+/// `GET /v1/customers/{id}` on an instance: the status.
+fn customer_status(addr: &str, id: &str) -> u16 {
+    http_get(addr, &format!("/v1/customers/{id}")).0
+}
+
+/// Waits until `check` holds, polling.
+fn eventually(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_erasure_request_removes_the_customer_everywhere_and_for_good() {
+    // A tombstone on the input (key c-1): the state goes, a
+    // customer_erased tombstone goes out, the API answers 404, the request
+    // is counted, and after a restart c-1 is still gone from the restored
+    // state: with the kafka store (a tombstone in the changelog) and with
+    // the local store (the next snapshot).
+    for store in ["kafka", "local"] {
+        let s = Setup::new(1);
+        let config = s.config(&format!("store = \"{store}\"\ninterval = \"500ms\"\n"));
+        let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
+        let addr = a.http_addr(Duration::from_secs(10));
+        produce(
+            &s.broker.bootstrap,
+            &s.input,
+            &[event("c-1", "buy"), event("c-2", "buy")],
+        );
+        eventually("c-1 and c-2 scored", Duration::from_secs(60), || {
+            customer_status(&addr, "c-1") == 200 && customer_status(&addr, "c-2") == 200
+        });
+        produce_tombstone(&s.broker.bootstrap, &s.input, "c-1");
+        let out = s.outputs_until(|m| {
+            m.iter()
+                .any(|m| header(m, "ces-kind") == Some("customer_erased"))
+        });
+        let erased: Vec<_> = out
+            .iter()
+            .filter(|m| header(m, "ces-kind") == Some("customer_erased"))
+            .collect();
+        assert_eq!(erased.len(), 1, "{store}");
+        assert_eq!(key(erased[0]), "c-1");
+        assert!(erased[0].payload().is_none(), "a tombstone");
+        assert_eq!(customer_status(&addr, "c-1"), 404, "{store}");
+        assert_eq!(customer_status(&addr, "c-2"), 200, "{store}");
+        let metrics = http_get(&addr, "/metrics").1;
+        assert_eq!(metric(&metrics, "ces_erasures_total"), 1.0, "{store}");
+        let status = a.terminate(Duration::from_secs(30)).expect("stops");
+        assert!(status.success(), "{}", a.log_text());
+
+        if store == "kafka" {
+            // The changelog's last word on c-1 is a tombstone.
+            let changelog = format!("{}-state", s.group);
+            let last = read_all(&s.broker.bootstrap, &changelog, 1)
+                .into_iter()
+                .filter(|m| m.key() == Some(b"c-1"))
+                .last()
+                .expect("c-1 was in the changelog");
+            assert!(
+                last.payload().is_none(),
+                "c-1 is not tombstoned in the changelog"
+            );
+        }
+        // What a restart restores: c-2, not c-1.
+        let inspected = std::process::Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+            .args(["inspect", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&inspected.stdout);
+        assert!(
+            inspected.status.success(),
+            "{}",
+            String::from_utf8_lossy(&inspected.stderr)
+        );
+        assert!(
+            text.contains("\"c-2\"") && !text.contains("\"c-1\""),
+            "{store}: {text}"
+        );
+
+        let b = Instance::start(&config, &s.dir.path().join("b.log"));
+        let addr = b.http_addr(Duration::from_secs(10));
+        eventually("restored", Duration::from_secs(60), || {
+            customer_status(&addr, "c-2") == 200
+        });
+        assert_eq!(
+            customer_status(&addr, "c-1"),
+            404,
+            "{store} after a restart"
+        );
+    }
+}
+
+#[test]
+fn a_retry_is_caught_across_a_restart() {
+    // The remembered event ids travel with the snapshot: a producer's
+    // retry that arrives after a restart is still a duplicate.
+    let s = Setup::new(1);
+    let config = s.config("");
+    let with_id = |id: &str| {
+        (
+            "c-1".to_string(),
+            serde_json::json!({"event_id": id, "customer_id": "c-1", "type": "buy",
+                               "timestamp": now_rfc3339()})
+            .to_string(),
+        )
+    };
+    let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
+    let addr = a.http_addr(Duration::from_secs(10));
+    produce(&s.broker.bootstrap, &s.input, &[with_id("e-1")]);
+    eventually("c-1 scored", Duration::from_secs(60), || {
+        customer_status(&addr, "c-1") == 200
+    });
+    assert!(a
+        .terminate(Duration::from_secs(30))
+        .expect("stops")
+        .success());
+
+    let b = Instance::start(&config, &s.dir.path().join("b.log"));
+    let addr = b.http_addr(Duration::from_secs(10));
+    produce(
+        &s.broker.bootstrap,
+        &s.input,
+        &[with_id("e-1"), with_id("e-2")],
+    );
+    eventually("both consumed", Duration::from_secs(60), || {
+        metric(&http_get(&addr, "/metrics").1, "ces_events_consumed_total") >= 2.0
+    });
+    let metrics = http_get(&addr, "/metrics").1;
+    let duplicates: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ces_events_ignored_total{reason=\"duplicate\"}"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(duplicates, 1.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "ces_events_accepted_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        b.log_text().contains("partition restored from snapshot"),
+        "{}",
+        b.log_text()
+    );
+}

@@ -815,3 +815,37 @@ fn a_changelog_record_ahead_of_its_checkpoint_restores_exactly() {
         .collect();
     assert_eq!(published, expected, "\n{log}");
 }
+
+#[test]
+fn a_snapshot_of_the_previous_version_is_rebuilt_from_the_log() {
+    // tests/fixtures/v1-snapshot.ces was written by the release before
+    // scoring model v2 (other customers, another record layout). Found as
+    // the newest snapshot of the partition, it is not used: the partition
+    // is rebuilt from the log, and the state is exact.
+    let soak = Soak::new("1h");
+    let dir = soak
+        .dir
+        .path()
+        .join("state")
+        .join(&soak.group)
+        .join("partition-0");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-snapshot.ces"),
+        dir.join("snapshot-00000000000000000001.ces"),
+    )
+    .unwrap();
+    let events = stream(3_000, 200, 5, 41);
+    produce_to(&soak.broker.bootstrap, &soak.input, 0, &events);
+    soak.drain("upgraded", events.len());
+    let log = std::fs::read_to_string(soak.dir.path().join("upgraded.log")).unwrap();
+    assert!(
+        log.contains("another scoring model or version") && log.contains("rebuilding from the log"),
+        "{log}"
+    );
+    let at = "2026-10-07T00:00:00Z";
+    assert_same_state(
+        &soak.inspect(at),
+        &replay_final(&soak.config, &events, at, soak.dir.path()),
+    );
+}

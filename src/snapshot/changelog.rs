@@ -776,6 +776,10 @@ impl ChangelogStore {
             return self.rebuild(p, recovered.stale);
         };
         if header.fingerprint != super::fingerprint(model) {
+            metrics
+                .snapshot_failures
+                .with_label_values(&["incompatible"])
+                .inc();
             tracing::warn!(
                 partition = p,
                 "changelog state made with another scoring model or version: rebuilding from the log"

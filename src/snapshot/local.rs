@@ -99,6 +99,15 @@ impl LocalStore {
         for (_, path) in self.files(partition) {
             match self.read(&path, model, expected) {
                 Ok(r) => return Some(r),
+                Err(e @ SnapshotError::Model { .. }) => {
+                    // Not damage: another model or an older version of the
+                    // state; the partition is rebuilt from the log.
+                    metrics
+                        .snapshot_failures
+                        .with_label_values(&["incompatible"])
+                        .inc();
+                    tracing::warn!("skipping snapshot: {e}");
+                }
                 Err(e) => {
                     metrics
                         .snapshot_failures

@@ -44,7 +44,7 @@ pub enum SnapshotError {
         path: PathBuf,
         source: format::FormatError,
     },
-    #[error("snapshot {path} was made with another scoring model (fingerprint {found:x}, expected {expected:x})")]
+    #[error("snapshot {path} was made with another scoring model or version of ces-stream (fingerprint {found:x}, expected {expected:x})")]
     Model {
         path: PathBuf,
         found: u64,

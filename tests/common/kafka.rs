@@ -424,3 +424,13 @@ impl Instance {
         }
     }
 }
+
+/// Produces a tombstone (a message without a value): an erasure request
+/// for the customer `key` names.
+pub fn produce_tombstone(bootstrap: &str, topic: &str, key: &str) {
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client_config(bootstrap).create().unwrap();
+    let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(key);
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
