@@ -476,8 +476,7 @@ fn an_erasure_request_removes_the_customer_everywhere_and_for_good() {
             let changelog = format!("{}-state", s.group);
             let last = read_all(&s.broker.bootstrap, &changelog, 1)
                 .into_iter()
-                .filter(|m| m.key() == Some(b"c-1"))
-                .last()
+                .rfind(|m| m.key() == Some(b"c-1"))
                 .expect("c-1 was in the changelog");
             assert!(
                 last.payload().is_none(),
