@@ -32,7 +32,7 @@ summary=$( { /usr/bin/time -f "time %e rss %M" "${PIN[@]}" "$BIN" replay --confi
 echo "$summary" | head -1
 replay=$(echo "$summary" | awk '/^time/ {print $2}')
 rss=$(echo "$summary" | awk '/^time/ {print $4}')
-customers=$(echo "$summary" | sed -n 's/.*, \([0-9]*\) customers$/\1/p')
+customers=$(echo "$summary" | sed -n "s/.*, \([0-9]*\) customers.*/\1/p")
 awk -v e="$EVENTS" -v b="$base" -v r="$replay" -v rss="$rss" -v er="$empty_rss" -v c="$customers" 'BEGIN {
   printf "parse-only baseline: %.2fs (%.0f events/s)\n", b, e / b
   printf "replay:              %.2fs (%.0f events/s)\n", r, e / r

@@ -65,6 +65,12 @@ impl<'de> Deserialize<'de> for HumanDuration {
 
 impl Serialize for HumanDuration {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Whole days as days: humantime would write 365d as
+        // "11months 30days 3h 50m 24s" (its months are 30.44 days).
+        let secs = self.0.as_secs();
+        if secs > 0 && secs % DAY == 0 && self.0.subsec_nanos() == 0 {
+            return s.serialize_str(&format!("{}d", secs / DAY));
+        }
         s.serialize_str(&humantime::format_duration(self.0).to_string())
     }
 }

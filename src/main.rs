@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         rate: u64,
         /// Distinct customers in the stream.
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 2_000)]
         customers: u64,
         /// Partitions of the input topic.
         #[arg(long, default_value_t = 4)]

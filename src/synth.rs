@@ -36,14 +36,23 @@ impl Persona {
         }
     }
 
-    /// Relative activity at `phase` in [0, 1].
-    fn activity(self, phase: f64) -> f64 {
+    /// When a churning customer `i` leaves: its own phase in [0.1, 0.6),
+    /// so that churn shows all along a stream, from early on.
+    fn churn_at(i: u64) -> f64 {
+        0.1 + 0.5 * ((i.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 40) as f64 / (1u64 << 24) as f64)
+    }
+
+    /// Relative activity of customer `i` at `phase` in [0, 1]. A churning
+    /// customer leaves with a short burst of complaints (an unsubscribe, a
+    /// bad NPS answer, a ticket), then all but stops.
+    fn activity(self, i: u64, phase: f64) -> f64 {
         match self {
             Persona::Loyal => 1.0,
             Persona::Steady => 0.45,
             Persona::Declining => 0.9 * (1.0 - phase).max(0.05),
             Persona::Churning => {
-                if phase < 0.4 {
+                let at = Self::churn_at(i);
+                if phase < at || (phase - at) < 0.02 {
                     0.8
                 } else {
                     0.02
@@ -51,6 +60,11 @@ impl Persona {
             }
             Persona::Bot => 0.3,
         }
+    }
+
+    /// Whether customer `i` has begun to churn at `phase`.
+    fn churned(self, i: u64, phase: f64) -> bool {
+        self == Persona::Churning && phase >= Self::churn_at(i)
     }
 }
 
@@ -164,7 +178,7 @@ impl Synth {
             self.malformed(&out.key.clone(), t, &mut out.payload);
             return;
         }
-        let (activity, value) = self.pick_activity(persona, phase);
+        let (activity, value) = self.pick_activity(customer, persona, phase);
         let segment_format =
             persona != Persona::Bot && self.rng.random_bool(self.opts.segment.clamp(0.0, 1.0));
         if segment_format {
@@ -229,7 +243,7 @@ impl Synth {
             let persona = Persona::of(c);
             if self
                 .rng
-                .random_bool(persona.activity(phase).clamp(0.0, 1.0))
+                .random_bool(persona.activity(c, phase).clamp(0.0, 1.0))
             {
                 if persona == Persona::Bot && self.rng.random_bool(0.05) {
                     self.burst = Some((c, self.rng.random_range(20..200)));
@@ -239,11 +253,16 @@ impl Synth {
         }
     }
 
-    fn pick_activity(&mut self, persona: Persona, phase: f64) -> (&'static str, Option<f64>) {
+    fn pick_activity(
+        &mut self,
+        customer: u64,
+        persona: Persona,
+        phase: f64,
+    ) -> (&'static str, Option<f64>) {
         let r: f64 = self.rng.random();
         match persona {
             Persona::Bot => ("page_view", None),
-            Persona::Churning if phase >= 0.4 => match r {
+            _ if persona.churned(customer, phase) => match r {
                 r if r < 0.3 => ("unsubscribe", None),
                 r if r < 0.6 => ("support_ticket", None),
                 _ => ("nps_response", Some(self.rng.random_range(0..4) as f64)),
