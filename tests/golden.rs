@@ -114,7 +114,9 @@ fn check_config_prints_the_effective_model() {
     let text = String::from_utf8(result.stdout).unwrap();
     // Defaults the file does not set are written out.
     for line in [
-        "half_life = \"14days\"",
+        "half_life = \"14d\"",
+        "tier_hysteresis = 0.0",
+        "dedup_depth = 4",
         "kind = \"saturating\"",
         "half_score_at = 40.0",
         "sweep_interval = \"1h\"",
