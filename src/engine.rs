@@ -310,7 +310,7 @@ impl Engine {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
         let hash = self.table.hash_id(&event.customer_id);
-        let id_hash = event.event_id.as_deref().map(event_id_hash);
+        let id_hash = self.id_hash(event);
         if self.is_duplicate(hash, &event.customer_id, id_hash) {
             return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
         }
@@ -327,16 +327,23 @@ impl Engine {
         self.apply_hashed(event, hash, id_hash, next, sink)
     }
 
+    /// The hash of the event's id, when de-duplication is on and it has one.
+    #[inline]
+    fn id_hash(&self, event: &Event<'_>) -> Option<u64> {
+        if self.model.input.dedup_depth == 0 {
+            return None;
+        }
+        event.event_id.as_deref().map(event_id_hash)
+    }
+
     /// Section 1, de-duplication: whether the customer remembers the id,
     /// as its state stands before the event (and before any sweep).
     #[inline]
     fn is_duplicate(&self, hash: u64, customer_id: &str, id_hash: Option<u64>) -> bool {
         let Some(h) = id_hash else { return false };
-        self.model.input.dedup_depth > 0
-            && self
-                .table
-                .find_hashed(hash, customer_id)
-                .is_some_and(|slot| self.table.record(slot).remembers(h))
+        self.table
+            .find_hashed(hash, customer_id)
+            .is_some_and(|slot| self.table.record(slot).remembers(h))
     }
 
     /// Section 1, erasure requests: removes a known customer and emits
@@ -391,7 +398,7 @@ impl Engine {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
         let hash = self.table.hash_id(&event.customer_id);
-        let id_hash = event.event_id.as_deref().map(event_id_hash);
+        let id_hash = self.id_hash(event);
         if self.is_duplicate(hash, &event.customer_id, id_hash) {
             return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
         }
@@ -482,6 +489,10 @@ impl Engine {
     ) -> Option<Slot> {
         let interval = self.model.signals.sweep_interval;
         let forget_after = self.model.forget_after;
+        // Skip a customer when t <= (base + wake) * interval.
+        let sweep = (t + interval - 1).div_euclid(interval);
+        let mut base = self.table.wake_base();
+        let mut need = sweep - base;
         let mut slot = start;
         let mut left = budget;
         while (slot as usize) < self.table.len() {
@@ -489,15 +500,17 @@ impl Engine {
                 return Some(slot);
             }
             left -= 1;
-            // Skip a customer when t <= (base + wake) * interval. The base
-            // can move during the sweep (an evaluation may rebase it).
-            let need = (t + interval - 1).div_euclid(interval) - self.table.wake_base();
             let w = self.table.wakes()[slot as usize];
             if w != 0 && i64::from(w) >= need {
                 slot += 1;
                 continue;
             }
             self.evaluate(slot, t, Cause::Decay, None, sink);
+            // An evaluation may move the base of the marks.
+            if self.table.wake_base() != base {
+                base = self.table.wake_base();
+                need = sweep - base;
+            }
             // The quiet horizon never reaches past a customer's forgetting,
             // so every customer due is evaluated here.
             if forget_after.is_some_and(|d| t - self.table.record(slot).last_event_at() >= d) {
