@@ -1,12 +1,17 @@
 //! Input events: parsing the native and Segment JSON formats into a
 //! validated [`Event`], or into the reason it cannot be scored.
 //!
-//! Parsing is on the hot path, so it never builds a JSON tree. A single
-//! `serde_json` pass walks the object, captures only the fields the model
-//! reads as borrowed raw JSON text (nested objects are walked in the same
-//! pass), and skips everything else while still checking its syntax. The
-//! captured fields are then interpreted in the order of the reason codes of
-//! spec section 1, so that an event with several faults reports the first.
+//! Parsing is on the hot path, so it never builds a JSON tree. The line is
+//! checked to be UTF-8 once, then [`scan`] walks the object in one pass,
+//! captures only the fields the model reads as borrowed raw JSON text
+//! (nested objects in the same pass), and skips everything else while still
+//! checking its syntax; the few texts it leaves alone (escapes in keys,
+//! deep nesting) and every invalid one go to a `serde_json` pass that
+//! decides and words the error. The captured fields are then interpreted
+//! in the order of the reason codes of spec section 1, so that an event
+//! with several faults reports the first.
+
+mod scan;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -218,15 +223,21 @@ pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<
         );
     }
     // JSON text is UTF-8 (RFC 8259, section 8.1), in fields the model does
-    // not read too: one fast check of the whole line, since the parser
-    // below skips unread strings without decoding them.
-    if let Err(e) = simdutf8::compat::from_utf8(payload) {
-        return invalid(
-            InvalidReason::InvalidJson,
-            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-        );
-    }
-    let fields = match read_fields(payload) {
+    // not read too: one fast check of the whole line, since the parsers
+    // below skip unread strings without decoding them.
+    let text = match simdutf8::basic::from_utf8(payload) {
+        Ok(text) => text,
+        Err(_) => {
+            let at = simdutf8::compat::from_utf8(payload)
+                .err()
+                .map_or(0, |e| e.valid_up_to());
+            return invalid(
+                InvalidReason::InvalidJson,
+                format!("invalid UTF-8 at byte {at}"),
+            );
+        }
+    };
+    let fields = match read_fields(text) {
         Ok(Some(fields)) => fields,
         Ok(None) => {
             return invalid(
@@ -250,32 +261,74 @@ fn json_kind(payload: &[u8]) -> &'static str {
     }
 }
 
-/// The top-level keys the model reads, in both formats.
-#[derive(Default)]
+/// The top-level keys the model reads, in both formats, as the raw JSON
+/// text of their values.
+#[derive(Default, Debug, PartialEq)]
 struct Fields<'a> {
     /// `erase` (an erasure request, whatever the format).
-    erase: Option<&'a RawValue>,
-    customer_id: Option<&'a RawValue>,
-    kind: Option<&'a RawValue>,
-    timestamp: Option<&'a RawValue>,
-    value: Option<&'a RawValue>,
-    channel: Option<&'a RawValue>,
-    event_id: Option<&'a RawValue>,
-    attributes_segment: Option<&'a RawValue>,
-    user_id: Option<&'a RawValue>,
-    anonymous_id: Option<&'a RawValue>,
-    event: Option<&'a RawValue>,
-    message_id: Option<&'a RawValue>,
-    properties_revenue: Option<&'a RawValue>,
-    properties_value: Option<&'a RawValue>,
+    erase: Option<&'a str>,
+    customer_id: Option<&'a str>,
+    kind: Option<&'a str>,
+    timestamp: Option<&'a str>,
+    value: Option<&'a str>,
+    channel: Option<&'a str>,
+    event_id: Option<&'a str>,
+    attributes_segment: Option<&'a str>,
+    user_id: Option<&'a str>,
+    anonymous_id: Option<&'a str>,
+    event: Option<&'a str>,
+    message_id: Option<&'a str>,
+    properties_revenue: Option<&'a str>,
+    properties_value: Option<&'a str>,
 }
 
-/// `Ok(None)` when the document is valid JSON but not an object.
-fn read_fields(payload: &[u8]) -> Result<Option<Fields<'_>>, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_slice(payload);
+/// `Ok(None)` when the document is valid JSON but not an object; the error
+/// is serde_json's wording.
+fn read_fields(text: &str) -> Result<Option<Fields<'_>>, serde_json::Error> {
+    match scan::scan(text) {
+        scan::Scan::Object(fields) => Ok(Some(fields)),
+        scan::Scan::NotObject => Ok(None),
+        scan::Scan::Invalid | scan::Scan::Unusual => read_fields_serde(text),
+    }
+}
+
+/// The same with serde_json alone: the slow path, and the reference the
+/// scanner is tested against.
+fn read_fields_serde(text: &str) -> Result<Option<Fields<'_>>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    // Anything but an object is only checked, never decoded: a lone
+    // surrogate escape or a huge number is still JSON, just not an event.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        <IgnoredAny as serde::Deserialize>::deserialize(&mut de)?;
+        de.end()?;
+        return Ok(None);
+    }
     let fields = (&mut de).deserialize_any(TopVisitor)?;
     de.end()?;
     Ok(fields)
+}
+
+/// [`parse`] with the serde_json path only, for tests that hold the
+/// scanner to it.
+#[doc(hidden)]
+pub fn parse_with_serde<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<'a> {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return parse(payload, model, ctx);
+    };
+    if payload.len() > model.input.max_event_bytes {
+        return parse(payload, model, ctx);
+    }
+    match read_fields_serde(text) {
+        Ok(Some(fields)) => interpret(&fields, model, ctx),
+        Ok(None) => invalid(
+            InvalidReason::NotAnObject,
+            format!("expected a JSON object, got {}", json_kind(payload)),
+        ),
+        Err(e) => invalid(InvalidReason::InvalidJson, e.to_string()),
+    }
 }
 
 /// A key of an object we capture from; everything else is `Other`.
@@ -390,22 +443,22 @@ impl<'de> Visitor<'de> for TopVisitor {
         // Duplicate keys: the last one wins, as in most JSON readers.
         while let Some(key) = map.next_key::<Key>()? {
             match key {
-                Key::Erase => f.erase = Some(map.next_value()?),
-                Key::CustomerId => f.customer_id = Some(map.next_value()?),
-                Key::Type => f.kind = Some(map.next_value()?),
-                Key::Timestamp => f.timestamp = Some(map.next_value()?),
-                Key::Value => f.value = Some(map.next_value()?),
-                Key::Channel => f.channel = Some(map.next_value()?),
-                Key::EventId => f.event_id = Some(map.next_value()?),
-                Key::UserId => f.user_id = Some(map.next_value()?),
-                Key::AnonymousId => f.anonymous_id = Some(map.next_value()?),
-                Key::Event => f.event = Some(map.next_value()?),
-                Key::MessageId => f.message_id = Some(map.next_value()?),
+                Key::Erase => f.erase = Some(raw(&mut map)?),
+                Key::CustomerId => f.customer_id = Some(raw(&mut map)?),
+                Key::Type => f.kind = Some(raw(&mut map)?),
+                Key::Timestamp => f.timestamp = Some(raw(&mut map)?),
+                Key::Value => f.value = Some(raw(&mut map)?),
+                Key::Channel => f.channel = Some(raw(&mut map)?),
+                Key::EventId => f.event_id = Some(raw(&mut map)?),
+                Key::UserId => f.user_id = Some(raw(&mut map)?),
+                Key::AnonymousId => f.anonymous_id = Some(raw(&mut map)?),
+                Key::Event => f.event = Some(raw(&mut map)?),
+                Key::MessageId => f.message_id = Some(raw(&mut map)?),
                 Key::Attributes => {
-                    f.attributes_segment = map.next_value_seed(Nested(Pick::Attributes))?.0;
+                    f.attributes_segment = nested(raw(&mut map)?, Pick::Attributes)?.0;
                 }
                 Key::Properties => {
-                    let (revenue, value) = map.next_value_seed(Nested(Pick::Properties))?;
+                    let (revenue, value) = nested(raw(&mut map)?, Pick::Properties)?;
                     f.properties_revenue = revenue;
                     f.properties_value = value;
                 }
@@ -451,7 +504,24 @@ enum Pick {
 
 struct Nested(Pick);
 
-type NestedOut<'a> = (Option<&'a RawValue>, Option<&'a RawValue>);
+type NestedOut<'a> = (Option<&'a str>, Option<&'a str>);
+
+/// The fields of `attributes` or `properties` the model reads, from its
+/// raw text: an object is read for them, anything else is not read at all
+/// (its syntax is already checked; a string or a number there never makes
+/// the event invalid).
+fn nested<E: serde::de::Error>(text: &str, pick: Pick) -> Result<NestedOut<'_>, E> {
+    if !text.starts_with('{') {
+        return Ok((None, None));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    Nested(pick).deserialize(&mut de).map_err(E::custom)
+}
+
+/// The next map value as its raw JSON text.
+fn raw<'de, A: MapAccess<'de>>(map: &mut A) -> Result<&'de str, A::Error> {
+    Ok(map.next_value::<&'de RawValue>()?.get())
+}
 
 impl<'de> DeserializeSeed<'de> for Nested {
     type Value = NestedOut<'de>;
@@ -470,9 +540,9 @@ impl<'de> ObjectVisitor<'de> for Nested {
         while let Some(key) = map.next_key::<Key>()? {
             match (self.0, key) {
                 (Pick::Attributes, Key::Segment) | (Pick::Properties, Key::Revenue) => {
-                    out.0 = Some(map.next_value()?)
+                    out.0 = Some(raw(&mut map)?)
                 }
-                (Pick::Properties, Key::Value) => out.1 = Some(map.next_value()?),
+                (Pick::Properties, Key::Value) => out.1 = Some(raw(&mut map)?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -490,8 +560,7 @@ enum Val<'a> {
     Other(&'static str),
 }
 
-fn classify(raw: &RawValue) -> Val<'_> {
-    let text = raw.get();
+fn classify(text: &str) -> Val<'_> {
     match text.as_bytes().first() {
         Some(b'"') => {
             let inner = &text[1..text.len() - 1];
@@ -514,7 +583,7 @@ fn classify(raw: &RawValue) -> Val<'_> {
 }
 
 /// `None` for an absent field or JSON `null`: optional fields treat both alike.
-fn present(raw: Option<&RawValue>) -> Option<Val<'_>> {
+fn present(raw: Option<&str>) -> Option<Val<'_>> {
     match raw.map(classify) {
         None | Some(Val::Null) => None,
         v => v,
@@ -530,7 +599,7 @@ fn describe(v: &Val<'_>) -> &'static str {
     }
 }
 
-fn string<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+fn string<'a>(raw: Option<&'a str>) -> Option<Cow<'a, str>> {
     match present(raw) {
         Some(Val::Str(s)) => Some(s),
         _ => None,

@@ -1,0 +1,367 @@
+//! A JSON scanner specialised to the shape of an event: one flat object
+//! whose few interesting values are captured as raw text, everything else
+//! skipped while its syntax is checked, and never a number converted.
+//!
+//! It is the fast path of [`super::parse`]: it accepts exactly the JSON
+//! texts serde_json accepts (RFC 8259), except that a number too large for
+//! an f64 in a field the model does not read is accepted, as the grammar
+//! says, instead of refused. What it does not handle (an escape in a key,
+//! nesting deep enough to approach serde_json's recursion limit) and
+//! every invalid text go to the serde_json path, which decides and words
+//! the error exactly as before. The input must be valid UTF-8 already.
+
+use super::{Fields, Key};
+
+/// What the scanner made of a payload.
+pub(super) enum Scan<'a> {
+    /// An object, its interesting fields captured.
+    Object(Fields<'a>),
+    /// Valid JSON, but not an object.
+    NotObject,
+    /// Not valid JSON: serde_json words the error.
+    Invalid,
+    /// Valid or not, a case for serde_json (escapes in keys, deep nesting).
+    Unusual,
+}
+
+/// Why a scan stopped early.
+enum Stop {
+    Invalid,
+    Unusual,
+}
+
+/// Nesting the scanner leaves to serde_json (its limit is 128).
+const MAX_DEPTH: u32 = 100;
+
+/// Which nested object's keys are captured.
+#[derive(Clone, Copy)]
+enum Nested {
+    /// Native `attributes`: `segment`.
+    Attributes,
+    /// Segment `properties`: `revenue` and `value`.
+    Properties,
+}
+
+struct Scanner<'a> {
+    text: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+/// Scans one payload (valid UTF-8).
+pub(super) fn scan(text: &str) -> Scan<'_> {
+    let mut s = Scanner {
+        text,
+        b: text.as_bytes(),
+        i: 0,
+    };
+    s.ws();
+    let result = if s.peek() == Some(b'{') {
+        s.object().map(Some)
+    } else {
+        s.skip_value(0).map(|()| None)
+    };
+    let result = result.and_then(|r| {
+        s.ws();
+        if s.i == s.b.len() {
+            Ok(r)
+        } else {
+            Err(Stop::Invalid) // trailing characters
+        }
+    });
+    match result {
+        Ok(Some(f)) => Scan::Object(f),
+        Ok(None) => Scan::NotObject,
+        Err(Stop::Invalid) => Scan::Invalid,
+        Err(Stop::Unusual) => Scan::Unusual,
+    }
+}
+
+impl<'a> Scanner<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    #[inline]
+    fn expect(&mut self, c: u8) -> Result<(), Stop> {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(Stop::Invalid)
+        }
+    }
+
+    /// A string at `"`: returns its content and whether it has escapes.
+    #[inline]
+    fn string(&mut self) -> Result<(&'a str, bool), Stop> {
+        self.expect(b'"')?;
+        let start = self.i;
+        let mut escaped = false;
+        loop {
+            // The next quote or backslash; what lies before it must hold
+            // no control character.
+            let rest = &self.b[self.i..];
+            let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                return Err(Stop::Invalid);
+            };
+            if rest[..at].iter().any(|&c| c < 0x20) {
+                return Err(Stop::Invalid);
+            }
+            self.i += at;
+            if self.b[self.i] == b'"' {
+                let content = &self.text[start..self.i];
+                self.i += 1;
+                return Ok((content, escaped));
+            }
+            escaped = true;
+            self.i += 1;
+            match self.peek() {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
+                Some(b'u') => {
+                    let hex = self.b.get(self.i + 1..self.i + 5).ok_or(Stop::Invalid)?;
+                    if !hex.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(Stop::Invalid);
+                    }
+                    self.i += 5;
+                }
+                _ => return Err(Stop::Invalid),
+            }
+        }
+    }
+
+    fn digits(&mut self) -> Result<(), Stop> {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        if self.i == start {
+            Err(Stop::Invalid)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A number, by the JSON grammar; its value is never computed.
+    fn number(&mut self) -> Result<(), Stop> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => {
+                self.i += 1;
+                if let Some(b'0'..=b'9') = self.peek() {
+                    return Err(Stop::Invalid); // a leading zero
+                }
+            }
+            Some(b'1'..=b'9') => self.digits()?,
+            _ => return Err(Stop::Invalid),
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            self.digits()?;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            self.digits()?;
+        }
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Stop> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(Stop::Invalid)
+        }
+    }
+
+    /// Skips one value, checking its syntax. `depth`: containers around it.
+    fn skip_value(&mut self, depth: u32) -> Result<(), Stop> {
+        match self.peek() {
+            Some(b'"') => self.string().map(|_| ()),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'{') => {
+                if depth >= MAX_DEPTH {
+                    return Err(Stop::Unusual);
+                }
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    let (_, escaped) = self.string()?;
+                    let _ = escaped; // a skipped key's escapes are checked; its text unused
+                    self.ws();
+                    self.expect(b':')?;
+                    self.ws();
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => {
+                            self.i += 1;
+                            self.ws();
+                        }
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(Stop::Invalid),
+                    }
+                }
+            }
+            Some(b'[') => {
+                if depth >= MAX_DEPTH {
+                    return Err(Stop::Unusual);
+                }
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => {
+                            self.i += 1;
+                            self.ws();
+                        }
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(Stop::Invalid),
+                    }
+                }
+            }
+            _ => Err(Stop::Invalid),
+        }
+    }
+
+    /// Skips a value and returns its raw text.
+    #[inline]
+    fn raw(&mut self, depth: u32) -> Result<&'a str, Stop> {
+        let start = self.i;
+        self.skip_value(depth)?;
+        Ok(&self.text[start..self.i])
+    }
+
+    /// The key of an object member, up to its colon. A key with escapes is
+    /// left to serde_json (it decodes them before matching).
+    #[inline]
+    fn key(&mut self) -> Result<&'a str, Stop> {
+        let (key, escaped) = self.string()?;
+        if escaped {
+            return Err(Stop::Unusual);
+        }
+        self.ws();
+        self.expect(b':')?;
+        self.ws();
+        Ok(key)
+    }
+
+    /// After a member: `,` (true: another follows) or `}` (false).
+    #[inline]
+    fn next_member(&mut self) -> Result<bool, Stop> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.i += 1;
+                self.ws();
+                Ok(true)
+            }
+            Some(b'}') => {
+                self.i += 1;
+                Ok(false)
+            }
+            _ => Err(Stop::Invalid),
+        }
+    }
+
+    /// The top-level object. Duplicate keys: the last one wins.
+    fn object(&mut self) -> Result<Fields<'a>, Stop> {
+        let mut f = Fields::default();
+        self.expect(b'{')?;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(f);
+        }
+        loop {
+            let key = self.key()?;
+            match Key::of(key) {
+                Key::Erase => f.erase = Some(self.raw(1)?),
+                Key::CustomerId => f.customer_id = Some(self.raw(1)?),
+                Key::Type => f.kind = Some(self.raw(1)?),
+                Key::Timestamp => f.timestamp = Some(self.raw(1)?),
+                Key::Value => f.value = Some(self.raw(1)?),
+                Key::Channel => f.channel = Some(self.raw(1)?),
+                Key::EventId => f.event_id = Some(self.raw(1)?),
+                Key::UserId => f.user_id = Some(self.raw(1)?),
+                Key::AnonymousId => f.anonymous_id = Some(self.raw(1)?),
+                Key::Event => f.event = Some(self.raw(1)?),
+                Key::MessageId => f.message_id = Some(self.raw(1)?),
+                Key::Attributes => {
+                    f.attributes_segment = self.nested(Nested::Attributes)?.0;
+                }
+                Key::Properties => {
+                    let (revenue, value) = self.nested(Nested::Properties)?;
+                    f.properties_revenue = revenue;
+                    f.properties_value = value;
+                }
+                Key::Revenue | Key::Segment | Key::Other => self.skip_value(1)?,
+            }
+            if !self.next_member()? {
+                return Ok(f);
+            }
+        }
+    }
+
+    /// `attributes` or `properties`: the keys they hold that the model
+    /// reads, when the value is an object (anything else is skipped).
+    fn nested(&mut self, which: Nested) -> Result<(Option<&'a str>, Option<&'a str>), Stop> {
+        let mut out = (None, None);
+        if self.peek() != Some(b'{') {
+            self.skip_value(1)?;
+            return Ok(out);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(out);
+        }
+        loop {
+            let key = self.key()?;
+            match (which, Key::of(key)) {
+                (Nested::Attributes, Key::Segment) | (Nested::Properties, Key::Revenue) => {
+                    out.0 = Some(self.raw(2)?)
+                }
+                (Nested::Properties, Key::Value) => out.1 = Some(self.raw(2)?),
+                _ => self.skip_value(2)?,
+            }
+            if !self.next_member()? {
+                return Ok(out);
+            }
+        }
+    }
+}
