@@ -12,7 +12,9 @@
 
 use super::{Fields, Key};
 
-/// What the scanner made of a payload.
+/// What the scanner made of a payload. (Returned by value, once per
+/// event: boxing the fields would cost an allocation per event.)
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Scan<'a> {
     /// An object, its interesting fields captured.
     Object(Fields<'a>),
