@@ -21,9 +21,122 @@ const MILLIS_PER_DAY: i64 = 86_400_000;
 /// Parses an RFC 3339 timestamp with any UTC offset. Sub-millisecond digits
 /// are truncated toward the past (the model works in whole milliseconds).
 pub fn parse_rfc3339(s: &str) -> Option<Millis> {
-    let dt = chrono::DateTime::parse_from_rfc3339(s).ok()?;
-    let ms = dt.timestamp_millis();
+    let ms = match fast_rfc3339(s.as_bytes()) {
+        Fast::Millis(ms) => ms,
+        Fast::Invalid => return None,
+        Fast::Unusual => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()?
+            .timestamp_millis(),
+    };
     (MIN_MILLIS..=MAX_MILLIS).contains(&ms).then_some(ms)
+}
+
+/// What the fast path made of a timestamp.
+enum Fast {
+    Millis(Millis),
+    Invalid,
+    /// Not the common shape: chrono decides.
+    Unusual,
+}
+
+/// The common shapes by hand (every event carries a timestamp):
+/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, with at most 9 fraction
+/// digits and no leap second; anything else goes to chrono, which accepts
+/// exactly what this accepts and gives the same instant (tested).
+fn fast_rfc3339(b: &[u8]) -> Fast {
+    fn num(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return Fast::Unusual;
+    }
+    let (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(sec)) = (
+        num(&b[0..4]),
+        num(&b[5..7]),
+        num(&b[8..10]),
+        num(&b[11..13]),
+        num(&b[14..16]),
+        num(&b[17..19]),
+    ) else {
+        return Fast::Unusual;
+    };
+    let mut i = 19;
+    let mut milli = 0;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || digits > 9 {
+            return Fast::Unusual;
+        }
+        for k in 0..3 {
+            milli = milli * 10
+                + b.get(start + k)
+                    .filter(|_| k < digits)
+                    .map_or(0, |c| i64::from(c - b'0'));
+        }
+    }
+    let offset = match &b[i..] {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let (Some(oh), Some(om)) = (num(&[*h1, *h2]), num(&[*m1, *m2])) else {
+                return Fast::Unusual;
+            };
+            if oh > 23 || om > 59 {
+                return Fast::Unusual;
+            }
+            let o = (oh * 60 + om) * 60_000;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return Fast::Unusual,
+    };
+    if !(1..=12).contains(&mo) || h > 23 || mi > 59 || sec > 59 {
+        // A leap second (60) is chrono's to place; the rest is invalid.
+        return if sec == 60 && h <= 23 && mi <= 59 && (1..=12).contains(&mo) {
+            Fast::Unusual
+        } else {
+            Fast::Invalid
+        };
+    }
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days_in_month = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if d < 1 || d > days_in_month {
+        return Fast::Invalid;
+    }
+    let days = days_from_civil(y, mo as u32, d as u32);
+    Fast::Millis(days * MILLIS_PER_DAY + ((h * 60 + mi) * 60 + sec) * 1000 + milli - offset)
+}
+
+/// Howard Hinnant's `days_from_civil`: (year, month, day) to days since
+/// 1970-01-01.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Accepts an integer epoch-milliseconds value if RFC 3339 can represent it.
@@ -121,6 +234,80 @@ pub fn now_millis() -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// chrono alone, the reference of the fast path.
+    fn chrono_millis(s: &str) -> Option<Millis> {
+        let ms = chrono::DateTime::parse_from_rfc3339(s)
+            .ok()?
+            .timestamp_millis();
+        (MIN_MILLIS..=MAX_MILLIS).contains(&ms).then_some(ms)
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_chrono() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let fixed = [
+            "2026-11-20T10:15:00Z",
+            "2026-11-20t10:15:00z",
+            "2026-11-20 10:15:00Z",
+            "2024-02-29T23:59:59.999999999+00:00",
+            "2023-02-29T00:00:00Z",
+            "2026-12-31T23:59:60Z",
+            "2026-06-30T23:59:60.5+01:00",
+            "0000-01-01T00:00:00Z",
+            "0000-01-01T00:30:00+01:00",
+            "9999-12-31T23:59:59.999Z",
+            "9999-12-31T23:59:59.999-00:01",
+            "2026-11-20T10:15:00.1234567891Z",
+            "2026-11-20T10:15:00.Z",
+            "2026-11-20T24:00:00Z",
+            "2026-11-20T10:15:00+24:00",
+            "2026-11-20T10:15:00+05:30",
+            "2026-11-20T10:15:00-23:59",
+            "2026-11-20T10:15:00+0530",
+            "2026-11-20T10:15Z",
+            "2026-00-20T10:15:00Z",
+            "2026-11-31T10:15:00Z",
+            "+2026-11-20T10:15:00Z",
+            "2026-11-20T10:15:00Z ",
+            "１９７０-01-01T00:00:00Z",
+        ];
+        for s in fixed {
+            assert_eq!(parse_rfc3339(s), chrono_millis(s), "{s}");
+        }
+        for _ in 0..200_000 {
+            let s = format!(
+                "{:04}-{:02}-{:02}{}{:02}:{:02}:{:02}{}{}",
+                next(10_000),
+                next(14),
+                next(33),
+                ["T", "t", " "][next(3) as usize],
+                next(26),
+                next(61),
+                next(62),
+                [
+                    String::new(),
+                    format!(".{}", next(1000)),
+                    format!(".{:09}", next(1_000_000_000)),
+                    format!(".{}", next(10)),
+                ][next(4) as usize],
+                [
+                    "Z".to_string(),
+                    "z".to_string(),
+                    format!("+{:02}:{:02}", next(25), next(61)),
+                    format!("-{:02}:{:02}", next(25), next(61)),
+                    String::new(),
+                ][next(5) as usize]
+            );
+            assert_eq!(parse_rfc3339(&s), chrono_millis(&s), "{s}");
+        }
+    }
 
     #[test]
     fn formats_known_instants() {

@@ -35,6 +35,20 @@ enum Stop {
 /// Nesting the scanner leaves to serde_json (its limit is 128).
 const MAX_DEPTH: u32 = 100;
 
+/// Bytes that end a run of plain string content: the quote, the
+/// backslash, and the control characters a JSON string may not hold.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
 /// Which nested object's keys are captured.
 #[derive(Clone, Copy)]
 enum Nested {
@@ -109,20 +123,20 @@ impl<'a> Scanner<'a> {
         let start = self.i;
         let mut escaped = false;
         loop {
-            // The next quote or backslash; what lies before it must hold
-            // no control character.
-            let rest = &self.b[self.i..];
-            let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
-                return Err(Stop::Invalid);
-            };
-            if rest[..at].iter().any(|&c| c < 0x20) {
-                return Err(Stop::Invalid);
-            }
-            self.i += at;
-            if self.b[self.i] == b'"' {
-                let content = &self.text[start..self.i];
+            // Strings in events are short: a byte loop beats a SIMD search
+            // and its setup.
+            while self.i < self.b.len() && !SPECIAL[usize::from(self.b[self.i])] {
                 self.i += 1;
-                return Ok((content, escaped));
+            }
+            match self.peek() {
+                Some(b'"') => {
+                    let content = &self.text[start..self.i];
+                    self.i += 1;
+                    return Ok((content, escaped));
+                }
+                Some(b'\\') => {}
+                // A control character, or the end of the text.
+                _ => return Err(Stop::Invalid),
             }
             escaped = true;
             self.i += 1;
