@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use ces_stream::config::Settings;
 use ces_stream::engine::{Engine, Signal};
 use ces_stream::event::Event;
-use ces_stream::kafka::partitions::PartitionState;
 use ces_stream::metrics::Metrics;
+use ces_stream::partition::PartitionState;
 use ces_stream::snapshot::local::LocalStore;
 use ces_stream::snapshot::{fingerprint, header_for};
 

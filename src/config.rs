@@ -12,13 +12,15 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::kafka::settings::KafkaSettings;
+use crate::config_blocks::{check, finite, millis, HumanDuration};
+use crate::kafka::settings::{KafkaSettings, RawKafka};
 use crate::model::{
     quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
     Normalization, Signals, Tier,
 };
-use crate::snapshot::{SnapshotSettings, StoreKind};
-use crate::timestamp::{duration_millis, Millis};
+use crate::partition::Clock;
+use crate::snapshot::settings::{build_snapshot, RawSnapshot, SnapshotSettings};
+use crate::timestamp::Millis;
 
 /// Why a configuration file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -42,37 +44,6 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
-}
-
-/// A duration written as a humantime string (`"90s"`, `"1h"`, `"14d"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let trimmed = text.trim();
-        if trimmed.starts_with('-') {
-            return Err(serde::de::Error::custom(format!(
-                "duration \"{text}\" is negative"
-            )));
-        }
-        humantime::parse_duration(trimmed)
-            .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration \"{text}\": {e}")))
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Whole days as days: humantime would write 365d as
-        // "11months 30days 3h 50m 24s" (its months are 30.44 days).
-        let secs = self.0.as_secs();
-        if secs > 0 && secs % DAY == 0 && self.0.subsec_nanos() == 0 {
-            return s.serialize_str(&format!("{}d", secs / DAY));
-        }
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
-    }
 }
 
 /// The whole file. Only `[scoring.activities]` is required.
@@ -125,35 +96,6 @@ pub struct HttpSettings {
     pub listen: std::net::SocketAddr,
     pub api_token_env: Option<String>,
     pub segments: Vec<String>,
-}
-
-/// `[snapshot]`: where `run` keeps its state.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSnapshot {
-    /// `local` (default), `kafka` or `none`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub store: Option<StoreKind>,
-    /// Local store directory; default `state`. Env: `CES_SNAPSHOT_DIR`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dir: Option<PathBuf>,
-    /// Default 30s; snapshots are also taken on revoke and on shutdown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<HumanDuration>,
-    /// Snapshots kept per partition; default 3.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep: Option<i64>,
-    /// The changelog topic of the `kafka` store; default `<group_id>-state`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    /// The changelog's replication factor when ces-stream creates it;
-    /// default: the broker's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replication_factor: Option<i64>,
-    /// Topic configs of a changelog ces-stream creates (it is always
-    /// compacted); default `min.compaction.lag.ms` = 86400000 (a day).
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
-    pub topic_config: IndexMap<String, OptionValue>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -298,72 +240,6 @@ pub struct RawInput {
     pub clock: Option<Clock>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Clock {
-    #[default]
-    Wall,
-    Event,
-}
-
-/// A librdkafka property value: written as a TOML string, number or boolean.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum OptionValue {
-    Text(String),
-    Integer(i64),
-    Float(f64),
-    Bool(bool),
-}
-
-impl std::fmt::Display for OptionValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OptionValue::Text(s) => f.write_str(s),
-            OptionValue::Integer(i) => write!(f, "{i}"),
-            OptionValue::Float(x) => write!(f, "{x}"),
-            OptionValue::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// `[kafka]`: where `ces-stream run` reads and writes.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawKafka {
-    /// Bootstrap servers; default `localhost:9092`. Env: `CES_KAFKA_BROKERS`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub brokers: Option<String>,
-    /// Consumer group; default `ces-stream`. Env: `CES_KAFKA_GROUP_ID`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<String>,
-    /// Topics to read; a name starting with `^` is a regex subscription.
-    /// Required. Env: `CES_KAFKA_INPUT_TOPICS` (comma-separated).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub input_topics: Option<Vec<String>>,
-    /// Default `ces-signals`. Env: `CES_KAFKA_OUTPUT_TOPIC`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_topic: Option<String>,
-    /// Default `ces-dead-letters`. Env: `CES_KAFKA_DEAD_LETTER_TOPIC`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dead_letter_topic: Option<String>,
-    /// How long a shutdown may take to flush and commit; default 30s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shutdown_timeout: Option<HumanDuration>,
-    /// How often acknowledged offsets are committed; default 1s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub commit_interval: Option<HumanDuration>,
-    /// librdkafka properties for both the consumer and the producer.
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
-    pub options: IndexMap<String, OptionValue>,
-    /// librdkafka properties for the consumer only.
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
-    pub consumer_options: IndexMap<String, OptionValue>,
-    /// librdkafka properties for the producer only.
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
-    pub producer_options: IndexMap<String, OptionValue>,
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -488,54 +364,6 @@ fn build_http(
     })
 }
 
-fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelError> {
-    let raw = raw.cloned().unwrap_or_default();
-    let interval = raw.interval.map_or(Duration::from_secs(30), |d| d.0);
-    check("snapshot.interval", !interval.is_zero(), "must be positive")?;
-    let keep = raw.keep.unwrap_or(3);
-    check(
-        "snapshot.keep",
-        (1..=1000).contains(&keep),
-        "must be between 1 and 1000",
-    )?;
-    let dir = raw.dir.unwrap_or_else(|| PathBuf::from("state"));
-    check(
-        "snapshot.dir",
-        !dir.as_os_str().is_empty(),
-        "cannot be empty",
-    )?;
-    if let Some(t) = &raw.topic {
-        check("snapshot.topic", !t.is_empty(), "cannot be empty")?;
-    }
-    if let Some(r) = raw.replication_factor {
-        check(
-            "snapshot.replication_factor",
-            (1..=i64::from(i16::MAX)).contains(&r),
-            "must be at least 1",
-        )?;
-    }
-    let mut topic_config = vec![("min.compaction.lag.ms".to_string(), "86400000".to_string())];
-    for (k, v) in &raw.topic_config {
-        let key = format!("snapshot.topic_config.{}", quote_key(k));
-        check(
-            &key,
-            k != "cleanup.policy",
-            "cannot be set: the changelog is always compacted",
-        )?;
-        topic_config.retain(|(name, _)| name != k);
-        topic_config.push((k.clone(), v.to_string()));
-    }
-    Ok(SnapshotSettings {
-        store: raw.store.unwrap_or(StoreKind::Local),
-        dir,
-        interval,
-        keep: keep as usize,
-        topic: raw.topic,
-        replication_factor: raw.replication_factor.map(|r| r as i32),
-        topic_config,
-    })
-}
-
 /// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
 fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
     if let Some(listen) = env("CES_HTTP_LISTEN") {
@@ -584,30 +412,6 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
         let key = e.path().to_string();
         syntax(key, e.into_inner())
     })
-}
-
-/// A per-value check: `Err(reason)` becomes `ConfigError::Invalid` at `key`.
-pub(crate) fn check(key: &str, ok: bool, reason: &str) -> Result<(), ModelError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(ModelError {
-            key: key.to_string(),
-            reason: reason.to_string(),
-        })
-    }
-}
-
-fn millis(key: &str, d: Option<HumanDuration>, default: Duration) -> Result<Millis, ModelError> {
-    duration_millis(d.map_or(default, |d| d.0)).map_err(|reason| ModelError {
-        key: key.to_string(),
-        reason,
-    })
-}
-
-fn finite(key: &str, v: f64) -> Result<f64, ModelError> {
-    check(key, v.is_finite(), "must be a finite number")?;
-    Ok(v)
 }
 
 fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
@@ -928,19 +732,7 @@ fn effective_raw(settings: &Settings) -> RawConfig {
             segments: settings.http.segments.clone(),
         });
     }
-    raw.snapshot = Some(RawSnapshot {
-        store: Some(s.store),
-        dir: Some(s.dir.clone()),
-        interval: Some(HumanDuration(s.interval)),
-        keep: Some(s.keep as i64),
-        topic: s.topic.clone(),
-        replication_factor: s.replication_factor.map(i64::from),
-        topic_config: s
-            .topic_config
-            .iter()
-            .map(|(k, v)| (k.clone(), OptionValue::Text(v.clone())))
-            .collect(),
-    });
+    raw.snapshot = Some(s.to_raw());
     raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
     raw
 }

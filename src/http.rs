@@ -27,8 +27,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::config::Clock;
 use crate::kafka::pipeline::Shared;
+use crate::partition::Clock;
 use crate::timestamp::now_millis;
 
 /// A loop turn older than this means the consumer is stalled.

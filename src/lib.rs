@@ -10,6 +10,7 @@
 //!   clickstreams), and the command line in `main.rs`.
 
 pub mod config;
+pub mod config_blocks;
 pub mod customers;
 pub mod demo;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod partition;
 pub mod replay;
 pub mod service;
 pub mod shutdown;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::config::Settings;
 use crate::http::ApiState;
 use crate::kafka::pipeline::{self, PipelineError, Shared};
-use crate::kafka::rebalance::PartitionHooks;
+use crate::partition::PartitionHooks;
 use crate::snapshot::changelog::{ChangelogError, ChangelogStore};
 use crate::snapshot::local::LocalStore;
 use crate::snapshot::periodic::Periodic;

@@ -1,7 +1,6 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
 pub mod delivery;
-pub mod partitions;
 pub mod pipeline;
 pub mod rebalance;
 pub mod settings;

@@ -24,18 +24,20 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::config::{Clock, Settings};
+use crate::config::Settings;
 use crate::engine::{Outcome, Signal, SignalKind};
 use crate::event::{self, ParseContext, Parsed};
 use crate::kafka::delivery::{
     copy_headers, headers, is_permanent, Delivery, OffsetTracker, Retry, Source,
 };
-use crate::kafka::partitions::{PartitionState, Partitions};
-use crate::kafka::rebalance::{GroupContext, PartitionHooks};
+use crate::kafka::rebalance::GroupContext;
 use crate::kafka::settings::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::output::Encoder;
+use crate::partition::Clock;
+use crate::partition::PartitionHooks;
+use crate::partition::{PartitionState, Partitions};
 use crate::snapshot::periodic::Periodic;
 use crate::timestamp::now_millis;
 

@@ -20,32 +20,9 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use crate::kafka::delivery::{Delivery, OffsetTracker};
-use crate::kafka::partitions::{PartitionState, Partitions};
 use crate::metrics::Metrics;
 use crate::model::Model;
-
-/// What a state store does when partitions come and go (snapshots).
-pub trait PartitionHooks: Send + Sync {
-    /// The state to start `partition` with, and for each input topic the
-    /// offset to resume from (`None`: the group's committed offset). Gives
-    /// up early (an empty state) when `cancel` is set.
-    fn restore(
-        &self,
-        partition: i32,
-        topics: &[String],
-        cancel: &AtomicBool,
-    ) -> (PartitionState, Vec<Option<i64>>);
-    /// Called with a partition's final state before it is dropped (revoke
-    /// or shutdown), after its outputs are acknowledged. `next` holds, per
-    /// input topic, the next offset to process. Done by `deadline`.
-    fn release(
-        &self,
-        partition: i32,
-        state: &mut PartitionState,
-        next: &[(String, Option<i64>)],
-        deadline: Instant,
-    );
-}
+use crate::partition::{PartitionHooks, PartitionState, Partitions};
 
 /// The consumer's context: owns what a rebalance must touch.
 pub struct GroupContext {

@@ -11,8 +11,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use rdkafka::ClientConfig;
 
-use crate::config::{check, HumanDuration, OptionValue, RawKafka};
+use crate::config_blocks::{check, HumanDuration, OptionValue};
 use crate::model::ModelError;
+use serde::{Deserialize, Serialize};
 
 /// Properties ces-stream sets itself, and why a user may not.
 const OWNED: [(&str, &str); 9] = [
@@ -38,6 +39,43 @@ const OWNED: [(&str, &str); 9] = [
     ),
     ("group.protocol", "ces-stream uses the classic consumer group protocol"),
 ];
+
+/// `[kafka]`: where `ces-stream run` reads and writes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// Bootstrap servers; default `localhost:9092`. Env: `CES_KAFKA_BROKERS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// Consumer group; default `ces-stream`. Env: `CES_KAFKA_GROUP_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// Topics to read; a name starting with `^` is a regex subscription.
+    /// Required. Env: `CES_KAFKA_INPUT_TOPICS` (comma-separated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_topics: Option<Vec<String>>,
+    /// Default `ces-signals`. Env: `CES_KAFKA_OUTPUT_TOPIC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_topic: Option<String>,
+    /// Default `ces-dead-letters`. Env: `CES_KAFKA_DEAD_LETTER_TOPIC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// How long a shutdown may take to flush and commit; default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<HumanDuration>,
+    /// How often acknowledged offsets are committed; default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_interval: Option<HumanDuration>,
+    /// librdkafka properties for both the consumer and the producer.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub options: IndexMap<String, OptionValue>,
+    /// librdkafka properties for the consumer only.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub consumer_options: IndexMap<String, OptionValue>,
+    /// librdkafka properties for the producer only.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub producer_options: IndexMap<String, OptionValue>,
+}
 
 /// Validated `[kafka]` settings.
 #[derive(Debug, Clone, PartialEq)]

@@ -12,9 +12,9 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::kafka::partitions::PartitionState;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::partition::PartitionState;
 use crate::snapshot::format::{self, Encoder, Header};
 use crate::snapshot::{engine_from, header_for, Restored, SnapshotError};
 

@@ -15,18 +15,19 @@ pub mod changelog;
 pub mod format;
 pub mod local;
 pub mod periodic;
+pub mod settings;
 
 use std::path::PathBuf;
+
+pub use settings::{SnapshotSettings, StoreKind};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::customers::{CustomerTable, Layout};
 use crate::engine::Engine;
-use crate::kafka::partitions::PartitionState;
-use crate::kafka::rebalance::PartitionHooks;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::partition::{PartitionHooks, PartitionState};
 use crate::timestamp::{now_millis, Millis};
 
 pub use format::Header;
@@ -50,35 +51,6 @@ pub enum SnapshotError {
         found: u64,
         expected: u64,
     },
-}
-
-/// `[snapshot]`, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SnapshotSettings {
-    pub store: StoreKind,
-    pub dir: PathBuf,
-    pub interval: Duration,
-    pub keep: usize,
-    /// The changelog topic of the kafka store; default `<group_id>-state`.
-    pub topic: Option<String>,
-    /// The changelog's replication factor when ces-stream creates it;
-    /// `None`: the broker's default.
-    pub replication_factor: Option<i32>,
-    /// Topic configs of a changelog ces-stream creates, besides
-    /// `cleanup.policy = compact`: by default `min.compaction.lag.ms` of a
-    /// day (see `changelog`).
-    pub topic_config: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// A directory of snapshot files.
-    Local,
-    /// A compacted changelog topic.
-    Kafka,
-    /// No snapshots: every assignment rebuilds from the log.
-    None,
 }
 
 /// A restored partition state.

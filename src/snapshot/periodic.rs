@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::kafka::delivery::OffsetTracker;
-use crate::kafka::partitions::Partitions;
 use crate::metrics::Metrics;
+use crate::partition::Partitions;
 use crate::snapshot::changelog::{ChangelogStore, Ticket};
 use crate::snapshot::local::LocalWriter;
 use crate::snapshot::{header_for, Header, Store};
@@ -313,7 +313,7 @@ impl Periodic {
     fn fail(
         &mut self,
         p: i32,
-        state: &crate::kafka::partitions::SharedPartition,
+        state: &crate::partition::SharedPartition,
         active: Active,
         e: String,
     ) {

@@ -1,12 +1,18 @@
-//! The scoring state of the input partitions this instance owns.
+//! The scoring state of the input partitions this instance owns, and what
+//! the transport (`kafka`) and the state store (`snapshot`) agree on about
+//! it, so that neither needs the other.
 //!
 //! Input is keyed by customer id, so a customer's events all land in one
 //! partition number (of every co-partitioned input topic): each partition
-//! number has its own [`Engine`], created when the partition is assigned
-//! and dropped when it is revoked. The registry is a `DashMap` because other
-//! tasks (the HTTP API, metrics) read it while the consumer thread writes.
+//! number has its own [`Engine`], created (or restored) when the partition
+//! is assigned and dropped when it is revoked. The worker that owns a
+//! partition locks its state once per batch of events; the registry is a
+//! `DashMap` so that the HTTP API, gauges and snapshots reach a partition
+//! between batches.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -14,6 +20,60 @@ use parking_lot::Mutex;
 use crate::engine::Engine;
 use crate::model::Model;
 use crate::timestamp::Millis;
+
+/// The clock a partition scores with (`[input] clock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    /// `max(watermark, now)`, sweeps every `sweep_interval` of wall time.
+    #[default]
+    Wall,
+    /// The watermark, sweeps when it crosses `sweep_interval` boundaries,
+    /// exactly as `replay` does (backfills, reproducible runs).
+    Event,
+}
+
+/// What a state store does when partitions come and go, and between the
+/// batches of a partition it holds (snapshots).
+pub trait PartitionHooks: Send + Sync {
+    /// The state to start `partition` with, and for each input topic the
+    /// offset to resume from (`None`: the group's committed offset). Gives
+    /// up early (an empty state) when `cancel` is set.
+    fn restore(
+        &self,
+        partition: i32,
+        topics: &[String],
+        cancel: &AtomicBool,
+    ) -> (PartitionState, Vec<Option<i64>>);
+
+    /// Called with a partition's final state before it is dropped (revoke
+    /// or shutdown), after its outputs are acknowledged. `next` holds, per
+    /// input topic, the next offset to process. Done by `deadline`.
+    fn release(
+        &self,
+        partition: i32,
+        state: &mut PartitionState,
+        next: &[(String, Option<i64>)],
+        deadline: Instant,
+    );
+
+    /// Called by the worker that owns `partition` between its batches:
+    /// periodic snapshots take a step here.
+    fn tick(&self, _partition: i32, _state: &mut PartitionState, _progress: &Arc<dyn Progress>) {}
+
+    /// The partition left this instance: work in progress for it stops.
+    fn forget(&self, _partition: i32) {}
+}
+
+/// How far a partition's processing, and the acknowledgement of what it
+/// produced, have come: what a snapshot may cover.
+pub trait Progress: Send + Sync {
+    /// Per input topic of `partition`, the next offset to process.
+    fn positions(&self, partition: i32) -> Vec<(String, i64)>;
+    /// The offset of `topic`'s `partition` below which every output is
+    /// acknowledged; `None` once the partition is gone.
+    fn acknowledged(&self, topic: &str, partition: i32) -> Option<i64>;
+}
 
 /// One partition's state.
 #[derive(Debug)]
