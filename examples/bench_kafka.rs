@@ -206,7 +206,7 @@ fn main() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let handle = runtime.spawn(async move {
-        pipeline::run(&s, shared, None, None, async {
+        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
             let _ = rx.await;
         })
         .await
@@ -248,7 +248,7 @@ fn latency(
     let shared = Shared::new(Arc::new(s.model.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = runtime.spawn(async move {
-        pipeline::run(&s, shared, None, None, async {
+        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
             let _ = rx.await;
         })
         .await

@@ -152,7 +152,10 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
             None => shutdown.await,
         }
     };
-    let result = pipeline::run(&settings, shared, None, None, stop_all).await;
+    let result = match settings.kafka() {
+        Ok(kafka) => pipeline::run(kafka, settings.clock, shared, None, stop_all).await,
+        Err(e) => Err(pipeline::PipelineError::Producer(e.to_string())),
+    };
     generator.stop.store(true, Ordering::SeqCst);
     stop_view.store(true, Ordering::SeqCst);
     alerts.stop.store(true, Ordering::SeqCst);

@@ -93,6 +93,12 @@ pub struct PartitionState {
     pub reached_end: bool,
     /// Where each input topic started at the assignment (for logs).
     pub started_at: Vec<(String, i64)>,
+    /// Published scores by 10-point range, as of the owning worker's last
+    /// scan (the gauge `ces_score_customers`).
+    pub score_ranges: [i64; 10],
+    /// Customers per `[metrics] segments` entry and tier, segment-major, as
+    /// of that scan.
+    pub segment_tiers: Vec<i64>,
 }
 
 impl PartitionState {
@@ -107,6 +113,8 @@ impl PartitionState {
             silent_below: Vec::new(),
             reached_end: false,
             started_at: Vec::new(),
+            score_ranges: [0; 10],
+            segment_tiers: Vec::new(),
         }
     }
 

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use crate::config::Settings;
 use crate::http::ApiState;
 use crate::kafka::pipeline::{self, PipelineError, Shared};
+use crate::kafka::settings::KafkaSettings;
 use crate::partition::PartitionHooks;
+use crate::snapshot::changelog::Connection;
 use crate::snapshot::changelog::{ChangelogError, ChangelogStore};
 use crate::snapshot::local::LocalStore;
-use crate::snapshot::periodic::Periodic;
-use crate::snapshot::{fingerprint, Store, StoreHooks, StoreKind};
+use crate::snapshot::{Store, StoreHooks, StoreKind};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -37,14 +38,23 @@ pub enum ServiceError {
 }
 
 /// What a snapshot store plugs into the pipeline: restore and release
-/// hooks, and the periodic snapshots.
-pub type StateStore = (Option<Arc<dyn PartitionHooks>>, Option<Periodic>);
+/// hooks and periodic snapshots, or nothing.
+pub type StateStore = Option<Arc<dyn PartitionHooks>>;
+
+/// How the changelog store reaches the input's cluster.
+fn connection(kafka: &KafkaSettings) -> Connection {
+    Connection {
+        client: kafka.common_config(),
+        producer_options: kafka.producer_options.clone(),
+        input_topics: kafka.input_topics.clone(),
+    }
+}
 
 /// The snapshot store the settings ask for.
 pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, ServiceError> {
     let s = &settings.snapshot;
     match s.store {
-        StoreKind::None => Ok((None, None)),
+        StoreKind::None => Ok(None),
         StoreKind::Local => {
             let kafka = settings.kafka()?;
             let store = Arc::new(LocalStore::new(&s.dir, &kafka.group_id, s.keep));
@@ -61,7 +71,7 @@ pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, S
                 .topic
                 .clone()
                 .unwrap_or_else(|| format!("{}-state", kafka.group_id));
-            let store = ChangelogStore::open(kafka, s, &topic)?;
+            let store = ChangelogStore::open(&connection(kafka), s, &topic)?;
             tracing::info!(topic = %topic, "snapshots go to the changelog topic");
             Ok(hooks_for(Store::Kafka(Arc::new(store)), s.interval, shared))
         }
@@ -85,25 +95,20 @@ pub fn open_store(settings: &Settings) -> Result<Option<Store>, ServiceError> {
                 .clone()
                 .unwrap_or_else(|| format!("{}-state", kafka.group_id));
             Some(Store::Kafka(Arc::new(ChangelogStore::open_existing(
-                kafka, &topic,
+                &connection(kafka),
+                &topic,
             )?)))
         }
     })
 }
 
 fn hooks_for(store: Store, interval: std::time::Duration, shared: &Shared) -> StateStore {
-    let hooks = StoreHooks {
-        store: store.clone(),
-        model: Arc::clone(&shared.model),
-        metrics: shared.metrics.clone(),
-    };
-    let periodic = Periodic::new(
+    Some(Arc::new(StoreHooks::new(
         store,
-        fingerprint(&shared.model),
-        interval,
+        Arc::clone(&shared.model),
         shared.metrics.clone(),
-    );
-    (Some(Arc::new(hooks)), Some(periodic))
+        interval,
+    )))
 }
 
 /// Runs until `shutdown` completes or the pipeline fails.
@@ -138,7 +143,7 @@ pub async fn run_on(
         settings.http.segments.clone(),
     );
     shared.track_removals = settings.snapshot.store == StoreKind::Kafka;
-    let (hooks, periodic) = state_store(&settings, &shared)?;
+    let hooks = state_store(&settings, &shared)?;
     let api = ApiState {
         shared: shared.clone(),
         clock: settings.clock,
@@ -153,7 +158,7 @@ pub async fn run_on(
     let server = tokio::spawn(crate::http::serve(listener, api, async {
         let _ = http_stopped.await;
     }));
-    let result = pipeline::run(&settings, shared, hooks, periodic, shutdown).await;
+    let result = pipeline::run(settings.kafka()?, settings.clock, shared, hooks, shutdown).await;
     let _ = stop_http.send(());
     let _ = server.await;
     result?;

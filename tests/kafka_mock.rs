@@ -76,7 +76,7 @@ fn a_pipeline_stops_cleanly_when_its_shutdown_future_completes() {
     let metrics = shared.metrics.clone();
     let partitions = shared.partitions.clone();
     let handle = runtime.spawn(async move {
-        pipeline::run(&s, shared, None, None, async {
+        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
             let _ = rx.await;
         })
         .await
@@ -112,7 +112,7 @@ fn two_pipelines_in_one_group_share_the_partitions() {
         let shared = Shared::new(Arc::new(s.model.clone()));
         owned.push(shared.partitions.clone());
         handles.push(runtime.spawn(async move {
-            pipeline::run(&s, shared, None, None, async {
+            pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
                 let _ = rx.await;
             })
             .await
@@ -214,9 +214,9 @@ fn input_topics_with_different_partition_counts_are_refused() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let shared = Shared::new(Arc::new(s.model.clone()));
     let result = runtime.block_on(pipeline::run(
-        &s,
+        s.kafka().unwrap(),
+        s.clock,
         shared,
-        None,
         None,
         std::future::pending(),
     ));

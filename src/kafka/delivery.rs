@@ -1,43 +1,121 @@
-//! At-least-once delivery: which input offsets are safe to commit.
+//! At-least-once delivery: which input offsets are safe to commit, and
+//! which a snapshot may cover.
 //!
 //! Every output and dead letter is produced with its source (input topic,
-//! partition, offset) as the delivery opaque. An input offset becomes
-//! committable only when every message produced for it, and for every
-//! message before it in its partition, has been acknowledged by the broker.
-//! Failed deliveries are handed back for a retry; a fatal producer error
-//! is recorded so that the pipeline stops with it.
+//! partition, offset) packed into the delivery opaque, a plain `usize`: no
+//! allocation per message. An input offset becomes committable only when
+//! every message produced for it, and for every message before it in its
+//! partition, has been acknowledged by the broker. Workers record a whole
+//! batch at once; the producer's delivery thread acknowledges message by
+//! message. Failed deliveries are handed back for a retry; a fatal producer
+//! error is recorded so that the pipeline stops with it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
 use crate::metrics::Metrics;
+use crate::partition::Progress;
 use crate::timestamp::{now_millis, Millis};
 
 /// The input message a produced message was caused by.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     pub topic: Arc<str>,
     pub partition: i32,
+    /// -1: no input message (a sweep of a partition that processed none).
     pub offset: i64,
-    /// The input message's Kafka timestamp, for the end-to-end latency.
-    pub timestamp: Option<Millis>,
+}
+
+/// Packs a [`Source`] into the `usize` a delivery carries back, with the
+/// input topics numbered: 7 bits of topic, 16 of partition, 40 of offset
+/// (+1). A source that does not fit (a 129th topic, an offset past 2^40)
+/// is kept in a side table instead; the top bit says which.
+#[derive(Debug, Default)]
+pub struct SourceCodec {
+    topics: RwLock<Vec<Arc<str>>>,
+    overflow: Mutex<(usize, HashMap<usize, Source>)>,
+}
+
+const OVERFLOW: usize = 1 << 63;
+const OFFSET_BITS: u32 = 40;
+const PARTITION_BITS: u32 = 16;
+
+impl SourceCodec {
+    /// The number of `topic`, registering it the first time.
+    pub fn topic_index(&self, topic: &str) -> usize {
+        if let Some(i) = self.topics.read().iter().position(|t| &**t == topic) {
+            return i;
+        }
+        let mut topics = self.topics.write();
+        match topics.iter().position(|t| &**t == topic) {
+            Some(i) => i,
+            None => {
+                topics.push(Arc::from(topic));
+                topics.len() - 1
+            }
+        }
+    }
+
+    pub fn topic(&self, index: usize) -> Option<Arc<str>> {
+        self.topics.read().get(index).cloned()
+    }
+
+    /// The opaque of a message produced for `offset` of `partition` of the
+    /// topic numbered `topic`.
+    pub fn encode(&self, topic: usize, partition: i32, offset: i64) -> usize {
+        let o = offset + 1;
+        if topic < 128
+            && (0..1 << PARTITION_BITS).contains(&partition)
+            && (0..1i64 << OFFSET_BITS).contains(&o)
+        {
+            return (topic << (OFFSET_BITS + PARTITION_BITS))
+                | ((partition as usize) << OFFSET_BITS)
+                | o as usize;
+        }
+        let source = Source {
+            topic: self.topic(topic).unwrap_or_else(|| Arc::from("")),
+            partition,
+            offset,
+        };
+        let mut overflow = self.overflow.lock();
+        overflow.0 += 1;
+        let id = overflow.0 & !OVERFLOW;
+        overflow.1.insert(id, source);
+        OVERFLOW | id
+    }
+
+    /// The source of a delivered message.
+    pub fn decode(&self, opaque: usize) -> Option<Source> {
+        if opaque & OVERFLOW != 0 {
+            return self.overflow.lock().1.remove(&(opaque & !OVERFLOW));
+        }
+        let topic = self.topic(opaque >> (OFFSET_BITS + PARTITION_BITS))?;
+        let partition = ((opaque >> OFFSET_BITS) & ((1 << PARTITION_BITS) - 1)) as i32;
+        let offset = (opaque & ((1usize << OFFSET_BITS) - 1)) as i64 - 1;
+        Some(Source {
+            topic,
+            partition,
+            offset,
+        })
+    }
 }
 
 /// Offsets of one input partition.
 #[derive(Debug, Default)]
 struct PartitionOffsets {
-    /// Processed messages with outputs not yet acknowledged: (offset, count),
-    /// in offset order.
-    pending: VecDeque<(i64, u32)>,
+    /// Processed messages with outputs not yet acknowledged: (offset,
+    /// outputs left, the input's Kafka timestamp), in offset order.
+    pending: VecDeque<(i64, u32, Option<Millis>)>,
     /// One past the last processed offset.
     next: Option<i64>,
-    /// The last offset committed (one past the last message covered).
+    /// The last offset the broker confirmed committed.
     committed: Option<i64>,
 }
 
@@ -46,7 +124,7 @@ impl PartitionOffsets {
     /// acknowledgement, else one past the last processed.
     fn safe(&self) -> Option<i64> {
         match self.pending.front() {
-            Some(&(offset, _)) => Some(offset),
+            Some(&(offset, _, _)) => Some(offset),
             None => self.next,
         }
     }
@@ -59,17 +137,35 @@ pub struct OffsetTracker {
     in_flight: u64,
 }
 
+/// One processed input message of a batch with outputs: (offset, outputs,
+/// Kafka timestamp).
+pub type Produced = (i64, u32, Option<Millis>);
+
 impl OffsetTracker {
-    /// Records that the message at `offset` was processed and produced
-    /// `outputs` messages, none acknowledged yet. Must be called before the
-    /// outputs are sent.
-    pub fn processed(&mut self, topic: &Arc<str>, partition: i32, offset: i64, outputs: u32) {
-        self.add_outputs(topic, partition, offset, outputs);
+    /// Records a batch of `topic`'s `partition`: the messages with outputs
+    /// (in offset order, none acknowledged yet) and the last offset
+    /// processed. Must be called before the outputs are sent.
+    pub fn batch(&mut self, topic: &Arc<str>, partition: i32, produced: &[Produced], last: i64) {
         let p = self
             .parts
             .entry((Arc::clone(topic), partition))
             .or_default();
-        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        for &(offset, n, ts) in produced {
+            match p.pending.back_mut() {
+                Some((o, left, _)) if *o == offset => *left += n,
+                _ => p.pending.push_back((offset, n, ts)),
+            }
+            self.in_flight += u64::from(n);
+        }
+        p.next = Some(p.next.map_or(last + 1, |n| n.max(last + 1)));
+    }
+
+    /// Records that the message at `offset` was processed and produced
+    /// `outputs` messages (a batch of one).
+    pub fn processed(&mut self, topic: &Arc<str>, partition: i32, offset: i64, outputs: u32) {
+        let produced = [(offset, outputs, None)];
+        let n = usize::from(outputs > 0);
+        self.batch(topic, partition, &produced[..n], offset);
     }
 
     /// Records `outputs` more messages produced for `offset`, not later than
@@ -85,10 +181,18 @@ impl OffsetTracker {
             .entry((Arc::clone(topic), partition))
             .or_default();
         match p.pending.back_mut() {
-            Some((o, n)) if *o == offset => *n += outputs,
-            _ => p.pending.push_back((offset, outputs)),
+            Some((o, n, _)) if *o == offset => *n += outputs,
+            _ => p.pending.push_back((offset, outputs, None)),
         }
         self.in_flight += u64::from(outputs);
+    }
+
+    /// Starts tracking a newly assigned partition whose group offset is
+    /// `committed`: commits never go back below it, even while the state is
+    /// rebuilt from earlier offsets.
+    pub fn assigned(&mut self, topic: &str, partition: i32, committed: Option<i64>) {
+        let p = self.parts.entry((Arc::from(topic), partition)).or_default();
+        p.committed = committed;
     }
 
     /// A partition restored from a snapshot resumes at `offset`: every
@@ -109,26 +213,23 @@ impl OffsetTracker {
             .min_by(|a, b| a.0.cmp(&b.0))
     }
 
-    /// Starts tracking a newly assigned partition whose group offset is
-    /// `committed`: commits never go back below it, even while the state is
-    /// rebuilt from earlier offsets.
-    pub fn assigned(&mut self, topic: &str, partition: i32, committed: Option<i64>) {
-        let p = self.parts.entry((Arc::from(topic), partition)).or_default();
-        p.committed = committed;
-    }
-
-    /// Records one acknowledged message produced for `offset`.
-    pub fn acknowledged(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
-        let Some(p) = self.parts.get_mut(&(Arc::clone(topic), partition)) else {
-            return; // the partition was revoked meanwhile
-        };
-        if let Ok(i) = p.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-            p.pending[i].1 -= 1;
-            self.in_flight = self.in_flight.saturating_sub(1);
-            while p.pending.front().is_some_and(|&(_, n)| n == 0) {
-                p.pending.pop_front();
-            }
+    /// Records one acknowledged message produced for `offset`; returns the
+    /// input's Kafka timestamp when it was the last output of that input.
+    pub fn acknowledged(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+    ) -> Option<Millis> {
+        let p = self.parts.get_mut(&(Arc::clone(topic), partition))?;
+        let i = p.pending.binary_search_by_key(&offset, |e| e.0).ok()?;
+        p.pending[i].1 -= 1;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let done = (p.pending[i].1 == 0).then_some(p.pending[i].2).flatten();
+        while p.pending.front().is_some_and(|e| e.1 == 0) {
+            p.pending.pop_front();
         }
+        done
     }
 
     /// Offsets that moved past the last commit: (topic, partition, offset).
@@ -170,31 +271,45 @@ impl OffsetTracker {
         v
     }
 
-    pub fn mark_committed(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
-        if let Some(p) = self.parts.get_mut(&(Arc::clone(topic), partition)) {
+    /// The broker confirmed a commit.
+    pub fn mark_committed(&mut self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self
+            .parts
+            .iter_mut()
+            .find(|((t, q), _)| &**t == topic && *q == partition)
+            .map(|(_, o)| o)
+        {
             p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
         }
     }
 
     /// Forgets a revoked partition.
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        let before: u64 = self.pending_of(topic, partition);
+        let before: u64 = self
+            .parts
+            .iter()
+            .filter(|((t, p), _)| &**t == topic && *p == partition)
+            .flat_map(|(_, o)| o.pending.iter().map(|e| u64::from(e.1)))
+            .sum();
         self.parts
             .retain(|(t, p), _| !(&**t == topic && *p == partition));
         self.in_flight = self.in_flight.saturating_sub(before);
     }
 
-    fn pending_of(&self, topic: &str, partition: i32) -> u64 {
-        self.parts
-            .iter()
-            .filter(|((t, p), _)| &**t == topic && *p == partition)
-            .flat_map(|(_, o)| o.pending.iter().map(|&(_, n)| u64::from(n)))
-            .sum()
-    }
-
     /// Produced messages not yet acknowledged, over all partitions.
     pub fn in_flight(&self) -> u64 {
         self.in_flight
+    }
+}
+
+/// The tracker as the snapshot store sees it.
+impl Progress for Mutex<OffsetTracker> {
+    fn positions(&self, partition: i32) -> Vec<(String, i64)> {
+        self.lock().positions(partition)
+    }
+
+    fn acknowledged(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.lock().safe(topic, partition)
     }
 }
 
@@ -205,21 +320,27 @@ pub struct Retry {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Option<OwnedHeaders>,
-    pub source: Box<Source>,
+    pub opaque: usize,
 }
 
 /// The producer's context: acknowledgements, retries and fatal errors.
 pub struct Delivery {
     pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub codec: Arc<SourceCodec>,
     pub retries: Mutex<Vec<Retry>>,
     pub fatal: Mutex<Option<String>>,
     pub metrics: Metrics,
 }
 
 impl Delivery {
-    pub fn new(tracker: Arc<Mutex<OffsetTracker>>, metrics: Metrics) -> Delivery {
+    pub fn new(
+        tracker: Arc<Mutex<OffsetTracker>>,
+        codec: Arc<SourceCodec>,
+        metrics: Metrics,
+    ) -> Delivery {
         Delivery {
             tracker,
+            codec,
             retries: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             metrics,
@@ -280,32 +401,36 @@ impl ClientContext for Delivery {
 }
 
 impl ProducerContext for Delivery {
-    type DeliveryOpaque = Box<Source>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, source: Box<Source>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         match result {
             Ok(_) => {
-                if let Some(ts) = source.timestamp {
+                let Some(source) = self.codec.decode(opaque) else {
+                    return;
+                };
+                let done = self.tracker.lock().acknowledged(
+                    &source.topic,
+                    source.partition,
+                    source.offset,
+                );
+                if let Some(ts) = done {
                     let latency = (now_millis() - ts).max(0) as f64 / 1000.0;
                     self.metrics.end_to_end_seconds.observe(latency);
                 }
-                self.tracker
-                    .lock()
-                    .acknowledged(&source.topic, source.partition, source.offset);
             }
             Err((e, msg)) => {
                 let code = e.rdkafka_error_code();
                 self.metrics
                     .delivery_errors
-                    .with_label_values(&[code.map_or("unknown", |c| error_name(c))])
+                    .with_label_values(&[code.map_or("unknown", error_name)])
                     .inc();
                 if code.is_some_and(is_permanent) {
+                    let source = self.codec.decode(opaque);
                     self.set_fatal(format!(
-                        "cannot deliver to {} (caused by {} partition {} offset {}): {e}",
+                        "cannot deliver to {} (caused by {:?}): {e}",
                         msg.topic(),
-                        source.topic,
-                        source.partition,
-                        source.offset
+                        source
                     ));
                     return;
                 }
@@ -315,9 +440,52 @@ impl ProducerContext for Delivery {
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
                     headers: msg.headers().map(|h| h.detach()),
-                    source,
+                    opaque,
                 });
             }
+        }
+    }
+}
+
+/// Sends failed deliveries again, once each; those the producer cannot
+/// take now (full queue) are kept for the next round.
+pub fn resend(producer: &ThreadedProducer<Delivery>, retries: Vec<Retry>) {
+    let mut left = Vec::new();
+    for r in retries {
+        let mut record = BaseRecord::with_opaque_to(&r.topic, r.opaque);
+        if let Some(k) = &r.key {
+            record = record.key(&k[..]);
+        }
+        if let Some(p) = &r.payload {
+            record = record.payload(&p[..]);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        if let Err((e, _)) = producer.send(record) {
+            tracing::debug!("retry of a delivery to {} deferred: {e}", r.topic);
+            left.push(r);
+        }
+    }
+    if !left.is_empty() {
+        producer.context().retries.lock().extend(left);
+    }
+}
+
+/// Resends failed deliveries and waits until nothing produced is waiting
+/// for an acknowledgement, or until `deadline`. True when all are in.
+pub fn drain(producer: &ThreadedProducer<Delivery>, deadline: std::time::Instant) -> bool {
+    loop {
+        resend(producer, producer.context().take_retries());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ = producer.flush(left.min(Duration::from_millis(500)));
+        let done = producer.context().tracker.lock().in_flight() == 0
+            && producer.context().retries.lock().is_empty();
+        if done {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline || producer.context().fatal().is_some() {
+            return false;
         }
     }
 }
@@ -370,20 +538,18 @@ mod tests {
     fn offsets_wait_for_every_earlier_acknowledgement() {
         let t: Arc<str> = Arc::from("in");
         let mut tr = OffsetTracker::default();
-        tr.processed(&t, 0, 10, 2);
-        tr.processed(&t, 0, 11, 0);
-        tr.processed(&t, 0, 12, 1);
+        tr.batch(&t, 0, &[(10, 2, Some(5)), (12, 1, Some(7))], 12);
         assert_eq!(tr.safe("in", 0), Some(10));
         assert_eq!(tr.in_flight(), 3);
-        tr.acknowledged(&t, 0, 12);
+        assert_eq!(tr.acknowledged(&t, 0, 12), Some(7));
         assert_eq!(tr.safe("in", 0), Some(10), "12 is done but 10 is not");
-        tr.acknowledged(&t, 0, 10);
+        assert_eq!(tr.acknowledged(&t, 0, 10), None, "one of two");
         assert_eq!(tr.safe("in", 0), Some(10));
-        tr.acknowledged(&t, 0, 10);
+        assert_eq!(tr.acknowledged(&t, 0, 10), Some(5));
         assert_eq!(tr.safe("in", 0), Some(13));
         assert_eq!(tr.in_flight(), 0);
         assert_eq!(tr.committable(), vec![(Arc::clone(&t), 0, 13)]);
-        tr.mark_committed(&t, 0, 13);
+        tr.mark_committed("in", 0, 13);
         assert!(tr.committable().is_empty());
         tr.processed(&t, 0, 13, 0);
         assert_eq!(tr.committable(), vec![(Arc::clone(&t), 0, 14)]);
@@ -403,5 +569,30 @@ mod tests {
         // A late acknowledgement for a forgotten partition is ignored.
         tr.acknowledged(&t, 0, 5);
         assert_eq!(tr.safe("in", 0), None);
+    }
+
+    #[test]
+    fn sources_round_trip_through_the_opaque() {
+        let codec = SourceCodec::default();
+        let a = codec.topic_index("clicks");
+        let b = codec.topic_index("segment");
+        assert_eq!(codec.topic_index("clicks"), a);
+        for (topic, partition, offset) in [
+            (a, 0, 0),
+            (a, 3, -1),
+            (b, 65_535, (1 << 40) - 2),
+            (b, 65_536, 7),
+            (a, 2, 1 << 41),
+        ] {
+            let opaque = codec.encode(topic, partition, offset);
+            assert_eq!(
+                codec.decode(opaque),
+                Some(Source {
+                    topic: codec.topic(topic).unwrap(),
+                    partition,
+                    offset
+                })
+            );
+        }
     }
 }

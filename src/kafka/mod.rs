@@ -4,3 +4,4 @@ pub mod delivery;
 pub mod pipeline;
 pub mod rebalance;
 pub mod settings;
+pub mod worker;

@@ -1,28 +1,36 @@
 //! Consumer-group rebalances, handled explicitly.
 //!
 //! librdkafka calls [`GroupContext::rebalance`] from inside the consumer's
-//! poll, on the pipeline thread, so no event is being processed meanwhile.
-//! On revoke: finish the partitions' in-flight work (every output and dead
-//! letter acknowledged), commit their offsets, hand their state to the
-//! state store, drop it. On assign: build (or restore) the partitions' state
-//! before their first message, and start them where the state says.
+//! poll, on the consumer's own thread. On revoke: take the partitions back
+//! from their workers (no batch of them runs any more), finish their
+//! in-flight work (every output and dead letter acknowledged), commit their
+//! offsets, hand their state to the state store, drop it. On assign: build
+//! or restore the partitions' state (several at once), start them where the
+//! state says, split each partition's messages into a queue of its own and
+//! hand the partition to a worker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::producer::ThreadedProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
-use crate::kafka::delivery::{Delivery, OffsetTracker};
+use crate::engine::Engine;
+use crate::kafka::delivery::{drain, Delivery, OffsetTracker, SourceCodec};
+use crate::kafka::worker::{Feed, Pool, Unit};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::partition::{PartitionHooks, PartitionState, Partitions};
+
+/// A partition restored on assignment: its number, topics, state, and the
+/// offset each topic resumes from.
+type Restore = (i32, Vec<String>, PartitionState, Vec<Option<i64>>);
 
 /// The consumer's context: owns what a rebalance must touch.
 pub struct GroupContext {
@@ -30,6 +38,7 @@ pub struct GroupContext {
     pub partitions: Partitions,
     pub producer: Arc<ThreadedProducer<Delivery>>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub codec: Arc<SourceCodec>,
     /// Input (topic, partition) pairs currently assigned.
     pub assigned: Mutex<BTreeSet<(String, i32)>>,
     pub metrics: Metrics,
@@ -44,11 +53,18 @@ pub struct GroupContext {
     pub stop: Arc<AtomicBool>,
     /// When the shutdown must be over.
     pub deadline: Mutex<Option<Instant>>,
+    /// The workers that get the partitions.
+    pub(crate) pool: Arc<Mutex<Pool>>,
+    /// The consumer itself, to split partition queues off it.
+    pub consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
+    /// New states keep the customers they remove (the changelog store).
+    pub track_removals: bool,
+    pub sweep_every: Duration,
 }
 
 impl ClientContext for GroupContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        // The end of a partition is news, not an error (see the pipeline).
+        // The end of a partition is news, not an error (see the workers).
         if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
             return;
         }
@@ -76,59 +92,65 @@ impl GroupContext {
         }
     }
 
-    /// Resends failed deliveries and waits until nothing produced is
-    /// waiting for an acknowledgement, or until `deadline`.
-    pub fn drain(&self, deadline: Instant) -> bool {
-        loop {
-            crate::kafka::pipeline::resend(&self.producer, self.producer.context().take_retries());
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = self.producer.flush(left.min(Duration::from_millis(500)));
-            let done = self.tracker.lock().in_flight() == 0
-                && self.producer.context().retries.lock().is_empty();
-            if done {
-                return true;
+    /// The committable offsets of `pairs` (all of them when `None`).
+    fn committable(&self, only: Option<&[(String, i32)]>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        let tracker = self.tracker.lock();
+        for (topic, partition, offset) in tracker.committable() {
+            if only.is_none_or(|l| l.iter().any(|(t, p)| **t == *topic && *p == partition)) {
+                let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
             }
-            if Instant::now() >= deadline || self.producer.context().fatal().is_some() {
-                return false;
+        }
+        tpl
+    }
+
+    /// Commits what moved past the last commit, without waiting; the
+    /// broker's confirmation (`commit_callback`) marks it committed.
+    pub fn commit_async(&self, consumer: &BaseConsumer<GroupContext>) {
+        let tpl = self.committable(None);
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!("cannot commit offsets: {e}");
             }
         }
     }
 
     /// Commits the safe offsets of `pairs` synchronously.
     pub fn commit(&self, consumer: &BaseConsumer<GroupContext>, pairs: &[(String, i32)]) {
-        let mut tpl = TopicPartitionList::new();
-        {
-            let tracker = self.tracker.lock();
-            for (topic, partition) in pairs {
-                if let Some(offset) = tracker.safe(topic, *partition) {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
-                }
-            }
-        }
+        let tpl = self.committable(Some(pairs));
         if tpl.count() == 0 {
             return;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
-                let mut tracker = self.tracker.lock();
-                for e in tpl.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        tracker.mark_committed(&Arc::from(e.topic()), e.partition(), o);
-                    }
-                }
+                self.confirmed(&tpl);
                 tracing::debug!(?pairs, "offsets committed");
             }
             Err(e) => tracing::warn!("cannot commit offsets of {pairs:?}: {e}"),
         }
     }
 
-    fn on_assign(&self, consumer: &BaseConsumer<GroupContext>, tpl: &mut TopicPartitionList) {
+    /// The broker confirmed these offsets.
+    fn confirmed(&self, tpl: &TopicPartitionList) {
+        let mut tracker = self.tracker.lock();
+        for e in tpl.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                tracker.mark_committed(e.topic(), e.partition(), o);
+            }
+        }
+    }
+
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        tpl: &mut TopicPartitionList,
+    ) -> Vec<i32> {
         let list = pairs(tpl);
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
         if self.stop.load(Ordering::SeqCst) {
             // Leaving the group: nothing of these is restored or processed.
             tracing::info!(partitions = ?list, "partitions assigned during the shutdown: not taken");
-            return;
+            return Vec::new();
         }
         tracing::info!(partitions = ?list, "partitions assigned");
         // The group's committed offsets say which outputs were already
@@ -159,26 +181,33 @@ impl GroupContext {
                 .find(|((ct, cp), _)| ct == t && *cp == p)
                 .map(|(_, o)| *o)
         };
-        let mut assigned = self.assigned.lock();
-        let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
-        for p in numbers {
-            if self.partitions.get(p).is_some() {
-                continue;
+        // The partition numbers new here, with their topics.
+        let mut new: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+        for (t, p) in &list {
+            if self.partitions.get(*p).is_none() {
+                new.entry(*p).or_default().push(t.clone());
             }
-            let topics: Vec<String> = list
-                .iter()
-                .filter(|(_, q)| *q == p)
-                .map(|(t, _)| t.clone())
-                .collect();
-            // A restored partition resumes after its snapshot; without one,
-            // the state is rebuilt from the log (auto.offset.reset).
-            let (mut state, offsets) = match &self.hooks {
-                Some(h) => h.restore(p, &topics, &self.stop),
-                None => (
-                    PartitionState::new(Arc::clone(&self.model)),
-                    vec![None; topics.len()],
-                ),
-            };
+        }
+        // Restores read snapshots (a changelog partition each): several
+        // at once.
+        let restored: Vec<Restore> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = new
+                    .iter()
+                    .map(|(p, topics)| {
+                        s.spawn(move || {
+                            let (state, offsets) = match &self.hooks {
+                                Some(h) => h.restore(*p, topics, &self.stop),
+                                None => (self.new_state(), vec![None; topics.len()]),
+                            };
+                            (*p, topics.clone(), state, offsets)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+        let mut started = Vec::new();
+        for (p, topics, mut state, offsets) in restored {
             for (topic, offset) in topics.iter().zip(offsets) {
                 let start = match offset {
                     Some(o) => Offset::Offset(o),
@@ -209,9 +238,50 @@ impl GroupContext {
                 tracing::info!(topic = %topic, partition = p, start = ?start, committed = ?committed_of(topic, p), "partition starts");
             }
             self.partitions.insert(p, state);
+            started.push(p);
         }
+        let mut assigned = self.assigned.lock();
         assigned.extend(list);
         self.metrics.assigned_partitions.set(assigned.len() as i64);
+        started
+    }
+
+    /// A new, empty partition state (no state store).
+    fn new_state(&self) -> PartitionState {
+        let mut engine = Engine::new(Arc::clone(&self.model));
+        if self.track_removals {
+            engine.customers_mut().track_removals();
+        }
+        PartitionState::from_engine(engine)
+    }
+
+    /// Splits the queues of partitions just assigned off the consumer's
+    /// queue and hands the partitions to the workers.
+    fn hand_out(&self, started: &[i32]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let assigned = self.assigned.lock().clone();
+        let pool = self.pool.lock();
+        for &p in started {
+            let Some(state) = self.partitions.get(p) else {
+                continue;
+            };
+            let feeds: Vec<Feed> = assigned
+                .iter()
+                .filter(|(_, q)| *q == p)
+                .filter_map(|(topic, _)| {
+                    let queue = consumer.split_partition_queue(topic, p)?;
+                    Some(Feed {
+                        topic: Arc::from(topic.as_str()),
+                        topic_index: self.codec.topic_index(topic),
+                        queue,
+                        consumed: self.metrics.events_consumed.with_label_values(&[topic]),
+                    })
+                })
+                .collect();
+            pool.assign(Unit::new(p, feeds, state, self.sweep_every));
+        }
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<GroupContext>, tpl: &TopicPartitionList) {
@@ -221,7 +291,8 @@ impl GroupContext {
         self.release(consumer, &list);
     }
 
-    /// Finishes, commits, hands over and drops the state of `list`.
+    /// Takes back, finishes, commits, hands over and drops the state of
+    /// `list`.
     pub fn release(&self, consumer: &BaseConsumer<GroupContext>, list: &[(String, i32)]) {
         // Only what is still held (a close after a shutdown revokes again).
         let list: Vec<(String, i32)> = {
@@ -237,7 +308,14 @@ impl GroupContext {
         let list = &list[..];
         let started = Instant::now();
         let deadline = self.bounded(started + self.flush_timeout);
-        if !self.drain(deadline) {
+        let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
+        {
+            let pool = self.pool.lock();
+            for &p in &numbers {
+                pool.revoke(p, deadline.saturating_duration_since(Instant::now()));
+            }
+        }
+        if !drain(&self.producer, deadline) {
             tracing::warn!(
                 "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
                 self.flush_timeout
@@ -248,7 +326,6 @@ impl GroupContext {
         for pair in list {
             assigned.remove(pair);
         }
-        let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
         for p in numbers {
             if assigned.iter().any(|(_, q)| *q == p) {
                 continue; // another topic of this partition number stays
@@ -270,6 +347,7 @@ impl GroupContext {
             };
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
+                    h.forget(p);
                     if acknowledged {
                         h.release(p, &mut state.lock(), &next, deadline);
                     } else {
@@ -306,14 +384,16 @@ impl ConsumerContext for GroupContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(consumer, tpl);
+                let started = self.on_assign(consumer, tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
                 };
-                if let Err(e) = result {
-                    tracing::error!("cannot assign {:?}: {e}", pairs(tpl));
+                match result {
+                    // Queues split before the first fetch of a partition.
+                    Ok(()) => self.hand_out(&started),
+                    Err(e) => tracing::error!("cannot assign {:?}: {e}", pairs(tpl)),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -340,8 +420,10 @@ impl ConsumerContext for GroupContext {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
-        if let Err(e) = result {
-            tracing::warn!("offset commit failed for {:?}: {e}", pairs(offsets));
+        match result {
+            // An offset counts as committed once the broker says so.
+            Ok(()) => self.confirmed(offsets),
+            Err(e) => tracing::warn!("offset commit failed for {:?}: {e}", pairs(offsets)),
         }
     }
 }

@@ -66,6 +66,10 @@ pub struct RawKafka {
     /// How often acknowledged offsets are committed; default 1s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_interval: Option<HumanDuration>,
+    /// Worker threads the partitions are spread over; default: the number
+    /// of cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<i64>,
     /// librdkafka properties for both the consumer and the producer.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub options: IndexMap<String, OptionValue>,
@@ -87,6 +91,8 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     pub shutdown_timeout: Duration,
     pub commit_interval: Duration,
+    /// Worker threads (at least 1).
+    pub workers: usize,
     pub options: Vec<(String, String)>,
     pub consumer_options: Vec<(String, String)>,
     pub producer_options: Vec<(String, String)>,
@@ -189,6 +195,17 @@ impl KafkaSettings {
             dead_letter_topic,
             shutdown_timeout: duration("kafka.shutdown_timeout", raw.shutdown_timeout, 30)?,
             commit_interval: duration("kafka.commit_interval", raw.commit_interval, 1)?,
+            workers: match raw.workers {
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) => {
+                    check(
+                        "kafka.workers",
+                        (1..=256).contains(&n),
+                        "must be between 1 and 256",
+                    )?;
+                    n as usize
+                }
+            },
             options: options("options", &raw.options)?,
             consumer_options: options("consumer_options", &raw.consumer_options)?,
             producer_options: options("producer_options", &raw.producer_options)?,
@@ -209,10 +226,21 @@ impl KafkaSettings {
             dead_letter_topic: Some(self.dead_letter_topic.clone()),
             shutdown_timeout: Some(HumanDuration(self.shutdown_timeout)),
             commit_interval: Some(HumanDuration(self.commit_interval)),
+            workers: Some(self.workers as i64),
             options: table(&self.options),
             consumer_options: table(&self.consumer_options),
             producer_options: table(&self.producer_options),
         }
+    }
+
+    /// The brokers and the options of every client (`[kafka.options]`).
+    pub fn common_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
     }
 
     /// Whether the subscription may cover several topics. Their partitions

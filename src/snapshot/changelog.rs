@@ -46,7 +46,6 @@ use rdkafka::{ClientConfig, ClientContext};
 
 use crate::customers::{flags, CustomerTable, Layout, Removed};
 use crate::engine::Engine;
-use crate::kafka::settings::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::snapshot::format::{self, Encoder, Header};
@@ -326,6 +325,18 @@ fn kafka_err(topic: &str) -> impl FnOnce(KafkaError) -> ChangelogError + '_ {
     }
 }
 
+/// How to reach the changelog's cluster: the input's (the shell builds it
+/// from `[kafka]`).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// Bootstrap servers and the options of every client.
+    pub client: ClientConfig,
+    /// Options of producers only.
+    pub producer_options: Vec<(String, String)>,
+    /// The input topics (the changelog has as many partitions as they).
+    pub input_topics: Vec<String>,
+}
+
 /// A proof that a periodic snapshot may write its checkpoint, unless a
 /// newer snapshot of the partition came first.
 #[derive(Debug)]
@@ -338,7 +349,7 @@ impl ChangelogStore {
     /// Connects, and creates the changelog (compacted, as many partitions
     /// as the input) with the admin API if it does not exist.
     pub fn open(
-        kafka: &KafkaSettings,
+        kafka: &Connection,
         snapshot: &SnapshotSettings,
         topic: &str,
     ) -> Result<ChangelogStore, ChangelogError> {
@@ -349,7 +360,7 @@ impl ChangelogStore {
 
     /// Connects to an existing changelog, for reading (`inspect`).
     pub fn open_existing(
-        kafka: &KafkaSettings,
+        kafka: &Connection,
         topic: &str,
     ) -> Result<ChangelogStore, ChangelogError> {
         let store = ChangelogStore::connect(kafka, topic)?;
@@ -361,7 +372,7 @@ impl ChangelogStore {
         Ok(store)
     }
 
-    fn connect(kafka: &KafkaSettings, topic: &str) -> Result<ChangelogStore, ChangelogError> {
+    fn connect(kafka: &Connection, topic: &str) -> Result<ChangelogStore, ChangelogError> {
         let mut topics = Vec::new();
         for t in &kafka.input_topics {
             if t.starts_with('^') {
@@ -370,11 +381,7 @@ impl ChangelogStore {
             topics.push(t.clone());
         }
         topics.sort();
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &kafka.brokers);
-        for (k, v) in &kafka.options {
-            client.set(k, v);
-        }
+        let client = kafka.client.clone();
         let mut pc = client.clone();
         pc.set("enable.idempotence", "true").set("linger.ms", "5");
         for (k, v) in &kafka.producer_options {

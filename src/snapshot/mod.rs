@@ -27,7 +27,7 @@ use crate::customers::{CustomerTable, Layout};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::partition::{PartitionHooks, PartitionState};
+use crate::partition::{PartitionHooks, PartitionState, Progress};
 use crate::timestamp::{now_millis, Millis};
 
 pub use format::Header;
@@ -232,15 +232,46 @@ impl Store {
     }
 }
 
-/// The hooks the pipeline calls on assignment and release: restore from,
-/// and save to, the store.
+/// The hooks the pipeline calls on assignment and release (restore from,
+/// and save to, the store) and between batches (periodic snapshots).
 pub struct StoreHooks {
     pub store: Store,
     pub model: Arc<Model>,
     pub metrics: Metrics,
+    pub periodic: periodic::Periodic,
+}
+
+impl StoreHooks {
+    pub fn new(
+        store: Store,
+        model: Arc<Model>,
+        metrics: Metrics,
+        interval: std::time::Duration,
+    ) -> StoreHooks {
+        let periodic = periodic::Periodic::new(
+            store.clone(),
+            fingerprint(&model),
+            interval,
+            metrics.clone(),
+        );
+        StoreHooks {
+            store,
+            model,
+            metrics,
+            periodic,
+        }
+    }
 }
 
 impl PartitionHooks for StoreHooks {
+    fn tick(&self, partition: i32, state: &mut PartitionState, progress: &Arc<dyn Progress>) {
+        self.periodic.tick(partition, state, progress);
+    }
+
+    fn forget(&self, partition: i32) {
+        self.periodic.forget(partition);
+    }
+
     fn restore(
         &self,
         partition: i32,

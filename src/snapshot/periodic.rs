@@ -2,12 +2,12 @@
 //!
 //! Every `snapshot.interval`, each caught-up partition starts a
 //! copy-on-write snapshot: the table records where it stands, and from then
-//! on a record about to change is saved first. The pipeline thread then
-//! copies a chunk of records per loop turn between batches of events (a
-//! pause of about a millisecond), streaming them into the snapshot file, so
-//! that memory stays bounded and no partition stalls. A finished file
-//! becomes current once every output of the events it covers is
-//! acknowledged; that wait runs on a thread of its own.
+//! on a record about to change is saved first. The worker that owns the
+//! partition then copies a chunk of records between its batches of events
+//! (a pause of about a millisecond), streaming them into the snapshot file
+//! or the changelog, so that memory stays bounded and no partition stalls.
+//! A finished snapshot becomes current once every output of the events it
+//! covers is acknowledged; that wait runs on a thread of its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::kafka::delivery::OffsetTracker;
 use crate::metrics::Metrics;
-use crate::partition::Partitions;
+use crate::partition::{PartitionState, Progress};
 use crate::snapshot::changelog::{ChangelogStore, Ticket};
 use crate::snapshot::local::LocalWriter;
 use crate::snapshot::{header_for, Header, Store};
@@ -53,13 +52,20 @@ impl Target {
     }
 }
 
-/// The periodic snapshots of one pipeline.
+/// A partition's periodic snapshots: when the next is due, the one in
+/// progress.
+struct Job {
+    next_at: Instant,
+    active: Option<Active>,
+}
+
+/// The periodic snapshots of the partitions this instance owns, each driven
+/// by the worker that owns it.
 pub struct Periodic {
     store: Store,
     fingerprint: u64,
     interval: Duration,
-    next_at: Instant,
-    active: HashMap<i32, Active>,
+    jobs: Mutex<HashMap<i32, Job>>,
     metrics: Metrics,
     /// When each partition's newest snapshot became current.
     last_done: Arc<Mutex<HashMap<i32, Instant>>>,
@@ -74,43 +80,55 @@ impl Periodic {
             store,
             fingerprint,
             interval,
-            next_at: Instant::now() + interval,
-            active: HashMap::new(),
+            jobs: Mutex::new(HashMap::new()),
             metrics,
             last_done: Arc::new(Mutex::new(HashMap::new())),
             rewrite: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
     }
 
-    /// Starts due snapshots and copies one chunk of each active one.
-    pub fn tick(&mut self, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
+    /// A step of `p`'s periodic snapshots, between batches: starts one when
+    /// due, copies a chunk of the one in progress.
+    pub fn tick(&self, p: i32, st: &mut PartitionState, progress: &Arc<dyn Progress>) {
         let now = Instant::now();
-        if now >= self.next_at {
-            self.next_at = now + self.interval;
-            for p in partitions.numbers() {
-                if !self.active.contains_key(&p) {
-                    self.start(p, partitions, tracker);
-                }
-            }
+        let mut job = self.jobs.lock().remove(&p).unwrap_or(Job {
+            next_at: now + self.interval,
+            active: None,
+        });
+        if job.active.is_none() && now >= job.next_at {
+            job.next_at = now + self.interval;
+            job.active = self.start(p, st, progress);
         }
-        let ids: Vec<i32> = self.active.keys().copied().collect();
-        for p in ids {
-            self.advance(p, partitions, tracker);
+        if let Some(active) = job.active.take() {
+            job.active = self.advance(p, st, active, progress);
         }
-        self.refresh_age(partitions);
+        self.jobs.lock().insert(p, job);
+        self.refresh_age();
     }
 
-    fn start(&mut self, p: i32, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
-        let Some(state) = partitions.get(p) else {
-            return;
-        };
-        let mut st = state.lock();
-        if !st.caught_up() {
-            return;
+    /// `p` left this instance: its snapshot in progress is abandoned (the
+    /// release snapshot replaces it).
+    pub fn forget(&self, p: i32) {
+        if let Some(job) = self.jobs.lock().remove(&p) {
+            if let Some(active) = job.active {
+                active.target.abandon();
+            }
         }
-        let offsets = tracker.lock().positions(p);
+        self.last_done.lock().remove(&p);
+    }
+
+    fn start(
+        &self,
+        p: i32,
+        st: &mut PartitionState,
+        progress: &Arc<dyn Progress>,
+    ) -> Option<Active> {
+        if !st.caught_up() {
+            return None;
+        }
+        let offsets = progress.positions(p);
         if offsets.is_empty() {
-            return; // nothing processed yet
+            return None; // nothing processed yet
         }
         if self.rewrite.lock().remove(&p) {
             st.engine.customers_mut().mark_all_dirty();
@@ -140,7 +158,7 @@ impl Periodic {
                         .with_label_values(&["write"])
                         .inc();
                     tracing::error!(partition = p, "cannot start a snapshot: {e}");
-                    return;
+                    return None;
                 }
             },
             Store::Kafka(c) => {
@@ -156,7 +174,7 @@ impl Periodic {
                         .with_label_values(&["write"])
                         .inc();
                     tracing::error!(partition = p, "cannot start a snapshot: {e}");
-                    return;
+                    return None;
                 }
                 Target::Changelog {
                     header,
@@ -165,43 +183,35 @@ impl Periodic {
                 }
             }
         };
-        self.active.insert(
-            p,
-            Active {
-                target,
-                offsets,
-                started: Instant::now(),
-                buf: Vec::new(),
-            },
-        );
+        Some(Active {
+            target,
+            offsets,
+            started: Instant::now(),
+            buf: Vec::new(),
+        })
     }
 
-    fn advance(&mut self, p: i32, partitions: &Partitions, tracker: &Arc<Mutex<OffsetTracker>>) {
-        let Some(mut active) = self.active.remove(&p) else {
-            return;
-        };
-        let Some(state) = partitions.get(p) else {
-            active.target.abandon(); // revoked meanwhile: its release snapshot is newer
-            return;
-        };
+    /// Copies a chunk of `p`'s snapshot; returns it while not finished.
+    fn advance(
+        &self,
+        p: i32,
+        st: &mut PartitionState,
+        mut active: Active,
+        progress: &Arc<dyn Progress>,
+    ) -> Option<Active> {
         active.buf.clear();
         let mut changed: Vec<(String, Vec<u32>)> = Vec::new();
-        let done = {
-            let mut st = state.lock();
-            let table = st.engine.customers_mut();
-            if !table.snapshot_active() {
-                drop(st);
-                active.target.abandon();
-                return;
-            }
-            let done = match &active.target {
-                Target::File(_) => table.snapshot_chunk(CHUNK, &mut active.buf),
-                Target::Changelog { .. } => table.snapshot_chunk_dirty(CHUNK, |id, w| {
-                    changed.push((id.to_string(), w.to_vec()))
-                }),
-            };
-            done.then(|| table.finish_snapshot())
+        let table = st.engine.customers_mut();
+        if !table.snapshot_active() {
+            active.target.abandon();
+            return None;
+        }
+        let done = match &active.target {
+            Target::File(_) => table.snapshot_chunk(CHUNK, &mut active.buf),
+            Target::Changelog { .. } => table
+                .snapshot_chunk_dirty(CHUNK, |id, w| changed.push((id.to_string(), w.to_vec()))),
         };
+        let ids = done.then(|| table.finish_snapshot());
         let written = match (&mut active.target, &self.store) {
             (Target::File(w), _) => w.records(&active.buf).map_err(|e| e.to_string()),
             (Target::Changelog { records, .. }, Store::Kafka(c)) => {
@@ -213,12 +223,11 @@ impl Periodic {
             _ => Ok(()),
         };
         if let Err(e) = written {
-            self.fail(p, &state, active, e);
-            return;
+            self.fail(p, st, active, e);
+            return None;
         }
-        let Some(ids) = done else {
-            self.active.insert(p, active);
-            return;
+        let Some(ids) = ids else {
+            return Some(active);
         };
         let Active {
             target,
@@ -235,7 +244,7 @@ impl Periodic {
                         .with_label_values(&["write"])
                         .inc();
                     tracing::error!(partition = p, "cannot write a snapshot: {e}");
-                    return;
+                    return None;
                 }
             },
             Target::Changelog {
@@ -244,31 +253,27 @@ impl Periodic {
                 ticket,
             } => match &self.store {
                 Store::Kafka(c) => Finish::Changelog(Arc::clone(c), header, records, ticket),
-                Store::Local(_) => return,
+                Store::Local(_) => return None,
             },
         };
         let written = started.elapsed();
         // Current only once every output of the events it covers is
         // acknowledged.
-        let tracker = Arc::clone(tracker);
+        let progress = Arc::clone(progress);
         let metrics = self.metrics.clone();
         let last_done = Arc::clone(&self.last_done);
         let rewrite = Arc::clone(&self.rewrite);
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(300);
             loop {
-                let ready = {
-                    let t = tracker.lock();
-                    let mut ready = Some(true);
-                    for (topic, offset) in &offsets {
-                        match t.safe(topic, p) {
-                            Some(safe) if safe >= *offset => {}
-                            Some(_) => ready = Some(false),
-                            None => ready = None, // revoked
-                        }
+                let mut ready = Some(true);
+                for (topic, offset) in &offsets {
+                    match progress.acknowledged(topic, p) {
+                        Some(safe) if safe >= *offset => {}
+                        Some(_) => ready = Some(false),
+                        None => ready = None, // revoked
                     }
-                    ready
-                };
+                }
                 match ready {
                     Some(true) => break,
                     None => {
@@ -308,16 +313,11 @@ impl Periodic {
                 }
             }
         });
+        None
     }
 
-    fn fail(
-        &mut self,
-        p: i32,
-        state: &crate::partition::SharedPartition,
-        active: Active,
-        e: String,
-    ) {
-        state.lock().engine.customers_mut().cancel_snapshot();
+    fn fail(&self, p: i32, st: &mut PartitionState, active: Active, e: String) {
+        st.engine.customers_mut().cancel_snapshot();
         active.target.abandon();
         self.rewrite.lock().insert(p);
         self.metrics
@@ -327,25 +327,16 @@ impl Periodic {
         tracing::error!(partition = p, "cannot write a snapshot: {e}");
     }
 
-    fn refresh_age(&self, partitions: &Partitions) {
+    /// The age of the oldest partition's newest current snapshot.
+    fn refresh_age(&self) {
+        let owned: Vec<i32> = self.jobs.lock().keys().copied().collect();
         let done = self.last_done.lock();
-        let oldest = partitions
-            .numbers()
+        let oldest = owned
             .iter()
             .filter_map(|p| done.get(p))
             .map(|t| t.elapsed().as_secs_f64())
             .fold(0.0, f64::max);
         self.metrics.snapshot_age_seconds.set(oldest);
-    }
-
-    /// Abandons snapshots in progress (shutdown: the release ones replace them).
-    pub fn abandon_all(&mut self, partitions: &Partitions) {
-        for (p, active) in self.active.drain() {
-            if let Some(state) = partitions.get(p) {
-                state.lock().engine.customers_mut().cancel_snapshot();
-            }
-            active.target.abandon();
-        }
     }
 }
 

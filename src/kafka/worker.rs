@@ -1,0 +1,814 @@
+//! The partition as the unit of work: a small pool of worker threads, each
+//! owning the partitions handed to it outright.
+//!
+//! When a partition is assigned, its messages are split off the consumer's
+//! queue into a queue of their own (`split_partition_queue`, as vector's
+//! Kafka source and Kafka Streams' stream threads do) and the partition,
+//! with that queue and its state, goes to the least loaded worker. A worker
+//! takes a batch of messages from each of its partitions in turn: the
+//! partition's state is locked once per batch, never per message; the batch
+//! is parsed and scored in one go, its outputs encoded into reused buffers,
+//! its offsets recorded with one tracker update, then its outputs sent.
+//! Between batches the worker runs what would otherwise stall consumption:
+//! a part of a sweep, a step of a snapshot, a gauge scan of a partition.
+//! The consumer's own thread only serves callbacks (rebalances, statistics)
+//! and commits; see `pipeline` and `rebalance`.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use prometheus::IntCounter;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+use crate::customers::Slot;
+use crate::engine::{Outcome, Signal, SignalKind};
+use crate::event::{self, ParseContext, Parsed};
+use crate::kafka::delivery::{
+    copy_headers, headers, is_permanent, Delivery, OffsetTracker, Produced, SourceCodec,
+};
+use crate::kafka::pipeline::{PipelineError, Shared};
+use crate::kafka::rebalance::GroupContext;
+use crate::kafka::settings::KafkaSettings;
+use crate::metrics::SCORE_RANGES;
+use crate::output::Encoder;
+use crate::partition::{Clock, PartitionHooks, PartitionState, Progress, SharedPartition};
+use crate::timestamp::{now_millis, Millis};
+
+/// Messages taken from a partition before the worker turns to the next.
+const BATCH: usize = 512;
+/// Customers a sweep evaluates between two batches.
+const SWEEP_PART: usize = 50_000;
+/// How often a worker recounts a partition's published scores by range.
+const SCAN_EVERY: Duration = Duration::from_secs(10);
+/// How long an idle worker sleeps when no queue wakes it.
+const IDLE: Duration = Duration::from_millis(50);
+
+/// What every worker shares.
+pub(crate) struct Context {
+    pub kafka: Arc<KafkaSettings>,
+    pub clock: Clock,
+    pub shared: Shared,
+    pub producer: Arc<ThreadedProducer<Delivery>>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub codec: Arc<SourceCodec>,
+    pub hooks: Option<Arc<dyn PartitionHooks>>,
+    /// Set to stop every worker (shutdown, or a worker failed).
+    pub stop: Arc<AtomicBool>,
+    /// Why a worker stopped the pipeline.
+    pub failed: Mutex<Option<PipelineError>>,
+}
+
+impl Context {
+    fn progress(&self) -> Arc<dyn Progress> {
+        Arc::clone(&self.tracker) as Arc<dyn Progress>
+    }
+}
+
+/// One input topic's queue of a partition.
+pub(crate) struct Feed {
+    pub topic: Arc<str>,
+    pub topic_index: usize,
+    pub queue: PartitionQueue<GroupContext>,
+    pub consumed: IntCounter,
+}
+
+/// A partition number handed to a worker: its queues (one per input
+/// topic) and its state.
+pub(crate) struct Unit {
+    pub partition: i32,
+    pub feeds: Vec<Feed>,
+    pub state: SharedPartition,
+    /// A wall-clock sweep in progress: (next slot, sweep time).
+    sweep: Option<(Slot, Millis)>,
+    next_sweep: Instant,
+    next_scan: Instant,
+}
+
+impl Unit {
+    pub fn new(
+        partition: i32,
+        feeds: Vec<Feed>,
+        state: SharedPartition,
+        sweep_every: Duration,
+    ) -> Unit {
+        Unit {
+            partition,
+            feeds,
+            state,
+            sweep: None,
+            next_sweep: Instant::now() + sweep_every,
+            next_scan: Instant::now(),
+        }
+    }
+}
+
+/// What the consumer's thread asks of a worker.
+pub(crate) enum Command {
+    Assign(Unit),
+    /// Give the partition back (its state stays in the registry); answer
+    /// when no batch of it runs any more.
+    Revoke(i32, mpsc::SyncSender<()>),
+    /// A message that came through the consumer's own queue (fetched before
+    /// its partition's queue was split off).
+    Message(OwnedMessage),
+}
+
+/// Wakes an idle worker when one of its queues receives messages.
+#[derive(Default)]
+pub(crate) struct Wake {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        *self.pending.lock() = true;
+        self.cv.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut pending = self.pending.lock();
+        if !*pending {
+            self.cv.wait_for(&mut pending, timeout);
+        }
+        *pending = false;
+    }
+}
+
+struct Handle {
+    commands: mpsc::Sender<Command>,
+    wake: Arc<Wake>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The workers, and which one owns which partition.
+pub(crate) struct Pool {
+    workers: Vec<Handle>,
+    owners: Mutex<HashMap<i32, usize>>,
+    pub ctx: Arc<Context>,
+}
+
+impl Pool {
+    /// Starts `n` workers (at least one).
+    pub fn start(n: usize, ctx: Arc<Context>) -> Pool {
+        let workers = (0..n.max(1))
+            .map(|i| {
+                let (commands, rx) = mpsc::channel();
+                let wake = Arc::new(Wake::default());
+                let worker = Worker::new(Arc::clone(&ctx), rx, Arc::clone(&wake));
+                let thread = std::thread::Builder::new()
+                    .name(format!("ces-worker-{i}"))
+                    .spawn(move || worker.run())
+                    .expect("a worker thread starts");
+                Handle {
+                    commands,
+                    wake,
+                    thread: Some(thread),
+                }
+            })
+            .collect();
+        Pool {
+            workers,
+            owners: Mutex::new(HashMap::new()),
+            ctx,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Hands a partition to the worker with the fewest.
+    pub fn assign(&self, mut unit: Unit) {
+        let mut owners = self.owners.lock();
+        let mut load = vec![0usize; self.workers.len()];
+        for &w in owners.values() {
+            load[w] += 1;
+        }
+        let w = (0..load.len()).min_by_key(|&i| (load[i], i)).unwrap_or(0);
+        let wake = Arc::clone(&self.workers[w].wake);
+        for feed in &mut unit.feeds {
+            let wake = Arc::clone(&wake);
+            feed.queue.set_nonempty_callback(move || wake.notify());
+        }
+        owners.insert(unit.partition, w);
+        let _ = self.workers[w].commands.send(Command::Assign(unit));
+        self.workers[w].wake.notify();
+    }
+
+    /// Takes a partition back from its worker; waits (up to `timeout`)
+    /// until no batch of it runs.
+    pub fn revoke(&self, partition: i32, timeout: Duration) {
+        let Some(w) = self.owners.lock().remove(&partition) else {
+            return;
+        };
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.workers[w]
+            .commands
+            .send(Command::Revoke(partition, done))
+            .is_ok()
+        {
+            self.workers[w].wake.notify();
+            let _ = wait.recv_timeout(timeout);
+        }
+    }
+
+    /// A message of `partition` that came through the consumer's queue.
+    pub fn forward(&self, message: OwnedMessage) {
+        let w = self.owners.lock().get(&message.partition()).copied();
+        if let Some(w) = w {
+            let _ = self.workers[w].commands.send(Command::Message(message));
+            self.workers[w].wake.notify();
+        }
+    }
+
+    /// Stops every worker and waits for them.
+    pub fn stop(&mut self) {
+        self.ctx.stop.store(true, Ordering::SeqCst);
+        for h in &self.workers {
+            h.wake.notify();
+        }
+        for h in &mut self.workers {
+            if let Some(t) = h.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.owners.lock().clear();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where a produced message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    Output,
+    DeadLetter,
+}
+
+/// One message waiting to be sent; its bytes live in [`Outbox::bytes`].
+struct Out {
+    dest: Dest,
+    key: Range<usize>,
+    /// `None`: a tombstone.
+    payload: Option<Range<usize>>,
+    /// The `ces-kind` of an output, or a dead letter's own headers.
+    headers: Result<usize, OwnedHeaders>,
+    opaque: usize,
+}
+
+/// The outputs of a batch, encoded into buffers reused batch after batch.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    out: Vec<Out>,
+    /// Per feed of the unit: its messages with outputs, and the last
+    /// offset taken.
+    produced: Vec<(Vec<Produced>, Option<i64>)>,
+}
+
+impl Outbox {
+    fn clear(&mut self, feeds: usize) {
+        self.bytes.clear();
+        self.out.clear();
+        self.produced.resize_with(feeds, Default::default);
+        for p in &mut self.produced {
+            p.0.clear();
+            p.1 = None;
+        }
+    }
+
+    fn push_bytes(&mut self, b: &[u8]) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(b);
+        start..self.bytes.len()
+    }
+}
+
+/// A worker thread's state.
+struct Worker {
+    ctx: Arc<Context>,
+    commands: mpsc::Receiver<Command>,
+    wake: Arc<Wake>,
+    units: Vec<Unit>,
+    encoder: Encoder,
+    outbox: Outbox,
+    /// A `ces-kind` header per output kind, built once.
+    kind_headers: Vec<OwnedHeaders>,
+    sweep_every: Duration,
+}
+
+impl Worker {
+    fn new(ctx: Arc<Context>, commands: mpsc::Receiver<Command>, wake: Arc<Wake>) -> Worker {
+        let model = Arc::clone(&ctx.shared.model);
+        let kind_headers = SignalKind::NAMES
+            .iter()
+            .map(|k| {
+                OwnedHeaders::new().insert(Header {
+                    key: headers::KIND,
+                    value: Some(*k),
+                })
+            })
+            .collect();
+        Worker {
+            encoder: Encoder::new(&model),
+            sweep_every: Duration::from_millis(model.signals.sweep_interval.max(1) as u64),
+            ctx,
+            commands,
+            wake,
+            units: Vec::new(),
+            outbox: Outbox::default(),
+            kind_headers,
+        }
+    }
+
+    fn run(mut self) {
+        if let Err(e) = self.work() {
+            tracing::error!("worker stopped: {e}");
+            *self.ctx.failed.lock() = Some(e);
+            self.ctx.stop.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn work(&mut self) -> Result<(), PipelineError> {
+        while !self.ctx.stop.load(Ordering::SeqCst) {
+            self.commands()?;
+            let mut busy = false;
+            for i in 0..self.units.len() {
+                busy |= self.batch(i)?;
+                self.between_batches(i)?;
+            }
+            if !busy {
+                self.wake.wait(IDLE);
+            }
+        }
+        Ok(())
+    }
+
+    fn commands(&mut self) -> Result<(), PipelineError> {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Assign(unit) => self.units.push(unit),
+                Command::Revoke(p, done) => {
+                    self.units.retain(|u| u.partition != p);
+                    let _ = done.send(());
+                }
+                Command::Message(m) => {
+                    let Some(i) = self.units.iter().position(|u| u.partition == m.partition())
+                    else {
+                        continue;
+                    };
+                    let Some(f) = self.units[i]
+                        .feeds
+                        .iter()
+                        .position(|f| *f.topic == *m.topic())
+                    else {
+                        continue;
+                    };
+                    self.outbox.clear(self.units[i].feeds.len());
+                    let state = Arc::clone(&self.units[i].state);
+                    let mut st = state.lock();
+                    let feed = &self.units[i].feeds[f];
+                    process(
+                        &self.ctx,
+                        &self.encoder,
+                        &mut self.outbox,
+                        feed,
+                        f,
+                        &mut st,
+                        &m,
+                    )?;
+                    drop(st);
+                    self.flush(i)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a batch from each queue of unit `i`; true when there was one.
+    fn batch(&mut self, i: usize) -> Result<bool, PipelineError> {
+        let feeds = self.units[i].feeds.len();
+        self.outbox.clear(feeds);
+        let started = Instant::now();
+        let state = Arc::clone(&self.units[i].state);
+        let mut taken = 0;
+        let mut eof = false;
+        {
+            let mut st = state.lock();
+            let (ctx, encoder, outbox) = (&self.ctx, &self.encoder, &mut self.outbox);
+            for (f, feed) in self.units[i].feeds.iter().enumerate() {
+                while taken < BATCH {
+                    // The state is locked for the batch; polling a queue
+                    // does not block (zero timeout).
+                    match feed.queue.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Ok(m)) => {
+                            process(ctx, encoder, outbox, feed, f, &mut st, &m)?;
+                            taken += 1;
+                        }
+                        Some(Err(KafkaError::PartitionEOF(_))) => eof = true,
+                        Some(Err(e)) => tracing::warn!("consumer error: {e}"),
+                    }
+                }
+            }
+        }
+        if taken > 0 {
+            self.flush(i)?;
+            self.ctx
+                .shared
+                .metrics
+                .batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if eof {
+            self.caught_up(i);
+        }
+        Ok(taken > 0)
+    }
+
+    /// The state is current: said at INFO the first time after an
+    /// assignment, at DEBUG after that.
+    fn caught_up(&self, i: usize) {
+        let unit = &self.units[i];
+        let p = unit.partition;
+        let mut positions = self.ctx.tracker.lock().positions(p);
+        let mut st = unit.state.lock();
+        if positions.is_empty() {
+            positions = st.started_at.clone(); // nothing new since the assignment
+        }
+        let customers = st.engine.customers().len();
+        if st.reached_end {
+            tracing::debug!(
+                partition = p,
+                customers,
+                ?positions,
+                "partition caught up with the end of its log"
+            );
+        } else {
+            st.reached_end = true;
+            tracing::info!(
+                partition = p,
+                customers,
+                ?positions,
+                "partition caught up with the end of its log"
+            );
+        }
+    }
+
+    /// Records the batch's offsets (one tracker update), then sends its
+    /// outputs, waiting while the producer's queue is full.
+    fn flush(&mut self, i: usize) -> Result<(), PipelineError> {
+        let unit = &self.units[i];
+        {
+            let mut tracker = self.ctx.tracker.lock();
+            for (f, (produced, last)) in self.outbox.produced.iter().enumerate() {
+                if let Some(last) = last {
+                    tracker.batch(&unit.feeds[f].topic, unit.partition, produced, *last);
+                }
+            }
+        }
+        self.send_outbox()
+    }
+
+    fn send_outbox(&mut self) -> Result<(), PipelineError> {
+        let outbox = std::mem::take(&mut self.outbox);
+        let result = outbox
+            .out
+            .iter()
+            .try_for_each(|out| self.send(&outbox.bytes, out));
+        self.outbox = outbox;
+        result
+    }
+
+    fn send(&self, bytes: &[u8], out: &Out) -> Result<(), PipelineError> {
+        let kafka = &self.ctx.kafka;
+        let topic = match out.dest {
+            Dest::Output => &kafka.output_topic,
+            Dest::DeadLetter => &kafka.dead_letter_topic,
+        };
+        let headers = match &out.headers {
+            Ok(kind) => self.kind_headers[*kind].clone(),
+            Err(h) => h.clone(),
+        };
+        let mut record = BaseRecord::with_opaque_to(topic, out.opaque)
+            .key(&bytes[out.key.clone()])
+            .headers(headers);
+        if let Some(p) = &out.payload {
+            record = record.payload(&bytes[p.clone()]);
+        }
+        let producer = &self.ctx.producer;
+        let mut waited = false;
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: wait for acknowledgements to make room.
+                    if !waited {
+                        tracing::debug!("producer queue full: waiting");
+                        waited = true;
+                    }
+                    if let Some(why) = producer.context().fatal() {
+                        return Err(PipelineError::Producer(why));
+                    }
+                    if self.ctx.stop.load(Ordering::SeqCst) && producer.context().fatal().is_some()
+                    {
+                        return Err(PipelineError::Producer(
+                            "stopped while the producer queue was full".into(),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    record = back;
+                }
+                Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    back,
+                )) if out.dest == Dest::DeadLetter
+                    && out.payload.as_ref().is_some_and(|p| p.len() > 1024) =>
+                {
+                    // A dead letter too large for the producer: keep its
+                    // head and say so, rather than stopping the stream.
+                    let len = out.payload.as_ref().map_or(0, |p| p.len());
+                    let keep = (len / 2).min(64 * 1024);
+                    let mut headers = match &out.headers {
+                        Ok(kind) => self.kind_headers[*kind].clone(),
+                        Err(h) => h.clone(),
+                    };
+                    headers = headers.insert(Header {
+                        key: headers::TRUNCATED,
+                        value: Some(&len.to_string()),
+                    });
+                    let smaller = Out {
+                        dest: Dest::DeadLetter,
+                        key: out.key.clone(),
+                        payload: out.payload.as_ref().map(|p| p.start..p.start + keep),
+                        headers: Err(headers),
+                        opaque: back.delivery_opaque,
+                    };
+                    return self.send(bytes, &smaller);
+                }
+                Err((e, _)) => {
+                    let permanent = e.rdkafka_error_code().is_some_and(is_permanent);
+                    return Err(PipelineError::Producer(format!(
+                        "cannot produce to {topic}{}: {e}",
+                        if permanent { "" } else { " (unexpected)" }
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Work on unit `i` that must not hold up its batches: a part of a
+    /// wall-clock sweep, a step of a snapshot, a gauge scan.
+    fn between_batches(&mut self, i: usize) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        if self.ctx.clock == Clock::Wall {
+            self.sweep_step(i, now)?;
+        }
+        let unit = &self.units[i];
+        if let Some(hooks) = &self.ctx.hooks {
+            hooks.tick(unit.partition, &mut unit.state.lock(), &self.ctx.progress());
+        }
+        if now >= unit.next_scan {
+            let mut st = unit.state.lock();
+            scan_gauges(&mut st, &self.ctx.shared);
+            drop(st);
+            self.units[i].next_scan = now + SCAN_EVERY;
+        }
+        Ok(())
+    }
+
+    /// Every `sweep_interval` of wall time, evaluates every customer of a
+    /// caught-up partition, a part between each batch.
+    fn sweep_step(&mut self, i: usize, now: Instant) -> Result<(), PipelineError> {
+        let unit = &mut self.units[i];
+        if unit.sweep.is_none() {
+            if now < unit.next_sweep {
+                return Ok(());
+            }
+            unit.next_sweep = now + self.sweep_every;
+            let mut st = unit.state.lock();
+            if !st.caught_up() {
+                return Ok(());
+            }
+            let t = st.clock_at(now_millis());
+            unit.sweep = Some((0, t));
+        }
+        let Some((from, t)) = unit.sweep else {
+            return Ok(());
+        };
+        let p = unit.partition;
+        let state = Arc::clone(&unit.state);
+        self.outbox.clear(0);
+        let metrics = &self.ctx.shared.metrics;
+        let next = {
+            let mut st = state.lock();
+            let forgotten = st.engine.forgotten_count();
+            let (encoder, outbox) = (&self.encoder, &mut self.outbox);
+            let next = st
+                .engine
+                .sweep_part(from, SWEEP_PART, t, &mut |s: &Signal<'_>| {
+                    metrics.outputs_by_kind[s.kind.index()].inc();
+                    push_signal(outbox, encoder, s, 0);
+                });
+            metrics
+                .customers_forgotten
+                .inc_by(st.engine.forgotten_count() - forgotten);
+            next
+        };
+        self.units[i].sweep = next.map(|n| (n, t));
+        if self.outbox.out.is_empty() {
+            return Ok(());
+        }
+        // Sweep outputs count toward the partition's last processed offset:
+        // neither a commit nor a snapshot covers the state they come from
+        // before they are acknowledged.
+        let (topic, offset) = self
+            .ctx
+            .tracker
+            .lock()
+            .sweep_source(p)
+            .unwrap_or_else(|| (Arc::from(""), -1));
+        let topic_index = self.ctx.codec.topic_index(&topic);
+        let opaque = self.ctx.codec.encode(topic_index, p, offset);
+        for out in &mut self.outbox.out {
+            out.opaque = opaque;
+        }
+        self.ctx
+            .tracker
+            .lock()
+            .add_outputs(&topic, p, offset, self.outbox.out.len() as u32);
+        self.send_outbox()
+    }
+}
+
+/// Parses and scores one input message of `feed` (the unit's `f`th) into
+/// the outbox.
+fn process<M: Message>(
+    ctx: &Context,
+    encoder: &Encoder,
+    outbox: &mut Outbox,
+    feed: &Feed,
+    f: usize,
+    st: &mut PartitionState,
+    msg: &M,
+) -> Result<(), PipelineError> {
+    feed.consumed.inc();
+    let (topic, topic_index) = (Arc::clone(&feed.topic), feed.topic_index);
+    let partition = msg.partition();
+    let offset = msg.offset();
+    let timestamp = msg.timestamp().to_millis();
+    let opaque = ctx.codec.encode(topic_index, partition, offset);
+    let model = &*ctx.shared.model;
+    let metrics = &ctx.shared.metrics;
+    let silent = st.is_rebuilding(&topic, offset);
+    let now = now_millis().max(st.clock);
+    let before = outbox.out.len();
+    let parsed = match msg.payload() {
+        // A tombstone: an erasure request for the customer of its key.
+        None => event::parse_tombstone(msg.key()),
+        Some([]) => Parsed::Invalid(event::Invalid {
+            reason: event::InvalidReason::InvalidJson,
+            detail: "empty message".into(),
+        }),
+        Some(payload) => event::parse(
+            payload,
+            model,
+            ParseContext {
+                fallback_timestamp: timestamp,
+                now: Some(now),
+            },
+        ),
+    };
+    let mut sink = |s: &Signal<'_>| {
+        if !silent {
+            metrics.outputs_by_kind[s.kind.index()].inc();
+            push_signal(outbox, encoder, s, opaque);
+        }
+    };
+    match parsed {
+        Parsed::Event(mut ev) => {
+            ev.segment_id = ctx.shared.segment_id(ev.segment.as_deref());
+            let result = match ctx.clock {
+                Clock::Wall => st.engine.process_live(&ev, now, &mut sink),
+                // Replay semantics per partition: the watermark is the
+                // clock and crossing a sweep boundary sweeps.
+                Clock::Event => st.engine.process_replay(&ev, &mut sink),
+            };
+            match result {
+                Ok(Outcome::Applied { .. }) => metrics.events_accepted.inc(),
+                Ok(Outcome::Ignored(r)) => metrics.ignored_by_reason[r as usize].inc(),
+                Err(source) => return Err(PipelineError::Engine { partition, source }),
+            }
+            st.clock = st.engine.live_clock(now);
+        }
+        Parsed::Erase(id) => {
+            metrics.erasures.inc();
+            let t = match ctx.clock {
+                Clock::Wall => Some(st.clock_at(now)),
+                Clock::Event => st.engine.watermark(),
+            };
+            if let Some(t) = t {
+                st.engine.erase(&id, t, &mut sink);
+            }
+        }
+        Parsed::Ignored(r) => metrics.ignored_by_reason[r as usize].inc(),
+        Parsed::Invalid(inv) => {
+            metrics.rejected_by_reason[inv.reason as usize].inc();
+            if !silent {
+                let headers = copy_headers(msg)
+                    .insert(Header {
+                        key: headers::REASON,
+                        value: Some(inv.reason.as_str()),
+                    })
+                    .insert(Header {
+                        key: headers::DETAIL,
+                        value: Some(&inv.detail),
+                    })
+                    .insert(Header {
+                        key: headers::SOURCE_TOPIC,
+                        value: Some(&*topic),
+                    })
+                    .insert(Header {
+                        key: headers::SOURCE_PARTITION,
+                        value: Some(&partition.to_string()),
+                    })
+                    .insert(Header {
+                        key: headers::SOURCE_OFFSET,
+                        value: Some(&offset.to_string()),
+                    });
+                let key = outbox.push_bytes(msg.key().unwrap_or(&[]));
+                let payload = outbox.push_bytes(msg.payload().unwrap_or(&[]));
+                outbox.out.push(Out {
+                    dest: Dest::DeadLetter,
+                    key,
+                    payload: Some(payload),
+                    headers: Err(headers),
+                    opaque,
+                });
+            }
+        }
+    }
+    let outputs = (outbox.out.len() - before) as u32;
+    let produced = &mut outbox.produced[f];
+    if outputs > 0 {
+        produced.0.push((offset, outputs, timestamp));
+    }
+    produced.1 = Some(offset);
+    Ok(())
+}
+
+/// Appends an output to the outbox: keyed by customer id, the `ces-kind`
+/// header; `customer_erased` is a tombstone, so that a compacted output
+/// topic drops the customer's signals too.
+fn push_signal(outbox: &mut Outbox, encoder: &Encoder, s: &Signal<'_>, opaque: usize) {
+    let key = outbox.push_bytes(s.customer_id.as_bytes());
+    let payload = (!matches!(s.kind, SignalKind::CustomerErased)).then(|| {
+        let start = outbox.bytes.len();
+        encoder.encode(s, &mut outbox.bytes);
+        start..outbox.bytes.len()
+    });
+    outbox.out.push(Out {
+        dest: Dest::Output,
+        key,
+        payload,
+        headers: Ok(s.kind.index()),
+        opaque,
+    });
+}
+
+/// Gauges that need a pass over every customer of a partition: published
+/// scores by range, and tiers per configured segment. Kept in the state
+/// for the consumer's thread to add up.
+fn scan_gauges(st: &mut PartitionState, shared: &Shared) {
+    let tiers = shared.model.tiers.len();
+    let segments = shared.segments.len();
+    let mut ranges = [0i64; SCORE_RANGES.len()];
+    let mut by_segment = vec![0i64; segments * tiers];
+    let table = st.engine.customers();
+    for slot in 0..table.len() as Slot {
+        let rec = table.record(slot);
+        let bucket = ((rec.emitted_score() / 10.0) as usize).min(SCORE_RANGES.len() - 1);
+        ranges[bucket] += 1;
+        let seg = usize::from(rec.segment());
+        if seg > 0 && seg <= segments {
+            let tier = usize::from(rec.emitted_tier()).min(tiers - 1);
+            by_segment[(seg - 1) * tiers + tier] += 1;
+        }
+    }
+    st.score_ranges = ranges;
+    st.segment_tiers = by_segment;
+}
