@@ -391,11 +391,15 @@ fn a_stop_during_a_rebalance_ends_within_shutdown_timeout() {
     let mut worst = Duration::ZERO;
     for (round, delay) in [0u64, 300, 800, 1500].into_iter().enumerate() {
         for m in [&current, &other] {
-            assert!(
-                m.wait_for_log("partition starts", Duration::from_secs(60)),
-                "round {round}: {}",
-                m.log_text()
-            );
+            if !m.wait_for_log("partition starts", Duration::from_secs(60)) {
+                for e in std::fs::read_dir(s.dir.path()).unwrap().flatten() {
+                    if e.path().extension().is_some_and(|x| x == "log") {
+                        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                        eprintln!("== {}\n{text}", e.path().display());
+                    }
+                }
+                panic!("round {round}: no partition for {}", m.log.display());
+            }
         }
         let joiner = start(&format!("m-{}", round + 2));
         std::thread::sleep(Duration::from_millis(delay));

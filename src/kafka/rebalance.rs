@@ -190,22 +190,21 @@ impl GroupContext {
         }
         // Restores read snapshots (a changelog partition each): several
         // at once.
-        let restored: Vec<Restore> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = new
-                    .iter()
-                    .map(|(p, topics)| {
-                        s.spawn(move || {
-                            let (state, offsets) = match &self.hooks {
-                                Some(h) => h.restore(*p, topics, &self.stop),
-                                None => (self.new_state(), vec![None; topics.len()]),
-                            };
-                            (*p, topics.clone(), state, offsets)
-                        })
+        let restored: Vec<Restore> = std::thread::scope(|s| {
+            let handles: Vec<_> = new
+                .iter()
+                .map(|(p, topics)| {
+                    s.spawn(move || {
+                        let (state, offsets) = match &self.hooks {
+                            Some(h) => h.restore(*p, topics, &self.stop),
+                            None => (self.new_state(), vec![None; topics.len()]),
+                        };
+                        (*p, topics.clone(), state, offsets)
                     })
-                    .collect();
-                handles.into_iter().filter_map(|h| h.join().ok()).collect()
-            });
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
         let mut started = Vec::new();
         for (p, topics, mut state, offsets) in restored {
             for (topic, offset) in topics.iter().zip(offsets) {

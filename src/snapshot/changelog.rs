@@ -40,7 +40,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header as KafkaHeader, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext};
 
@@ -273,6 +273,68 @@ impl Fold {
     }
 }
 
+/// The changelog producer's context: which changelog partitions still wait
+/// for acknowledgements. A checkpoint waits for its own partition's
+/// records only; a producer-wide flush would wait for every partition's,
+/// and, with snapshots always in progress somewhere, might never end.
+#[derive(Default)]
+struct Acks {
+    /// Per partition: records sent and not acknowledged, and whether one
+    /// of them failed since the last checkpoint.
+    pending: Mutex<HashMap<i32, (u64, bool)>>,
+    changed: parking_lot::Condvar,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, partition: usize) {
+        let mut pending = self.pending.lock();
+        let e = pending.entry(partition as i32).or_default();
+        e.0 = e.0.saturating_sub(1);
+        if let Err((err, _)) = result {
+            tracing::warn!(partition, "a changelog record was not delivered: {err}");
+            e.1 = true;
+        }
+        self.changed.notify_all();
+    }
+}
+
+impl Acks {
+    fn sent(&self, p: i32) {
+        self.pending.lock().entry(p).or_default().0 += 1;
+    }
+
+    fn unsent(&self, p: i32) {
+        let mut pending = self.pending.lock();
+        let e = pending.entry(p).or_default();
+        e.0 = e.0.saturating_sub(1);
+    }
+
+    /// Waits until every record of `p` sent so far is acknowledged; fails
+    /// when one was not delivered (and clears that).
+    fn wait(&self, p: i32, deadline: Instant) -> Result<(), KafkaError> {
+        let mut pending = self.pending.lock();
+        loop {
+            let e = pending.entry(p).or_default();
+            if e.1 {
+                e.1 = false;
+                return Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::InvalidMessage,
+                ));
+            }
+            if e.0 == 0 {
+                return Ok(());
+            }
+            if self.changed.wait_until(&mut pending, deadline).timed_out() {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+        }
+    }
+}
+
 /// A client context that does not report the end of a partition (the
 /// restore asks for it) as an error.
 struct Quiet;
@@ -305,7 +367,7 @@ pub struct ChangelogStore {
     /// Input topics, sorted: the order of a checkpoint's offsets.
     pub topics: Vec<String>,
     client: ClientConfig,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<Acks>,
     /// Per partition; the lock is held while a checkpoint is written.
     writers: Mutex<HashMap<i32, Arc<Mutex<Writer>>>>,
 }
@@ -387,8 +449,9 @@ impl ChangelogStore {
         for (k, v) in &kafka.producer_options {
             pc.set(k, v);
         }
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            pc.create().map_err(kafka_err(topic))?;
+        let producer: ThreadedProducer<Acks> = pc
+            .create_with_context(Acks::default())
+            .map_err(kafka_err(topic))?;
         Ok(ChangelogStore {
             topic: topic.to_string(),
             topics,
@@ -562,11 +625,14 @@ impl ChangelogStore {
     }
 
     /// Cancels the checkpoint of a periodic snapshot not written yet (a
-    /// release snapshot comes now). Waits for one being written. Returns
-    /// true when one was cancelled: its records were written without a
-    /// checkpoint, so the changes they hold must be written again.
-    pub fn cancel_awaited(&self, p: i32) -> bool {
-        self.writer(p).lock().awaited.take().is_some()
+    /// release snapshot comes now). Waits, up to `deadline`, for one being
+    /// written. `Some(true)` when one was cancelled: its records were
+    /// written without a checkpoint, so the changes they hold must be
+    /// written again; `None` when one is still being written.
+    pub fn cancel_awaited(&self, p: i32, deadline: Instant) -> Option<bool> {
+        let w = self.writer(p);
+        let mut w = w.try_lock_until(deadline)?;
+        Some(w.awaited.take().is_some())
     }
 
     /// Writes tombstones for removed customers to changelog partition `p`.
@@ -576,11 +642,12 @@ impl ChangelogStore {
                 key: PERSISTED_HEADER,
                 value: Some(if r.persisted { "1" } else { "0" }),
             });
-            let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
-                .partition(p)
-                .key(r.id.as_bytes())
-                .headers(headers);
-            self.send(record)?;
+            let record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(&self.topic, p as usize)
+                    .partition(p)
+                    .key(r.id.as_bytes())
+                    .headers(headers);
+            self.send(p, record)?;
         }
         Ok(())
     }
@@ -602,7 +669,8 @@ impl ChangelogStore {
                 value.extend_from_slice(&w.to_le_bytes());
             }
             self.send(
-                BaseRecord::to(&self.topic)
+                p,
+                BaseRecord::with_opaque_to(&self.topic, p as usize)
                     .partition(p)
                     .key(id.as_bytes())
                     .payload(&value[..]),
@@ -612,7 +680,13 @@ impl ChangelogStore {
         Ok(n)
     }
 
-    fn send<'a>(&self, mut record: BaseRecord<'a, [u8], [u8]>) -> Result<(), KafkaError> {
+    fn send<'a>(
+        &self,
+        p: i32,
+        mut record: BaseRecord<'a, [u8], [u8], usize>,
+    ) -> Result<(), KafkaError> {
+        let acks = self.producer.context();
+        acks.sent(p);
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -620,14 +694,12 @@ impl ChangelogStore {
                     std::thread::sleep(Duration::from_millis(1));
                     record = back;
                 }
-                Err((e, _)) => return Err(e),
+                Err((e, _)) => {
+                    acks.unsent(p);
+                    return Err(e);
+                }
             }
         }
-    }
-
-    /// Waits until every record sent so far is acknowledged.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
     }
 
     /// Writes the checkpoint of a snapshot taken while processing was
@@ -664,8 +736,10 @@ impl ChangelogStore {
         timeout: Duration,
     ) -> Result<u64, KafkaError> {
         let deadline = Instant::now() + timeout;
-        // Every record of the snapshot before the checkpoint.
-        self.flush(timeout)?;
+        let p = header.partition;
+        let acks = self.producer.context();
+        // Every record of the snapshot acknowledged before the checkpoint.
+        acks.wait(p, deadline)?;
         let mut h = header.clone();
         h.customers = 0;
         h.ids_len = 0;
@@ -680,12 +754,13 @@ impl ChangelogStore {
         value.extend_from_slice(&generation.to_le_bytes());
         value.extend_from_slice(&encoded);
         self.send(
-            BaseRecord::to(&self.topic)
-                .partition(header.partition)
+            p,
+            BaseRecord::with_opaque_to(&self.topic, p as usize)
+                .partition(p)
                 .key(CHECKPOINT_KEY)
                 .payload(&value[..]),
         )?;
-        self.flush(deadline.saturating_duration_since(Instant::now()))?;
+        acks.wait(p, deadline)?;
         Ok(value.len() as u64)
     }
 

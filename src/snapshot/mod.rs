@@ -183,8 +183,12 @@ impl Store {
                 table.cancel_snapshot();
                 // A periodic snapshot whose checkpoint never came: the
                 // changes it wrote are written again.
-                if c.cancel_awaited(partition) {
-                    table.mark_all_dirty();
+                match c.cancel_awaited(partition, deadline) {
+                    Some(true) => table.mark_all_dirty(),
+                    Some(false) => {}
+                    None => {
+                        return Err("a periodic snapshot's checkpoint is still being written: no release snapshot (the next owner restores that one)".into())
+                    }
                 }
                 let removed = table.take_removed();
                 let (customers, ids_len) = table.begin_snapshot();
