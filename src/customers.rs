@@ -581,14 +581,25 @@ impl CustomerTable {
         }) {
             return Ok((slot, false));
         }
-        let slot = self.push(id, init())?;
+        Ok((self.insert_new_hashed(hash, id, init())?, true))
+    }
+
+    /// Adds a customer known to be absent (its hash computed beforehand).
+    pub fn insert_new_hashed(
+        &mut self,
+        hash: u64,
+        id: &str,
+        init: NewCustomer,
+    ) -> Result<Slot, TableFull> {
+        let slot = self.push(id, init)?;
+        let stride = self.layout.stride;
         let hasher = &self.hasher;
         let (words, ids) = (&self.words, &self.ids);
         self.index.insert_unique(hash, slot, |&s| {
             use std::hash::BuildHasher;
             hasher.hash_one(Self::id_bytes(words, ids, stride, s))
         });
-        Ok((slot, true))
+        Ok(slot)
     }
 
     fn push(&mut self, id: &str, init: NewCustomer) -> Result<Slot, TableFull> {

@@ -310,8 +310,9 @@ impl Engine {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
         let hash = self.table.hash_id(&event.customer_id);
+        let mut found = self.table.find_hashed(hash, &event.customer_id);
         let id_hash = self.id_hash(event);
-        if self.is_duplicate(hash, &event.customer_id, id_hash) {
+        if self.is_duplicate(found, id_hash) {
             return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
         }
         let t = event.timestamp;
@@ -321,10 +322,14 @@ impl Engine {
             let boundary = next.div_euclid(interval);
             if boundary > w.div_euclid(interval) {
                 self.sweep(boundary * interval, sink);
+                // Forgetting moves and removes customers.
+                if self.model.forget_after.is_some() {
+                    found = self.table.find_hashed(hash, &event.customer_id);
+                }
             }
         }
         self.watermark = Some(next);
-        self.apply_hashed(event, hash, id_hash, next, sink)
+        self.apply_found(event, hash, found, id_hash, next, sink)
     }
 
     /// The hash of the event's id, when de-duplication is on and it has one.
@@ -336,14 +341,15 @@ impl Engine {
         event.event_id.as_deref().map(event_id_hash)
     }
 
-    /// Section 1, de-duplication: whether the customer remembers the id,
-    /// as its state stands before the event (and before any sweep).
+    /// Section 1, de-duplication: whether the customer (in `slot`, if
+    /// known) remembers the id, as its state stands before the event (and
+    /// before any sweep).
     #[inline]
-    fn is_duplicate(&self, hash: u64, customer_id: &str, id_hash: Option<u64>) -> bool {
-        let Some(h) = id_hash else { return false };
-        self.table
-            .find_hashed(hash, customer_id)
-            .is_some_and(|slot| self.table.record(slot).remembers(h))
+    fn is_duplicate(&self, slot: Option<Slot>, id_hash: Option<u64>) -> bool {
+        match (slot, id_hash) {
+            (Some(slot), Some(h)) => self.table.record(slot).remembers(h),
+            _ => false,
+        }
     }
 
     /// Section 1, erasure requests: removes a known customer and emits
@@ -398,15 +404,16 @@ impl Engine {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
         let hash = self.table.hash_id(&event.customer_id);
+        let found = self.table.find_hashed(hash, &event.customer_id);
         let id_hash = self.id_hash(event);
-        if self.is_duplicate(hash, &event.customer_id, id_hash) {
+        if self.is_duplicate(found, id_hash) {
             return Ok(Outcome::Ignored(IgnoreReason::Duplicate));
         }
         let next = self
             .watermark
             .map_or(event.timestamp, |w| w.max(event.timestamp));
         self.watermark = Some(next);
-        self.apply_hashed(event, hash, id_hash, next.max(now), sink)
+        self.apply_found(event, hash, found, id_hash, next.max(now), sink)
     }
 
     /// The live clock: never behind the watermark.
@@ -416,22 +423,31 @@ impl Engine {
 
     /// Applies an accepted event at clock `t` (`t >= event.timestamp`) and
     /// evaluates its customer. `hash` is the customer id's table hash,
-    /// `id_hash` the event id's.
-    fn apply_hashed(
+    /// `found` its slot if known, `id_hash` the event id's.
+    fn apply_found(
         &mut self,
         event: &Event<'_>,
         hash: u64,
+        found: Option<Slot>,
         id_hash: Option<u64>,
         t: Millis,
         sink: &mut impl SignalSink,
     ) -> Result<Outcome, EngineError> {
         let te = event.timestamp;
-        let (slot, new_customer) =
-            self.table
-                .find_or_insert_hashed(hash, &event.customer_id, || NewCustomer {
+        let (slot, new_customer) = match found {
+            Some(slot) => (slot, false),
+            None => {
+                let init = NewCustomer {
                     last_event_at: te,
                     peak_at: t,
-                })?;
+                };
+                (
+                    self.table
+                        .insert_new_hashed(hash, &event.customer_id, init)?,
+                    true,
+                )
+            }
+        };
         if new_customer {
             self.tier_counts[0] += 1;
         }

@@ -390,6 +390,7 @@ impl Worker {
                         f,
                         &mut st,
                         &m,
+                        now_millis(),
                     )?;
                     drop(st);
                     self.flush(i)?;
@@ -409,6 +410,9 @@ impl Worker {
         let mut eof = false;
         {
             let mut st = state.lock();
+            // One reading of the wall clock per batch (a batch takes about
+            // a millisecond).
+            let wall = now_millis();
             let (ctx, encoder, outbox) = (&self.ctx, &self.encoder, &mut self.outbox);
             for (f, feed) in self.units[i].feeds.iter().enumerate() {
                 while taken < BATCH {
@@ -417,7 +421,7 @@ impl Worker {
                     match feed.queue.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(m)) => {
-                            process(ctx, encoder, outbox, feed, f, &mut st, &m)?;
+                            process(ctx, encoder, outbox, feed, f, &mut st, &m, wall)?;
                             taken += 1;
                         }
                         Some(Err(KafkaError::PartitionEOF(_))) => eof = true,
@@ -656,7 +660,8 @@ impl Worker {
 }
 
 /// Parses and scores one input message of `feed` (the unit's `f`th) into
-/// the outbox.
+/// the outbox; `wall` is the wall clock.
+#[allow(clippy::too_many_arguments)]
 fn process<M: Message>(
     ctx: &Context,
     encoder: &Encoder,
@@ -665,6 +670,7 @@ fn process<M: Message>(
     f: usize,
     st: &mut PartitionState,
     msg: &M,
+    wall: Millis,
 ) -> Result<(), PipelineError> {
     feed.consumed.inc();
     let (topic, topic_index) = (Arc::clone(&feed.topic), feed.topic_index);
@@ -675,7 +681,7 @@ fn process<M: Message>(
     let model = &*ctx.shared.model;
     let metrics = &ctx.shared.metrics;
     let silent = st.is_rebuilding(&topic, offset);
-    let now = now_millis().max(st.clock);
+    let now = wall.max(st.clock);
     let before = outbox.out.len();
     let parsed = match msg.payload() {
         // A tombstone: an erasure request for the customer of its key.
