@@ -13,6 +13,14 @@ use clap::{Parser, Subcommand};
 use ces_stream::config::Settings;
 use ces_stream::replay;
 
+/// jemalloc for the whole process, librdkafka's C code included (its
+/// `malloc` and `free` are replaced too). With glibc's allocator, a worker
+/// freeing a message librdkafka's fetch thread allocated waits on that
+/// thread's arena lock: measured, most of the time a worker was not
+/// running it was blocked there.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ces-stream",
