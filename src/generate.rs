@@ -62,7 +62,10 @@ pub fn to_kafka(
     config
         .set("bootstrap.servers", &target.brokers)
         .set("linger.ms", "10")
-        .set("enable.idempotence", "true");
+        .set("enable.idempotence", "true")
+        // The partitioner `run` assumes by default (`[kafka] partitioner`),
+        // so that any instance finds a customer's partition.
+        .set("partitioner", "murmur2_random");
     for (k, v) in &target.options {
         config.set(k, v);
     }

@@ -228,3 +228,72 @@ fn input_topics_with_different_partition_counts_are_refused() {
         "{message}"
     );
 }
+
+#[test]
+fn our_partition_of_a_customer_is_the_one_librdkafka_picks() {
+    use ces_stream::kafka::partitioner::Partitioner;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for count in [4, 7, 12] {
+        for partitioner in Partitioner::ALL {
+            let topic = &format!("p{count}-{partitioner}");
+            cluster.create_topic(topic, count, 1).unwrap();
+            let producer: BaseProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("partitioner", partitioner.name())
+                .create()
+                .unwrap();
+            // Wait for the topic's metadata: partitioning needs the count.
+            producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .unwrap();
+            let ids: Vec<String> = (0..3000)
+                .map(|i| match i % 3 {
+                    0 => format!("c-{i}"),
+                    1 => format!("user-{i:08}@example.com"),
+                    _ => format!("{:x}-anon-ü-{i}", i * 7919),
+                })
+                .collect();
+            for id in &ids {
+                let record: BaseRecord<'_, str, str> =
+                    BaseRecord::to(topic).key(id.as_str()).payload("x");
+                producer.send(record).map_err(|(e, _)| e).unwrap();
+            }
+            producer.flush(Duration::from_secs(10)).unwrap();
+            // Read them back: each where we say it is.
+            let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", format!("check-{topic}-{partitioner}"))
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .unwrap();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for p in 0..count {
+                tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                    .unwrap();
+            }
+            rdkafka::consumer::Consumer::assign(&consumer, &tpl).unwrap();
+            let mut seen = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while seen < ids.len() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{partitioner}: read {seen}"
+                );
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    use rdkafka::message::Message;
+                    let key = m.key().unwrap();
+                    assert_eq!(
+                        partitioner.partition(key, count),
+                        m.partition(),
+                        "{partitioner} put {:?} elsewhere ({count} partitions)",
+                        String::from_utf8_lossy(key)
+                    );
+                    seen += 1;
+                }
+            }
+        }
+    }
+}

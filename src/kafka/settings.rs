@@ -12,6 +12,7 @@ use indexmap::IndexMap;
 use rdkafka::ClientConfig;
 
 use crate::config_blocks::{check, HumanDuration, OptionValue};
+use crate::kafka::partitioner::Partitioner;
 use crate::model::ModelError;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +71,11 @@ pub struct RawKafka {
     /// of cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<i64>,
+    /// The partitioner of the producers that write the input, by
+    /// librdkafka's name: how any instance finds a customer's partition.
+    /// Default `murmur2_random` (the Java clients' and Kafka Streams').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitioner: Option<Partitioner>,
     /// librdkafka properties for both the consumer and the producer.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub options: IndexMap<String, OptionValue>,
@@ -93,6 +99,8 @@ pub struct KafkaSettings {
     pub commit_interval: Duration,
     /// Worker threads (at least 1).
     pub workers: usize,
+    /// The input producers' partitioner.
+    pub partitioner: Partitioner,
     pub options: Vec<(String, String)>,
     pub consumer_options: Vec<(String, String)>,
     pub producer_options: Vec<(String, String)>,
@@ -206,6 +214,7 @@ impl KafkaSettings {
                     n as usize
                 }
             },
+            partitioner: raw.partitioner.unwrap_or_default(),
             options: options("options", &raw.options)?,
             consumer_options: options("consumer_options", &raw.consumer_options)?,
             producer_options: options("producer_options", &raw.producer_options)?,
@@ -227,6 +236,7 @@ impl KafkaSettings {
             shutdown_timeout: Some(HumanDuration(self.shutdown_timeout)),
             commit_interval: Some(HumanDuration(self.commit_interval)),
             workers: Some(self.workers as i64),
+            partitioner: Some(self.partitioner),
             options: table(&self.options),
             consumer_options: table(&self.consumer_options),
             producer_options: table(&self.producer_options),
