@@ -46,6 +46,14 @@ pub enum ConfigError {
     },
 }
 
+/// The built-in model, `config/default.toml`: a configuration without a
+/// `[scoring]` section takes its model sections from it, so that a service
+/// configured by `CES_*` variables alone has a model.
+pub const BUILT_IN: &str = include_str!("../config/default.toml");
+
+/// The sections that make up the model.
+const MODEL_SECTIONS: [&str; 4] = ["scoring", "tiers", "signals", "input"];
+
 /// The whole file. Only `[scoring.activities]` is required.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +87,13 @@ pub struct RawHttp {
     /// unset: `/v1/*` is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_env: Option<String>,
+    /// The address the other instances of the group reach this one's API
+    /// at, to forward requests for the customers it owns. Default:
+    /// `http://<host>:<port>`, the host being the listen address when it is
+    /// a specific one, else this machine's host name (a pod's name); the
+    /// port the one listened on. Env: `CES_HTTP_ADVERTISED_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertised_url: Option<String>,
 }
 
 /// `[metrics]`.
@@ -95,6 +110,8 @@ pub struct RawMetrics {
 pub struct HttpSettings {
     pub listen: std::net::SocketAddr,
     pub api_token_env: Option<String>,
+    /// Checked: `http://` or `https://`, a host, no path, query or user.
+    pub advertised_url: Option<String>,
     pub segments: Vec<String>,
 }
 
@@ -250,6 +267,9 @@ pub struct Settings {
     pub kafka: Option<KafkaSettings>,
     pub snapshot: SnapshotSettings,
     pub http: HttpSettings,
+    /// The file had no `[scoring]`: the model is the built-in one (its
+    /// `[tiers]`, `[signals]` and `[input]` too, where the file has none).
+    pub built_in_model: bool,
 }
 
 /// The environment variables that override `[kafka]` keys.
@@ -277,6 +297,18 @@ impl Settings {
         Settings::from_toml_with_env(&text, path, |k| std::env::var(k).ok())
     }
 
+    /// As [`Settings::load`] without a file: the built-in model, the rest
+    /// from the `CES_*` environment variables.
+    pub fn load_built_in() -> Result<Settings, ConfigError> {
+        Settings::from_toml_with_env(BUILT_IN, Path::new("(built-in default)"), |k| {
+            std::env::var(k).ok()
+        })
+        .map(|mut s| {
+            s.built_in_model = true;
+            s
+        })
+    }
+
     /// Parses and validates configuration text; `path` only names it in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Settings, ConfigError> {
         Settings::from_toml_with_env(text, path, |_| None)
@@ -288,7 +320,7 @@ impl Settings {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let mut raw = parse_raw(text, path)?;
+        let (mut raw, built_in_model) = parse_raw(text, path)?;
         apply_env(&mut raw, env);
         let invalid = |e: ModelError| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -310,6 +342,7 @@ impl Settings {
             kafka,
             snapshot,
             http,
+            built_in_model,
         })
     }
 
@@ -344,6 +377,16 @@ fn build_http(
     if let Some(var) = &http.api_token_env {
         check("http.api_token_env", !var.is_empty(), "cannot be empty")?;
     }
+    let advertised_url = http
+        .advertised_url
+        .as_deref()
+        .map(|u| {
+            advertised(u).map_err(|reason| ModelError {
+                key: "http.advertised_url".into(),
+                reason: format!("\"{u}\" {reason}"),
+            })
+        })
+        .transpose()?;
     let segments = metrics.map(|m| m.segments.clone()).unwrap_or_default();
     check(
         "metrics.segments",
@@ -360,14 +403,37 @@ fn build_http(
     Ok(HttpSettings {
         listen,
         api_token_env: http.api_token_env,
+        advertised_url,
         segments,
     })
+}
+
+/// An advertised URL as the other instances will use it: a base to which
+/// `/v1/...` is appended, so without a trailing slash.
+fn advertised(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must start with http:// or https://".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("cannot carry a user or password".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() || url.path() != "/" {
+        return Err("must be scheme://host[:port], without a path or query".into());
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
 fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
     if let Some(listen) = env("CES_HTTP_LISTEN") {
         raw.http.get_or_insert_with(RawHttp::default).listen = Some(listen);
+    }
+    if let Some(url) = env("CES_HTTP_ADVERTISED_URL") {
+        raw.http.get_or_insert_with(RawHttp::default).advertised_url = Some(url);
     }
     if let Some(dir) = env("CES_SNAPSHOT_DIR") {
         raw.snapshot.get_or_insert_with(RawSnapshot::default).dir = Some(PathBuf::from(dir));
@@ -394,7 +460,9 @@ fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
     }
 }
 
-fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+/// Parses the file; without `[scoring]`, the model sections it lacks come
+/// from [`BUILT_IN`] (then the second value is true).
+fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, bool), ConfigError> {
     let syntax = |key: String, mut e: toml::de::Error| {
         e.set_input(Some(text));
         ConfigError::Syntax {
@@ -407,11 +475,29 @@ fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
             message: e.to_string().trim_end().to_string(),
         }
     };
+    let table: toml::Table = text.parse().map_err(|e| syntax(String::new(), e))?;
+    if !table.contains_key("scoring") {
+        let mut table = table;
+        let built_in: toml::Table = BUILT_IN.parse().map_err(|e| syntax(String::new(), e))?;
+        for (key, value) in built_in {
+            if MODEL_SECTIONS.contains(&key.as_str()) && !table.contains_key(&key) {
+                table.insert(key, value);
+            }
+        }
+        let raw = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            syntax(key, e.into_inner())
+        })?;
+        return Ok((raw, true));
+    }
+    // Deserialized from the text again, not from the table: errors then
+    // point at a line.
     let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(String::new(), e))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let raw = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         syntax(key, e.into_inner())
-    })
+    })?;
+    Ok((raw, false))
 }
 
 fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
@@ -726,6 +812,7 @@ fn effective_raw(settings: &Settings) -> RawConfig {
     raw.http = Some(RawHttp {
         listen: Some(settings.http.listen.to_string()),
         api_token_env: settings.http.api_token_env.clone(),
+        advertised_url: settings.http.advertised_url.clone(),
     });
     if !settings.http.segments.is_empty() {
         raw.metrics = Some(RawMetrics {
@@ -1062,6 +1149,47 @@ mod tests {
             "{MINIMAL}[[tiers]]\nname = \"a\"\n[[tiers]]\nname = \"a\"\nabove = 5\n"
         ));
         assert!(e.contains("duplicate tier name"), "{e}");
+    }
+
+    #[test]
+    fn without_scoring_the_built_in_model_is_used() {
+        let built_in = load(BUILT_IN).unwrap();
+        assert!(!built_in.built_in_model, "the file itself has [scoring]");
+        // Only [kafka]: every model section is the built-in one.
+        let s = load("[kafka]\nbrokers = \"b:9092\"\ninput_topics = [\"in\"]\n").unwrap();
+        assert!(s.built_in_model);
+        assert_eq!(s.model.activities, built_in.model.activities);
+        assert_eq!(s.model.tiers, built_in.model.tiers);
+        assert_eq!(s.model.signals, built_in.model.signals);
+        // A model section the file has is the file's.
+        let s = load("[signals]\nmin_delta = 7.0\n").unwrap();
+        assert!(s.built_in_model);
+        assert_eq!(s.model.signals.min_delta, 7.0);
+        assert_eq!(s.model.activities, built_in.model.activities);
+        // An empty file, or CES_* variables alone.
+        let s = Settings::from_toml_with_env("", Path::new("t"), |k| {
+            (k == "CES_KAFKA_INPUT_TOPICS").then(|| "in".to_string())
+        })
+        .unwrap();
+        assert!(s.built_in_model && s.kafka.is_some());
+        // Errors in the rest of the file still name their key.
+        let e = err("[kafka]\nbrokers = 5\n");
+        assert!(e.contains("kafka.brokers"), "{e}");
+    }
+
+    #[test]
+    fn advertised_urls_are_checked() {
+        let url = |u: &str| {
+            load(&format!("{MINIMAL}[http]\nadvertised_url = \"{u}\"\n"))
+                .map(|s| s.http.advertised_url.unwrap_or_default())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(url("http://ces-0.ces:9464/").unwrap(), "http://ces-0.ces:9464");
+        assert_eq!(url("https://10.0.0.7:8443").unwrap(), "https://10.0.0.7:8443");
+        for bad in ["ces-0:9464", "ftp://x", "http://x/api", "http://u:p@x", "http://x?a=1"] {
+            let e = url(bad).unwrap_err();
+            assert!(e.contains("http.advertised_url"), "{bad}: {e}");
+        }
     }
 
     #[test]

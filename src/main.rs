@@ -46,9 +46,11 @@ enum LogFormat {
 enum Command {
     /// Consume touchpoints from Kafka, score them live, publish signals.
     Run {
-        /// The configuration file, with a [kafka] section (or CES_KAFKA_* variables).
+        /// The configuration file, with a [kafka] section (or CES_KAFKA_*
+        /// variables). Without it, or without [scoring] in it: the built-in
+        /// model (config/default.toml).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// The whole product on this machine, no Kafka needed: an embedded
     /// broker, a synthetic clickstream and the live pipeline, with a live view.
@@ -184,7 +186,20 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => {
-            let settings = Settings::load(&config)?;
+            let settings = match &config {
+                Some(path) => Settings::load(path)?,
+                None => Settings::load_built_in()?,
+            };
+            if settings.built_in_model {
+                let from = config.as_ref().map_or_else(
+                    || "no --config".to_string(),
+                    |p| format!("no [scoring] in {}", p.display()),
+                );
+                tracing::info!(
+                    activities = settings.model.activities.len(),
+                    "{from}: scoring with the built-in model (config/default.toml)"
+                );
+            }
             settings.kafka()?;
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(ces_stream::service::run(

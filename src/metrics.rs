@@ -76,6 +76,10 @@ pub struct Metrics {
     pub erasures: IntCounter,
     /// Customers removed by sweeps after `scoring.forget_after` of silence.
     pub customers_forgotten: IntCounter,
+    /// `/v1/*` requests for customers another instance owns, by outcome:
+    /// `forwarded` (the owner answered), `failed` (it could not be
+    /// reached), `unavailable` (no owner known: 503 Retry-After).
+    pub api_routed: IntCounterVec,
     /// Resolved children, in `InvalidReason::ALL` / `IgnoreReason::ALL` order.
     pub rejected_by_reason: Vec<IntCounter>,
     pub ignored_by_reason: Vec<IntCounter>,
@@ -282,6 +286,15 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(customers_forgotten.clone()))
             .expect("unique metric");
+        let api_routed = counter(
+            r,
+            "ces_api_routed_requests_total",
+            "Customer API requests for partitions this instance does not own, by outcome.",
+            &["outcome"],
+        );
+        for outcome in ["forwarded", "failed", "unavailable"] {
+            api_routed.with_label_values(&[outcome]);
+        }
         for t in &model.tiers {
             tier_customers.with_label_values(&[&t.name]).set(0);
         }
@@ -337,6 +350,7 @@ impl Metrics {
             outputs_by_kind,
             erasures,
             customers_forgotten,
+            api_routed,
         }
     }
 

@@ -2,10 +2,12 @@
 //! beside it (the snapshot store), wired together and stopped together.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::Settings;
-use crate::http::ApiState;
+use crate::http::{ApiState, Routing};
+use crate::kafka::members::Members;
 use crate::kafka::pipeline::{self, PipelineError, Shared};
 use crate::kafka::settings::KafkaSettings;
 use crate::partition::PartitionHooks;
@@ -35,6 +37,8 @@ pub enum ServiceError {
     Changelog(#[from] ChangelogError),
     #[error("http.api_token_env names {var}, which is not set or empty")]
     Token { var: String },
+    #[error("cannot start the members thread: {0}")]
+    Members(std::io::Error),
 }
 
 /// What a snapshot store plugs into the pipeline: restore and release
@@ -144,23 +148,89 @@ pub async fn run_on(
     );
     shared.track_removals = settings.snapshot.store == StoreKind::Kafka;
     let hooks = state_store(&settings, &shared)?;
+    let kafka = settings.kafka()?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServiceError::Listen {
+            addr: settings.http.listen,
+            source,
+        })?;
+    let url = settings
+        .http
+        .advertised_url
+        .clone()
+        .unwrap_or_else(|| default_advertised_url(local));
+    let leaving = Arc::new(AtomicBool::new(false));
+    let members_topic = format!("{}-members", kafka.group_id);
+    let (members, members_thread) = Members::start(
+        kafka.common_config(),
+        members_topic.clone(),
+        kafka.input_topics.first().cloned().unwrap_or_default(),
+        url.clone(),
+        shared.partitions.clone(),
+        Arc::clone(&leaving),
+    )
+    .map_err(ServiceError::Members)?;
+    tracing::info!(
+        advertised_url = %url,
+        topic = %members_topic,
+        partitioner = %kafka.partitioner,
+        "answering for the whole group: requests for other instances' partitions are forwarded"
+    );
     let api = ApiState {
         shared: shared.clone(),
         clock: settings.clock,
         token,
+        routing: Some(Routing::new(members, kafka.partitioner)),
     };
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(listen = %addr, "HTTP server: /metrics /healthz /readyz /v1/customers/{{id}} /v1/tiers");
+    tracing::info!(listen = %local, "HTTP server: /metrics /healthz /readyz /v1/customers/{{id}} /v1/tiers");
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::http::serve(listener, api, async {
         let _ = http_stopped.await;
     }));
-    let result = pipeline::run(settings.kafka()?, settings.clock, shared, hooks, shutdown).await;
+    // The claim is withdrawn as soon as the stop begins: while this
+    // instance drains, the others answer 503 for its partitions rather than
+    // forward to an instance about to go.
+    let withdraw = Arc::clone(&leaving);
+    let shutdown = async move {
+        shutdown.await;
+        withdraw.store(true, Ordering::SeqCst);
+    };
+    let result = pipeline::run(kafka, settings.clock, shared, hooks, shutdown).await;
+    leaving.store(true, Ordering::SeqCst);
     let _ = stop_http.send(());
     let _ = server.await;
+    // The thread ends within a watch interval and a bounded flush, unless
+    // it is still waiting on an unreachable cluster: then it is left to the
+    // process's exit rather than allowed to stretch the stop.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::task::spawn_blocking(move || members_thread.join()),
+    )
+    .await;
     result?;
     Ok(())
+}
+
+/// `http://<host>:<port>`: the listen address if it is a specific one, else
+/// this machine's host name (in Kubernetes, the pod's name).
+fn default_advertised_url(local: std::net::SocketAddr) -> String {
+    let ip = local.ip();
+    let host = if ip.is_unspecified() {
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+            })
+            .unwrap_or_else(|| "localhost".to_string())
+    } else if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    };
+    format!("http://{host}:{}", local.port())
 }

@@ -217,7 +217,9 @@ fn every_file_under_deploy_parses() {
 fn endpoints_on_a_running_instance() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    for (t, p) in [("in", 2), ("out", 2), ("dead", 1)] {
+    // The mock cluster serves no CreateTopics: the members topic too is
+    // created here.
+    for (t, p) in [("in", 2), ("out", 2), ("dead", 1), ("ces-stream-members", 1)] {
         cluster.create_topic(t, p, 1).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();

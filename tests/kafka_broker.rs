@@ -570,3 +570,238 @@ fn a_retry_is_caught_across_a_restart() {
         b.log_text()
     );
 }
+
+/// A GET with extra request headers: (status, response headers, body).
+fn get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// The `partition` an answer names.
+fn partition_field(body: &str) -> i64 {
+    serde_json::from_str::<serde_json::Value>(body).unwrap()["partition"]
+        .as_i64()
+        .unwrap()
+}
+
+#[test]
+fn any_instance_answers_for_any_customer_of_the_group() {
+    let s = Setup::new(4);
+    // The event clock: an answer's `at` is the partition's watermark, so
+    // the owner's answer and a forwarded one are the same bytes.
+    let config = s.config("[input]\nclock = \"event\"\n");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\napi_token_env = \"CES_TEST_TOKEN\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let env = [("CES_TEST_TOKEN", "s3cret")];
+    let start = |name: &str| {
+        Instance::start_with(
+            &config,
+            &s.dir.path().join(format!("{name}.log")),
+            "info,librdkafka=warn",
+            &env,
+        )
+    };
+    let auth = [("Authorization", "Bearer s3cret")];
+    let a = start("a");
+    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    let mut b = start("b");
+    assert!(
+        b.wait_for_log("partitions assigned", Duration::from_secs(60)),
+        "{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(a.wait_for_log("partitions revoked", Duration::from_secs(30)));
+    let (addr_a, addr_b) = (
+        a.http_addr(Duration::from_secs(10)),
+        b.http_addr(Duration::from_secs(10)),
+    );
+
+    let customers: Vec<String> = (0..79).map(|c| format!("c-{c}")).collect();
+    let events: Vec<(String, String)> = customers.iter().map(|c| event(c, "buy")).collect();
+    produce(&s.broker.bootstrap, &s.input, &events);
+    s.outputs_until(|m| last_scores(m).len() == customers.len());
+
+    // Every customer, asked of either instance, gets the owner's answer:
+    // same status, same bytes. Until the two have read each other's claims
+    // a request may answer 503 (never 404): wait for that to pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut answered_by: HashMap<String, usize> = HashMap::new();
+    let mut owners = HashMap::new();
+    for c in &customers {
+        let path = format!("/v1/customers/{c}");
+        loop {
+            let (sa, ha, ba) = get_with(&addr_a, &path, &auth);
+            let (sb, hb, bb) = get_with(&addr_b, &path, &auth);
+            assert!(
+                sa != 404 && sb != 404,
+                "{c}: a wrong 404: {sa} {ba} / {sb} {bb}"
+            );
+            if sa == 200 && sb == 200 {
+                assert_eq!(ba, bb, "{c}: a and b answer differently");
+                let v: serde_json::Value = serde_json::from_str(&ba).unwrap();
+                assert_eq!(v["customer_id"], c.as_str());
+                assert!((v["score"].as_f64().unwrap() - 20.0).abs() < 0.01, "{ba}");
+                // Each answer names the instance that computed it: the same
+                // one, the owner, for both.
+                let owner = |h: &str| {
+                    h.lines()
+                        .find_map(|l| l.strip_prefix("x-ces-instance: "))
+                        .map(str::to_string)
+                        .unwrap()
+                };
+                assert_eq!(owner(&ha), owner(&hb), "{c}");
+                let o = owner(&ha);
+                assert!(o.ends_with(&addr_a) || o.ends_with(&addr_b), "{o}");
+                *answered_by.entry(o.clone()).or_default() += 1;
+                // One owner per partition.
+                assert_eq!(
+                    owners
+                        .insert(partition_field(&ba), o.clone())
+                        .unwrap_or(o.clone()),
+                    o,
+                    "{c}"
+                );
+                break;
+            }
+            assert!(
+                [sa, sb].iter().all(|s| *s == 200 || *s == 503),
+                "{c}: {sa} {ba} / {sb} {bb}"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{c} still unavailable: {sa} {ba} / {sb} {bb}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(owners.len(), 4, "every partition had customers: {owners:?}");
+    // Both instances own some: half the answers were forwarded, each way.
+    assert_eq!(answered_by.len(), 2, "{answered_by:?}");
+
+    // The token travels with a forwarded request; without one, 401 before
+    // any forwarding.
+    assert_eq!(get_with(&addr_a, "/v1/customers/c-1", &[]).0, 401);
+    // A customer nobody has: the owner's 404, through either instance.
+    for addr in [&addr_a, &addr_b] {
+        let (status, _, body) = get_with(addr, "/v1/customers/nobody", &auth);
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("\"partition\""), "{body}");
+    }
+    // A forwarded request is never forwarded again: asked of the instance
+    // that does not own the customer, it answers 503.
+    let c0_owner_is_a = {
+        let (_, h, _) = get_with(&addr_a, "/v1/customers/c-0", &auth);
+        h.contains(&format!("x-ces-instance: http://{addr_a}"))
+    };
+    let other = if c0_owner_is_a { &addr_b } else { &addr_a };
+    let mut forwarded_header = auth.to_vec();
+    forwarded_header.push(("X-Ces-Forwarded", "1"));
+    let (status, head, _) = get_with(other, "/v1/customers/c-0", &forwarded_header);
+    assert_eq!(status, 503);
+    assert!(head.contains("retry-after: 1"), "{head}");
+
+    // /v1/tiers: the whole group from either instance.
+    for addr in [&addr_a, &addr_b] {
+        let (status, _, body) = get_with(addr, "/v1/tiers", &auth);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["customers"], 79, "{v}");
+        assert_eq!(v["complete"], true, "{v}");
+        assert_eq!(v["partitions"].as_object().unwrap().len(), 4, "{v}");
+        let instances = v["instances"].as_array().unwrap();
+        assert_eq!(instances.len(), 2, "{v}");
+        assert!(instances.iter().all(|i| i.get("error").is_none()), "{v}");
+    }
+
+    // b stops: a takes its partitions over and answers for everyone, with
+    // no wrong 404 on the way (503 while it restores).
+    let status = b.terminate(Duration::from_secs(30)).expect("b exits");
+    assert!(status.success(), "{}", b.log_text());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for c in &customers {
+        loop {
+            let (status, _, body) = get_with(&addr_a, &format!("/v1/customers/{c}"), &auth);
+            if status == 200 {
+                assert!(body.contains(&format!("\"customer_id\":\"{c}\"")));
+                break;
+            }
+            assert_eq!(status, 503, "{c}: {body}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{c}: {body}\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let (_, _, body) = get_with(&addr_a, "/v1/tiers", &auth);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["customers"], 79, "{v}");
+    assert_eq!(v["instances"].as_array().unwrap().len(), 1, "{v}");
+}
+
+#[test]
+fn run_without_a_config_file_scores_with_the_built_in_model() {
+    let s = Setup::new(1);
+    let log = s.dir.path().join("env-only.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .arg("run")
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .env("CES_KAFKA_BROKERS", &s.broker.bootstrap)
+        .env("CES_KAFKA_GROUP_ID", &s.group)
+        .env("CES_KAFKA_INPUT_TOPICS", &s.input)
+        .env("CES_KAFKA_OUTPUT_TOPIC", &s.output)
+        .env("CES_KAFKA_DEAD_LETTER_TOPIC", &s.dead)
+        .env("CES_HTTP_LISTEN", "127.0.0.1:0")
+        .env("CES_SNAPSHOT_DIR", s.dir.path().join("state"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut instance = Instance {
+        child,
+        log: log.clone(),
+    };
+    assert!(
+        instance.wait_for_log("built-in model", Duration::from_secs(10)),
+        "{}",
+        instance.log_text()
+    );
+    assert!(instance.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    // `purchase` is an activity of config/default.toml only.
+    let purchase = serde_json::json!({
+        "customer_id": "env-1", "type": "purchase", "timestamp": now_rfc3339()
+    });
+    produce(
+        &s.broker.bootstrap,
+        &s.input,
+        &[("env-1".to_string(), purchase.to_string())],
+    );
+    let out = s.outputs_until(|m| !last_scores(m).is_empty());
+    assert!(last_scores(&out)["env-1"] > 0.0, "{}", instance.log_text());
+    let status = instance.terminate(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{}", instance.log_text());
+}

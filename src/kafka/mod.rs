@@ -1,6 +1,7 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
 pub mod delivery;
+pub mod members;
 pub mod partitioner;
 pub mod pipeline;
 pub mod rebalance;

@@ -150,7 +150,11 @@ pub fn produce_to(bootstrap: &str, topic: &str, partition: i32, messages: &[(Str
 
 fn send_all(bootstrap: &str, topic: &str, partition: Option<i32>, messages: &[(String, String)]) {
     let mut config = client_config(bootstrap);
-    config.set("linger.ms", "10");
+    // The Java clients' partitioner, which `[kafka] partitioner` expects by
+    // default (librdkafka's own default is consistent_random).
+    config
+        .set("linger.ms", "10")
+        .set("partitioner", "murmur2_random");
     if partition.is_some() {
         config.set("enable.idempotence", "true");
     }
@@ -237,12 +241,18 @@ impl Instance {
 
     /// As [`Instance::start`], with `RUST_LOG` = `filter`.
     pub fn start_logging(config: &Path, log: &Path, filter: &str) -> Instance {
+        Instance::start_with(config, log, filter, &[])
+    }
+
+    /// As [`Instance::start_logging`], with environment variables.
+    pub fn start_with(config: &Path, log: &Path, filter: &str, env: &[(&str, &str)]) -> Instance {
         let log_file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
             .arg("run")
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", filter)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
