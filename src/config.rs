@@ -1184,9 +1184,21 @@ mod tests {
                 .map(|s| s.http.advertised_url.unwrap_or_default())
                 .map_err(|e| e.to_string())
         };
-        assert_eq!(url("http://ces-0.ces:9464/").unwrap(), "http://ces-0.ces:9464");
-        assert_eq!(url("https://10.0.0.7:8443").unwrap(), "https://10.0.0.7:8443");
-        for bad in ["ces-0:9464", "ftp://x", "http://x/api", "http://u:p@x", "http://x?a=1"] {
+        assert_eq!(
+            url("http://ces-0.ces:9464/").unwrap(),
+            "http://ces-0.ces:9464"
+        );
+        assert_eq!(
+            url("https://10.0.0.7:8443").unwrap(),
+            "https://10.0.0.7:8443"
+        );
+        for bad in [
+            "ces-0:9464",
+            "ftp://x",
+            "http://x/api",
+            "http://u:p@x",
+            "http://x?a=1",
+        ] {
             let e = url(bad).unwrap_err();
             assert!(e.contains("http.advertised_url"), "{bad}: {e}");
         }

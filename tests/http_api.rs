@@ -119,7 +119,8 @@ fn metric_names_used_in_deploy() -> BTreeSet<String> {
     )
     .unwrap();
     for panel in dashboard["panels"].as_array().unwrap() {
-        for t in panel["targets"].as_array().unwrap() {
+        // Rows have no targets.
+        for t in panel["targets"].as_array().into_iter().flatten() {
             exprs.push(t["expr"].as_str().unwrap().to_string());
         }
     }
@@ -160,6 +161,64 @@ fn metric_names_used_in_deploy() -> BTreeSet<String> {
     }
     assert!(names.len() > 10, "{names:?}");
     names
+}
+
+/// An operator with several deployments picks the data source, the job and
+/// instances; every query follows, and lag and throughput can be read per
+/// instance.
+#[test]
+fn the_dashboard_follows_its_datasource_job_and_instance_variables() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy/compose/grafana/dashboards/ces-stream.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let vars: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "job", "instance"]);
+    let mut per_instance = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let Some(targets) = panel["targets"].as_array() else {
+            assert_eq!(panel["type"], "row");
+            continue;
+        };
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{expr}");
+            // Every metric selector of the query, not just one of them.
+            let selectors = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("ces_") || w.starts_with("process_"))
+                .count();
+            let scoped = expr
+                .matches("job=\"$job\", instance=~\"$instance\"")
+                .count();
+            assert_eq!(selectors, scoped, "{expr}");
+            if expr.contains("by (instance") {
+                per_instance.insert(
+                    expr.split(['(', '{', '['])
+                        .find(|w| w.starts_with("ces_"))
+                        .unwrap()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    for needed in [
+        "ces_consumer_lag_messages",
+        "ces_events_consumed_total",
+        "ces_outputs_total",
+    ] {
+        assert!(per_instance.contains(needed), "{needed}: {per_instance:?}");
+    }
 }
 
 #[test]
@@ -219,7 +278,12 @@ fn endpoints_on_a_running_instance() {
     let bootstrap = cluster.bootstrap_servers();
     // The mock cluster serves no CreateTopics: the members topic too is
     // created here.
-    for (t, p) in [("in", 2), ("out", 2), ("dead", 1), ("ces-stream-members", 1)] {
+    for (t, p) in [
+        ("in", 2),
+        ("out", 2),
+        ("dead", 1),
+        ("ces-stream-members", 1),
+    ] {
         cluster.create_topic(t, p, 1).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
@@ -302,8 +366,19 @@ fn endpoints_on_a_running_instance() {
 
     // Metrics: after a short run every name the dashboard and the alerts
     // use is in the registry.
-    std::thread::sleep(Duration::from_secs(11)); // one gauge scan, one statistics round
-    let (status, text) = get(addr, "/metrics", None);
+    // Gauges are scanned every 10 s and statistics come every 10 s: wait
+    // for both rather than for a fixed time (the machine may be busy).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let (status, text) = loop {
+        let (status, text) = get(addr, "/metrics", None);
+        let complete = text
+            .contains("ces_segment_tier_customers{segment=\"smb\",tier=\"somewhat_engaged\"} 10")
+            && text.contains("ces_consumer_lag_messages{");
+        if complete || Instant::now() > deadline {
+            break (status, text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(status, 200);
     let missing: Vec<String> = metric_names_used_in_deploy()
         .into_iter()

@@ -387,4 +387,3 @@ mod tests {
         assert_eq!(m.others(), ["http://a", "http://b"]);
     }
 }
-
