@@ -168,11 +168,15 @@ fn main() {
         .set("linger.ms", "20")
         .create()
         .unwrap();
-    let now = ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis()).to_string();
+    let now =
+        ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis()).to_string();
     for c in 0..customers {
         let id = format!("cust-{c}");
-        let v = format!(r#"{{"customer_id":"{id}","type":"purchase","value":20,"timestamp":"{now}"}}"#);
-        let mut record = BaseRecord::to("in").key(id.as_bytes()).payload(v.as_bytes());
+        let v =
+            format!(r#"{{"customer_id":"{id}","type":"purchase","value":20,"timestamp":"{now}"}}"#);
+        let mut record = BaseRecord::to("in")
+            .key(id.as_bytes())
+            .payload(v.as_bytes());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
