@@ -17,7 +17,10 @@
 //!    `run`, and produce-to-relayed through the relay, p50 and p99.
 //!
 //! Usage: bench_kafka [EVENTS] [CUSTOMERS]   (default 1,000,000 over
-//! 100,000; TANSU_BIN overrides the broker binary)
+//! 100,000; TANSU_BIN overrides the broker binary). With CES_BIN_B set,
+//! only `run` is measured: the build at CES_BIN (A) and the one at
+//! CES_BIN_B (B), three drains each, alternating, and the ratio of their
+//! CPU seconds.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -279,6 +282,7 @@ impl Run {
         output: &str,
         group: &str,
         workers: usize,
+        bin: &Path,
     ) -> Run {
         let model =
             std::fs::read_to_string("config/default.toml").expect("run from the repository root");
@@ -291,7 +295,7 @@ impl Run {
         )
         .unwrap();
         let log = dir.join(format!("{group}.log"));
-        let child = Command::new(ces_bin())
+        let child = Command::new(bin)
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -351,13 +355,14 @@ fn drain_with_run(
     topic: &str,
     ends: &[i64],
     workers: usize,
+    group: &str,
+    bin: &Path,
 ) -> (f64, f64) {
-    let group = format!("drain-{workers}");
-    let run = Run::start(dir, bootstrap, topic, "out", &group, workers);
+    let run = Run::start(dir, bootstrap, topic, "out", group, workers, bin);
     run.wait_for("partition starts", PARTITIONS as usize);
     let (started, cpu0) = (Instant::now(), child_cpu(run.child.id()));
     let watcher: BaseConsumer = client(bootstrap)
-        .set("group.id", &group)
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
@@ -576,6 +581,35 @@ fn main() {
     );
     let per_m = |cpu: f64| cpu * 1e6 / events as f64;
 
+    if let Ok(b) = std::env::var("CES_BIN_B") {
+        // A before/after comparison of two builds of `run` (2 workers),
+        // alternating on the same preloaded topic, each drain a group of
+        // its own; nothing else is measured.
+        let (a, b) = (ces_bin(), PathBuf::from(b));
+        let (mut sum_a, mut sum_b) = (0.0, 0.0);
+        for round in 0..3 {
+            for (label, bin) in [("A", &a), ("B", &b)] {
+                let group = format!("ab-{round}-{label}");
+                let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, 2, &group, bin);
+                println!(
+                    "{label} ({}): {:>9.0} msg/s   {:.2} CPU s per million",
+                    bin.display(),
+                    events as f64 / t,
+                    per_m(cpu)
+                );
+                if label == "A" {
+                    sum_a += cpu;
+                } else {
+                    sum_b += cpu;
+                }
+            }
+        }
+        println!("CPU per event, B / A: {:.3}x", sum_b / sum_a);
+        let _ = broker.kill();
+        let _ = broker.wait();
+        return;
+    }
+
     let (t, cpu) = bare_consumer(&bootstrap, "in", events);
     let consumer_rate = events as f64 / t;
     println!(
@@ -591,7 +625,16 @@ fn main() {
     let mut run_rate = 0.0;
     let mut run_cpu = 0.0;
     for workers in [2, 1] {
-        let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, workers);
+        let group = format!("drain-{workers}");
+        let (t, cpu) = drain_with_run(
+            dir.path(),
+            &bootstrap,
+            "in",
+            &ends,
+            workers,
+            &group,
+            &ces_bin(),
+        );
         let rate = events as f64 / t;
         println!(
             "run, {workers} worker(s):  {rate:>9.0} msg/s   {:.2} CPU s per million   {:.2}x the relay, {:.2}x the bare consumer",
@@ -612,7 +655,15 @@ fn main() {
     println!("run / relay: {:.2}x (goal >= 0.8x)", run_rate / relay_rate);
 
     let rate = (run_rate / 2.0) as u64;
-    let run = Run::start(dir.path(), &bootstrap, "lat-in", "lat-out", "latency", 2);
+    let run = Run::start(
+        dir.path(),
+        &bootstrap,
+        "lat-in",
+        "lat-out",
+        "latency",
+        2,
+        &ces_bin(),
+    );
     run.wait_for("partition starts", PARTITIONS as usize);
     let (p50, p99, n) = latency(&bootstrap, "lat-in", "lat-out", rate, false);
     run.stop();
