@@ -2,9 +2,10 @@
 //!
 //! A million customers must fit in about 150 MB, so there is no per-customer
 //! allocation: every customer is a fixed-size record of 32-bit words in one
-//! `Vec<u32>`, whose stride depends on the model (one word per activity sum,
-//! one per channel). Customer ids live back to back in one byte arena, and a
-//! `hashbrown::HashTable<u32>` maps an id to its record's slot. A removed
+//! array (`mapped::MappedWords`: a mapping that grows without copies),
+//! whose stride depends on the model (one word per activity sum, one per
+//! channel). Customer ids live back to back in one byte arena, and a
+//! [`SlotIndex`] maps an id's hash to its record's slot. A removed
 //! customer (forgotten or erased) is replaced by the last record, so that
 //! the table stays dense and its memory is reused; the id arena is
 //! compacted once half of it is garbage.
@@ -34,9 +35,9 @@
 //! `EXPIRED` once older than the window. Windows too long for a u32 (about
 //! 49.7 days) switch to two words holding the absolute time instead.
 
-use hashbrown::HashTable;
-
+use crate::mapped::{Mapped, MappedWords};
 use crate::model::{Model, TierId};
+use crate::slot_index::SlotIndex;
 use crate::timestamp::Millis;
 
 /// Index of a customer's record.
@@ -127,14 +128,14 @@ impl Layout {
 /// All customers of one partition.
 pub struct CustomerTable {
     layout: Layout,
-    words: Vec<u32>,
-    ids: Vec<u8>,
-    index: HashTable<Slot>,
+    words: MappedWords,
+    ids: Mapped<u8>,
+    index: SlotIndex,
     hasher: foldhash::fast::RandomState,
     /// Per customer, the sweep (counted from `wake_base`) up to which
     /// evaluating it cannot change anything; 0 when unknown. Kept apart from
     /// the records so that a sweep scans 2 bytes per customer, not a record.
-    wake: Vec<u16>,
+    wake: Mapped<u16>,
     wake_base: i64,
     /// A snapshot being copied out while processing goes on (copy-on-write).
     snapshot: Option<SnapshotCopy>,
@@ -180,11 +181,11 @@ impl CustomerTable {
     pub fn new(layout: Layout) -> CustomerTable {
         CustomerTable {
             layout,
-            words: Vec::new(),
-            ids: Vec::new(),
-            index: HashTable::new(),
+            words: MappedWords::new(),
+            ids: Mapped::new(),
+            index: SlotIndex::new(),
             hasher: foldhash::fast::RandomState::default(),
-            wake: Vec::new(),
+            wake: Mapped::new(),
             wake_base: 0,
             snapshot: None,
             ids_garbage: 0,
@@ -245,14 +246,16 @@ impl CustomerTable {
                 persisted: flags & flags::PERSISTED != 0,
             });
         }
-        if let Ok(entry) = self.index.find_entry(hash, |&x| x == slot) {
-            entry.remove();
+        {
+            let (words, ids, hasher) = (&self.words, &self.ids, &self.hasher);
+            self.index.remove(hash, slot, |s| {
+                use std::hash::BuildHasher;
+                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+            });
         }
         if slot != last {
             let moved_hash = self.hash(Self::id_bytes(&self.words, &self.ids, stride, last));
-            if let Some(x) = self.index.find_mut(moved_hash, |&x| x == last) {
-                *x = slot;
-            }
+            self.index.replace(moved_hash, last, slot);
             let from = last as usize * stride;
             self.words.copy_within(from..from + stride, s * stride);
             self.wake[s] = self.wake[last as usize];
@@ -273,7 +276,8 @@ impl CustomerTable {
             return;
         }
         let stride = self.layout.stride;
-        let mut ids = Vec::with_capacity(self.ids.len() - self.ids_garbage);
+        let mut ids = Mapped::new();
+        ids.reserve(self.ids.len() - self.ids_garbage);
         for base in (0..self.words.len()).step_by(stride) {
             let len = (self.words[base] & 0x1ff) as usize;
             if len > INLINE_ID {
@@ -291,9 +295,11 @@ impl CustomerTable {
     /// rebuilt. Fails when the parts are inconsistent.
     pub fn from_parts(
         layout: Layout,
-        words: Vec<u32>,
-        ids: Vec<u8>,
+        words: impl Into<MappedWords>,
+        ids: impl Into<Mapped<u8>>,
     ) -> Result<CustomerTable, String> {
+        let words = words.into();
+        let ids = ids.into();
         if words.len() % layout.stride != 0 {
             return Err("record data is not a whole number of records".into());
         }
@@ -314,14 +320,20 @@ impl CustomerTable {
         }
         t.words = words;
         t.ids = ids;
-        t.wake = vec![0; n];
-        t.index.reserve(n, |_| 0);
+        t.wake.resize(n, 0);
         let stride = layout.stride;
+        {
+            let (words, ids, hasher) = (&t.words, &t.ids, &t.hasher);
+            t.index.reserve(n, |s| {
+                use std::hash::BuildHasher;
+                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+            });
+        }
         for slot in 0..n as Slot {
             let hash = t.hash(Self::id_bytes(&t.words, &t.ids, stride, slot));
             let (words, ids, hasher) = (&t.words, &t.ids, &t.hasher);
             if t.index
-                .find(hash, |&s| {
+                .find(hash, |s| {
                     Self::id_bytes(words, ids, stride, s)
                         == Self::id_bytes(words, ids, stride, slot)
                 })
@@ -329,7 +341,7 @@ impl CustomerTable {
             {
                 return Err(format!("record {slot}: duplicate customer id"));
             }
-            t.index.insert_unique(hash, slot, |&s| {
+            t.index.insert_unique(hash, slot, |s| {
                 use std::hash::BuildHasher;
                 hasher.hash_one(Self::id_bytes(words, ids, stride, s))
             });
@@ -453,8 +465,8 @@ impl CustomerTable {
         let stride = layout.stride;
         let dirty_bit = u32::from(flags::DIRTY) << 24;
         let persisted_bit = u32::from(flags::PERSISTED) << 24;
-        let mut words = Vec::new();
-        let mut ids = Vec::new();
+        let mut words = MappedWords::new();
+        let mut ids = Mapped::new();
         for (id, rec) in records {
             if rec.len() != stride {
                 return Err(format!("record of {} words, expected {stride}", rec.len()));
@@ -533,26 +545,32 @@ impl CustomerTable {
     #[inline]
     pub fn find_hashed(&self, hash: u64, id: &str) -> Option<Slot> {
         let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
-        self.index
-            .find(hash, |&slot| {
-                Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
-            })
-            .copied()
+        self.index.find(hash, |slot| {
+            Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
+        })
+    }
+
+    /// The first stage of a lookup in stages: starts loading the index
+    /// lines where the probe for `id` begins, without reading memory. Only
+    /// a hint; [`Self::prefetch`] is the second stage.
+    #[inline]
+    pub fn prefetch_index(&self, id: &str) {
+        self.index.prefetch(self.hash(id.as_bytes()));
     }
 
     /// Starts loading the record of `id` into the cache, if it exists, so
     /// that a lookup a little later does not wait for memory. Only a hint.
+    /// Reads the index: best after [`Self::prefetch_index`].
     #[inline]
     pub fn prefetch(&self, id: &str) {
         let hash = self.hash(id.as_bytes());
         let (words, stride) = (&self.words, self.layout.stride);
         // Every candidate of the probe is prefetched; none is compared.
-        self.index.find(hash, |&slot| {
+        self.index.candidates(hash, |slot| {
             let base = slot as usize * stride;
             if let Some(rec) = words.get(base..base + stride) {
                 prefetch_lines(rec);
             }
-            false
         });
     }
 
@@ -576,7 +594,7 @@ impl CustomerTable {
         init: impl FnOnce() -> NewCustomer,
     ) -> Result<(Slot, bool), TableFull> {
         let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
-        if let Some(&slot) = self.index.find(hash, |&slot| {
+        if let Some(slot) = self.index.find(hash, |slot| {
             Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
         }) {
             return Ok((slot, false));
@@ -595,7 +613,7 @@ impl CustomerTable {
         let stride = self.layout.stride;
         let hasher = &self.hasher;
         let (words, ids) = (&self.words, &self.ids);
-        self.index.insert_unique(hash, slot, |&s| {
+        self.index.insert_unique(hash, slot, |s| {
             use std::hash::BuildHasher;
             hasher.hash_one(Self::id_bytes(words, ids, stride, s))
         });
@@ -619,7 +637,7 @@ impl CustomerTable {
             let inline: &mut [u8] = bytemuck::cast_slice_mut(&mut self.words[base + 1..base + 4]);
             inline[..id.len()].copy_from_slice(id.as_bytes());
         }
-        self.wake.push(0);
+        self.wake.resize(self.wake.len() + 1, 0);
         let rec = &mut self.words[base..base + stride];
         rec[0] = id.len() as u32; // tier 0, no flags
         let mut r = RecordMut {
@@ -704,7 +722,7 @@ impl CustomerTable {
     /// absolute value where it still fits and forgetting it (0) otherwise.
     pub fn rebase_wakes(&mut self, base: i64) {
         let shift = base - self.wake_base;
-        for w in &mut self.wake {
+        for w in self.wake.iter_mut() {
             let abs = i64::from(*w) - shift;
             *w = if *w == 0 || abs <= 0 {
                 0

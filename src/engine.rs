@@ -250,10 +250,18 @@ impl Engine {
         &self.table
     }
 
-    /// Starts loading a customer's state into the cache ahead of its event.
+    /// Starts loading a customer's state into the cache ahead of its event
+    /// (the second stage: the index is read, the record is loaded).
     #[inline]
     pub fn prefetch(&self, customer_id: &str) {
         self.table.prefetch(customer_id);
+    }
+
+    /// The first stage of [`Self::prefetch`], further ahead: starts loading
+    /// the index lines of a customer, without reading memory.
+    #[inline]
+    pub fn prefetch_index(&self, customer_id: &str) {
+        self.table.prefetch_index(customer_id);
     }
 
     pub fn customers_mut(&mut self) -> &mut CustomerTable {

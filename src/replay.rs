@@ -179,6 +179,12 @@ pub fn replay_into(
             .collect();
 
         for (i, p) in parsed.iter().enumerate() {
+            // A lookup in two stages: the index lines of the customer two
+            // distances ahead, then the record of the one a distance ahead
+            // (its index lines loaded by now).
+            if let Some(Parsed::Event(ahead)) = parsed.get(i + 2 * PREFETCH_DISTANCE) {
+                engine.prefetch_index(&ahead.customer_id);
+            }
             if let Some(Parsed::Event(ahead)) = parsed.get(i + PREFETCH_DISTANCE) {
                 engine.prefetch(&ahead.customer_id);
             }

@@ -447,6 +447,11 @@ impl Worker {
                 .collect();
             let (ctx, encoder, outbox) = (&self.ctx, &self.encoder, &mut self.outbox);
             for (j, (f, m)) in messages.iter().enumerate() {
+                // In two stages, as `replay` does: the index lines two
+                // distances ahead, the record a distance ahead.
+                if let Some(Some(Parsed::Event(next))) = parsed.get(j + 2 * PREFETCH_DISTANCE) {
+                    st.engine.prefetch_index(&next.customer_id);
+                }
                 if let Some(Some(Parsed::Event(next))) = parsed.get(j + PREFETCH_DISTANCE) {
                     st.engine.prefetch(&next.customer_id);
                 }
