@@ -613,6 +613,16 @@ impl CustomerTable {
         let stride = self.layout.stride;
         let hasher = &self.hasher;
         let (words, ids) = (&self.words, &self.ids);
+        if self.index.needs_room(1) {
+            // Records in slot order: read one after the other.
+            self.index.rebuild(
+                self.index.len() + 1,
+                (0..slot).map(|s| {
+                    use std::hash::BuildHasher;
+                    (hasher.hash_one(Self::id_bytes(words, ids, stride, s)), s)
+                }),
+            );
+        }
         self.index.insert_unique(hash, slot, |s| {
             use std::hash::BuildHasher;
             hasher.hash_one(Self::id_bytes(words, ids, stride, s))

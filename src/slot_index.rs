@@ -135,6 +135,33 @@ impl SlotIndex {
         }
     }
 
+    /// Whether `additional` more entries would make the index grow.
+    pub fn needs_room(&self, additional: usize) -> bool {
+        self.len.saturating_add(additional).saturating_mul(4) > self.buckets() * 3
+    }
+
+    /// Rebuilds the index with room for `n` entries from all its entries,
+    /// (hash, slot) in any order. A customer table gives them in slot
+    /// order, reading its records one after the other: growing by
+    /// [`Self::insert_unique`] rehashes in bucket order, a random read of
+    /// a record per entry (3% of a replay at a million customers).
+    pub fn rebuild(&mut self, n: usize, entries: impl Iterator<Item = (u64, Slot)>) {
+        let buckets = buckets_for(n.max(self.len));
+        let mut new = SlotIndex {
+            tags: Mapped::new(),
+            slots: Mapped::new(),
+            mask: buckets - 1,
+            len: 0,
+        };
+        new.tags.resize(buckets, 0);
+        new.slots.resize(buckets, 0);
+        for (hash, slot) in entries {
+            new.place(hash, slot);
+            new.len += 1;
+        }
+        *self = new;
+    }
+
     fn place(&mut self, hash: u64, slot: Slot) {
         let mask = self.mask;
         let mut i = hash as usize & mask;
@@ -254,6 +281,22 @@ mod tests {
                 prop_assert_eq!(seen, model.contains(&k));
             }
         }
+    }
+
+    #[test]
+    fn a_rebuild_keeps_every_entry() {
+        let mut index = SlotIndex::new();
+        for k in 0..100u32 {
+            index.insert_unique(weak(k), k, weak);
+        }
+        assert!(!index.needs_room(1));
+        index.rebuild(5000, (0..100u32).rev().map(|k| (weak(k), k)));
+        assert_eq!(index.len(), 100);
+        assert!(!index.needs_room(3000));
+        for k in 0..100u32 {
+            assert_eq!(index.find(weak(k), |s| s == k), Some(k));
+        }
+        assert_eq!(index.find(weak(100), |s| s == 100), None);
     }
 
     #[test]
