@@ -6,7 +6,7 @@
 #   - the parse-only baseline: serde_json parsing every line into a struct;
 #   - replay of the same file (outputs to /dev/null), on one core;
 #   - resident memory of replay, minus that of replaying an empty file,
-#     per customer.
+#     per customer, with the default de-duplication depth and without.
 # Prints the ratios. Usage: scripts/bench-replay.sh [EVENTS] [CUSTOMERS] [SPAN]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +33,16 @@ echo "$summary" | head -1
 replay=$(echo "$summary" | awk '/^time/ {print $2}')
 rss=$(echo "$summary" | awk '/^time/ {print $4}')
 customers=$(echo "$summary" | sed -n "s/.*, \([0-9]*\) customers.*/\1/p")
-awk -v e="$EVENTS" -v b="$base" -v r="$replay" -v rss="$rss" -v er="$empty_rss" -v c="$customers" 'BEGIN {
+# Memory without de-duplication (input.dedup_depth = 0): the record
+# without remembered event ids.
+NODEDUP="$DATA/no-dedup.toml"
+sed 's/^dedup_depth = .*/dedup_depth = 0/' config/default.toml > "$NODEDUP"
+rss0=$( { /usr/bin/time -f "%M" "$BIN" replay --config "$NODEDUP" --input "$FILE" --output /dev/null --no-progress 2>&1; } | tail -1)
+awk -v e="$EVENTS" -v b="$base" -v r="$replay" -v rss="$rss" -v rss0="$rss0" -v er="$empty_rss" -v c="$customers" 'BEGIN {
   printf "parse-only baseline: %.2fs (%.0f events/s)\n", b, e / b
   printf "replay:              %.2fs (%.0f events/s)\n", r, e / r
   printf "replay / baseline:   %.2fx (goal <= 1.5x)\n", r / b
-  printf "memory: %d KiB resident for %d customers: %.1f bytes/customer (goal <= 150)\n", rss - er, c, (rss - er) * 1024 / c
+  m0 = (rss0 - er) * 1024 / c; m = (rss - er) * 1024 / c
+  printf "memory, dedup_depth 0: %d KiB resident for %d customers: %.1f bytes/customer (goal <= 150)\n", rss0 - er, c, m0
+  printf "memory, dedup_depth 4 (default): %.1f bytes/customer, %+.1f (goal <= +35)\n", m, m - m0
 }'
