@@ -750,10 +750,17 @@ fn prefetch_lines(words: &[u32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        for line in words.chunks(16) {
+        // Every cache line the words touch: a record need not start at a
+        // line, so 30 words can span three lines, not two.
+        let base = words.as_ptr().cast::<i8>();
+        let misalign = base as usize & 63;
+        let first = base.wrapping_sub(misalign);
+        let mut offset = 0;
+        while offset < misalign + std::mem::size_of_val(words) {
             // SAFETY: SSE is part of the x86_64 baseline, and a prefetch
-            // neither reads nor writes memory; the pointer is in bounds.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+            // neither reads nor writes memory (any address is allowed).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(offset)) };
+            offset += 64;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
