@@ -280,6 +280,10 @@ struct Fields<'a> {
     message_id: Option<&'a str>,
     properties_revenue: Option<&'a str>,
     properties_value: Option<&'a str>,
+    /// No captured string holds an escape: a string's value is its text
+    /// between the quotes. Set by the scanner, which knows; false (look for
+    /// escapes) from the serde_json path.
+    plain: bool,
 }
 
 /// `Ok(None)` when the document is valid JSON but not an object; the error
@@ -560,11 +564,11 @@ enum Val<'a> {
     Other(&'static str),
 }
 
-fn classify(text: &str) -> Val<'_> {
+fn classify(text: &str, plain: bool) -> Val<'_> {
     match text.as_bytes().first() {
         Some(b'"') => {
             let inner = &text[1..text.len() - 1];
-            if !inner.contains('\\') {
+            if plain || !inner.contains('\\') {
                 Val::Str(Cow::Borrowed(inner))
             } else {
                 // Escapes: let serde_json decode them; the text is valid JSON.
@@ -583,8 +587,8 @@ fn classify(text: &str) -> Val<'_> {
 }
 
 /// `None` for an absent field or JSON `null`: optional fields treat both alike.
-fn present(raw: Option<&str>) -> Option<Val<'_>> {
-    match raw.map(classify) {
+fn present(raw: Option<&str>, plain: bool) -> Option<Val<'_>> {
+    match raw.map(|r| classify(r, plain)) {
         None | Some(Val::Null) => None,
         v => v,
     }
@@ -599,8 +603,8 @@ fn describe(v: &Val<'_>) -> &'static str {
     }
 }
 
-fn string<'a>(raw: Option<&'a str>) -> Option<Cow<'a, str>> {
-    match present(raw) {
+fn string(raw: Option<&str>, plain: bool) -> Option<Cow<'_, str>> {
+    match present(raw, plain) {
         Some(Val::Str(s)) => Some(s),
         _ => None,
     }
@@ -617,7 +621,7 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     // An erasure request whatever else the object holds, in any format.
     if let Some(raw) = f.erase {
         return erase_id(
-            Some(classify(raw)).filter(|v| !matches!(v, Val::Null)),
+            Some(classify(raw, f.plain)).filter(|v| !matches!(v, Val::Null)),
             "erase",
         );
     }
@@ -642,12 +646,12 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     let (id_field, id_raw) = if native {
         ("customer_id", f.customer_id)
     } else {
-        match string(f.user_id) {
+        match string(f.user_id, f.plain) {
             Some(s) if !s.is_empty() => ("userId", f.user_id),
             _ => ("anonymousId", f.anonymous_id),
         }
     };
-    let customer_id = match present(id_raw) {
+    let customer_id = match present(id_raw, f.plain) {
         None if native => return invalid(InvalidReason::MissingCustomerId, "no customer_id"),
         None => {
             return invalid(
@@ -681,7 +685,7 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
 
     // Activity name.
     let activity = if native {
-        match string(f.kind) {
+        match string(f.kind, f.plain) {
             Some(s) => Activity::Native(s),
             None => {
                 return invalid(
@@ -691,8 +695,8 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
             }
         }
     } else {
-        match string(f.kind).as_deref() {
-            Some("track") => match string(f.event) {
+        match string(f.kind, f.plain).as_deref() {
+            Some("track") => match string(f.event, f.plain) {
                 Some(s) => Activity::Track(s),
                 None => {
                     return invalid(
@@ -722,7 +726,7 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     };
 
     // Timestamp.
-    let timestamp = match present(f.timestamp) {
+    let timestamp = match present(f.timestamp, f.plain) {
         None => match ctx.fallback_timestamp {
             Some(t) => t,
             None => return invalid(InvalidReason::InvalidTimestamp, "timestamp is missing"),
@@ -778,12 +782,12 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     // Value.
     let (value_field, value_raw) = if native {
         ("value", f.value)
-    } else if present(f.properties_revenue).is_some() {
+    } else if present(f.properties_revenue, f.plain).is_some() {
         ("properties.revenue", f.properties_revenue)
     } else {
         ("properties.value", f.properties_value)
     };
-    let value = match present(value_raw) {
+    let value = match present(value_raw, f.plain) {
         None => 0.0,
         Some(Val::Number(text)) => match text.parse::<f64>() {
             Ok(v) if v.is_finite() && (0.0..=MAX_VALUE).contains(&v) => v,
@@ -813,12 +817,12 @@ fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a>
     };
     let (channel, event_id, segment) = if native {
         (
-            string(f.channel).and_then(|c| model.channel(&c)),
-            string(f.event_id),
-            string(f.attributes_segment),
+            string(f.channel, f.plain).and_then(|c| model.channel(&c)),
+            string(f.event_id, f.plain),
+            string(f.attributes_segment, f.plain),
         )
     } else {
-        (None, string(f.message_id), None)
+        (None, string(f.message_id, f.plain), None)
     };
     Parsed::Event(Event {
         customer_id,

@@ -310,9 +310,14 @@ impl<'a> Scanner<'a> {
 
     /// Skips a value and returns its raw text.
     #[inline]
-    fn raw(&mut self, depth: u32) -> Result<&'a str, Stop> {
+    /// A value's text; `escapes` is set when it is a string with escapes.
+    fn raw(&mut self, depth: u32, escapes: &mut bool) -> Result<&'a str, Stop> {
         let start = self.i;
-        self.skip_value(depth)?;
+        if self.peek() == Some(b'"') {
+            *escapes |= self.string()?.1;
+        } else {
+            self.skip_value(depth)?;
+        }
         Ok(&self.text[start..self.i])
     }
 
@@ -351,37 +356,41 @@ impl<'a> Scanner<'a> {
     /// The top-level object. Duplicate keys: the last one wins.
     fn object(&mut self) -> Result<Fields<'a>, Stop> {
         let mut f = Fields::default();
+        // Whether a captured string holds an escape.
+        let mut escapes = false;
         self.expect(b'{')?;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
+            f.plain = true;
             return Ok(f);
         }
         loop {
             let key = self.key()?;
             match Key::of(key) {
-                Key::Erase => f.erase = Some(self.raw(1)?),
-                Key::CustomerId => f.customer_id = Some(self.raw(1)?),
-                Key::Type => f.kind = Some(self.raw(1)?),
-                Key::Timestamp => f.timestamp = Some(self.raw(1)?),
-                Key::Value => f.value = Some(self.raw(1)?),
-                Key::Channel => f.channel = Some(self.raw(1)?),
-                Key::EventId => f.event_id = Some(self.raw(1)?),
-                Key::UserId => f.user_id = Some(self.raw(1)?),
-                Key::AnonymousId => f.anonymous_id = Some(self.raw(1)?),
-                Key::Event => f.event = Some(self.raw(1)?),
-                Key::MessageId => f.message_id = Some(self.raw(1)?),
+                Key::Erase => f.erase = Some(self.raw(1, &mut escapes)?),
+                Key::CustomerId => f.customer_id = Some(self.raw(1, &mut escapes)?),
+                Key::Type => f.kind = Some(self.raw(1, &mut escapes)?),
+                Key::Timestamp => f.timestamp = Some(self.raw(1, &mut escapes)?),
+                Key::Value => f.value = Some(self.raw(1, &mut escapes)?),
+                Key::Channel => f.channel = Some(self.raw(1, &mut escapes)?),
+                Key::EventId => f.event_id = Some(self.raw(1, &mut escapes)?),
+                Key::UserId => f.user_id = Some(self.raw(1, &mut escapes)?),
+                Key::AnonymousId => f.anonymous_id = Some(self.raw(1, &mut escapes)?),
+                Key::Event => f.event = Some(self.raw(1, &mut escapes)?),
+                Key::MessageId => f.message_id = Some(self.raw(1, &mut escapes)?),
                 Key::Attributes => {
-                    f.attributes_segment = self.nested(Nested::Attributes)?.0;
+                    f.attributes_segment = self.nested(Nested::Attributes, &mut escapes)?.0;
                 }
                 Key::Properties => {
-                    let (revenue, value) = self.nested(Nested::Properties)?;
+                    let (revenue, value) = self.nested(Nested::Properties, &mut escapes)?;
                     f.properties_revenue = revenue;
                     f.properties_value = value;
                 }
                 Key::Revenue | Key::Segment | Key::Other => self.skip_value(1)?,
             }
             if !self.next_member()? {
+                f.plain = !escapes;
                 return Ok(f);
             }
         }
@@ -389,7 +398,11 @@ impl<'a> Scanner<'a> {
 
     /// `attributes` or `properties`: the keys they hold that the model
     /// reads, when the value is an object (anything else is skipped).
-    fn nested(&mut self, which: Nested) -> Result<(Option<&'a str>, Option<&'a str>), Stop> {
+    fn nested(
+        &mut self,
+        which: Nested,
+        escapes: &mut bool,
+    ) -> Result<(Option<&'a str>, Option<&'a str>), Stop> {
         let mut out = (None, None);
         if self.peek() != Some(b'{') {
             self.skip_value(1)?;
@@ -405,9 +418,9 @@ impl<'a> Scanner<'a> {
             let key = self.key()?;
             match (which, Key::of(key)) {
                 (Nested::Attributes, Key::Segment) | (Nested::Properties, Key::Revenue) => {
-                    out.0 = Some(self.raw(2)?)
+                    out.0 = Some(self.raw(2, escapes)?)
                 }
-                (Nested::Properties, Key::Value) => out.1 = Some(self.raw(2)?),
+                (Nested::Properties, Key::Value) => out.1 = Some(self.raw(2, escapes)?),
                 _ => self.skip_value(2)?,
             }
             if !self.next_member()? {
