@@ -149,9 +149,7 @@ pub fn replay_into(
         lines.clear();
         while lines.len() < BATCH {
             let start = batch.len();
-            let n = input
-                .read_until(b'\n', &mut batch)
-                .map_err(ReplayError::Read)?;
+            let n = read_line(&mut input, &mut batch).map_err(ReplayError::Read)?;
             if n == 0 {
                 break;
             }
@@ -250,6 +248,36 @@ pub fn replay_into(
     Ok(summary)
 }
 
+/// Appends the next line of `input` to `out`, its newline included: what
+/// `BufRead::read_until(b'\n', out)` does, with the memchr crate's SIMD
+/// search instead of std's word-at-a-time one (std's search was 3% of a
+/// replay's instructions, about 300 for a 200-byte line).
+fn read_line(input: &mut impl BufRead, out: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut read = 0;
+    loop {
+        let available = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let (done, used) = match memchr::memchr(b'\n', available) {
+            Some(i) => {
+                out.extend_from_slice(&available[..=i]);
+                (true, i + 1)
+            }
+            None => {
+                out.extend_from_slice(available);
+                (available.is_empty(), available.len())
+            }
+        };
+        input.consume(used);
+        read += used;
+        if done {
+            return Ok(read);
+        }
+    }
+}
+
 /// `{"line": N, "reason": "...", "detail": "...", "payload": "..."}` + newline.
 fn write_dead_letter(
     out: &mut Vec<u8>,
@@ -267,4 +295,30 @@ fn write_dead_letter(
     out.extend_from_slice(b",\"payload\":");
     push_json_str(out, &String::from_utf8_lossy(payload));
     out.extend_from_slice(b"}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_line;
+    use std::io::{BufRead, BufReader};
+
+    #[test]
+    fn read_line_splits_like_read_until() {
+        let text: &[u8] =
+            b"{\"a\":1}\n\n\r\nlonger line spanning several reads \xc3\xa9\nlast without newline";
+        // A 4-byte buffer: most lines straddle several refills.
+        for capacity in [1, 4, 7, 64, 8192] {
+            let mut ours = BufReader::with_capacity(capacity, text);
+            let mut theirs = BufReader::with_capacity(capacity, text);
+            loop {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let n = read_line(&mut ours, &mut a).unwrap();
+                let m = theirs.read_until(b'\n', &mut b).unwrap();
+                assert_eq!((n, &a), (m, &b), "capacity {capacity}");
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
 }
