@@ -19,8 +19,8 @@
 //! Usage: bench_kafka [EVENTS] [CUSTOMERS]   (default 1,000,000 over
 //! 100,000; TANSU_BIN overrides the broker binary). With CES_BIN_B set,
 //! only `run` is measured: the build at CES_BIN (A) and the one at
-//! CES_BIN_B (B), three drains each, alternating, and the ratio of their
-//! CPU seconds.
+//! CES_BIN_B (B), three drains each (CES_AB_ROUNDS), alternating, and the
+//! ratio of their CPU seconds.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -587,7 +587,11 @@ fn main() {
         // its own; nothing else is measured.
         let (a, b) = (ces_bin(), PathBuf::from(b));
         let (mut sum_a, mut sum_b) = (0.0, 0.0);
-        for round in 0..3 {
+        let rounds: usize = std::env::var("CES_AB_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3);
+        for round in 0..rounds {
             for (label, bin) in [("A", &a), ("B", &b)] {
                 let group = format!("ab-{round}-{label}");
                 let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, 2, &group, bin);
