@@ -141,6 +141,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
     };
 
     let duration = opts.duration;
+    let stop_printing = Arc::clone(&stop_view);
     let stop_all = async move {
         match duration {
             Some(d) => {
@@ -151,6 +152,9 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
             }
             None => shutdown.await,
         }
+        // The view stops before the pipeline releases its partitions: a
+        // last line counting no customers would look like lost state.
+        stop_printing.store(true, Ordering::SeqCst);
     };
     let result = match settings.kafka() {
         Ok(kafka) => pipeline::run(kafka, settings.clock, shared, None, stop_all).await,
@@ -272,6 +276,9 @@ fn view_loop(
     let mut last = (Instant::now(), 0u64, 0u64);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_secs(1));
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let m = &shared.metrics;
         let now = Instant::now();
         let produced = sent.load(Ordering::Relaxed);
