@@ -165,7 +165,11 @@ impl<'a> Scanner<'a> {
             self.i = plain_run(self.b, self.i);
             match self.peek() {
                 Some(b'"') => {
-                    let content = &self.text[start..self.i];
+                    // SAFETY: `start` follows a quote and `self.i` is at
+                    // one: both ASCII bytes of a valid UTF-8 text, so both
+                    // are char boundaries (the checked slice cost 1.3% of
+                    // a replay's instructions).
+                    let content = unsafe { self.text.get_unchecked(start..self.i) };
                     self.i += 1;
                     return Ok((content, escaped));
                 }
@@ -308,9 +312,9 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Skips a value and returns its raw text.
+    /// Skips a value and returns its raw text; `escapes` is set when it is
+    /// a string with escapes.
     #[inline]
-    /// A value's text; `escapes` is set when it is a string with escapes.
     fn raw(&mut self, depth: u32, escapes: &mut bool) -> Result<&'a str, Stop> {
         let start = self.i;
         if self.peek() == Some(b'"') {
@@ -318,7 +322,10 @@ impl<'a> Scanner<'a> {
         } else {
             self.skip_value(depth)?;
         }
-        Ok(&self.text[start..self.i])
+        // SAFETY: `start` is at the value's first byte and `self.i` just
+        // past its last, both ASCII (a quote, a bracket, a brace, a digit or
+        // a letter of a literal) or the end: char boundaries of the text.
+        Ok(unsafe { self.text.get_unchecked(start..self.i) })
     }
 
     /// The key of an object member, up to its colon. A key with escapes is
