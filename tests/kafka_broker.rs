@@ -593,31 +593,6 @@ fn a_retry_is_caught_across_a_restart() {
     );
 }
 
-/// A GET with extra request headers: (status, response headers, body).
-fn get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_ascii_lowercase(), body.to_string())
-}
-
 /// The `partition` an answer names.
 fn partition_field(body: &str) -> i64 {
     serde_json::from_str::<serde_json::Value>(body).unwrap()["partition"]
@@ -675,8 +650,8 @@ fn any_instance_answers_for_any_customer_of_the_group() {
     for c in &customers {
         let path = format!("/v1/customers/{c}");
         loop {
-            let (sa, ha, ba) = get_with(&addr_a, &path, &auth);
-            let (sb, hb, bb) = get_with(&addr_b, &path, &auth);
+            let (sa, ha, ba) = http_get_with(&addr_a, &path, &auth);
+            let (sb, hb, bb) = http_get_with(&addr_b, &path, &auth);
             assert!(
                 sa != 404 && sb != 404,
                 "{c}: a wrong 404: {sa} {ba} / {sb} {bb}"
@@ -725,29 +700,29 @@ fn any_instance_answers_for_any_customer_of_the_group() {
 
     // The token travels with a forwarded request; without one, 401 before
     // any forwarding.
-    assert_eq!(get_with(&addr_a, "/v1/customers/c-1", &[]).0, 401);
+    assert_eq!(http_get_with(&addr_a, "/v1/customers/c-1", &[]).0, 401);
     // A customer nobody has: the owner's 404, through either instance.
     for addr in [&addr_a, &addr_b] {
-        let (status, _, body) = get_with(addr, "/v1/customers/nobody", &auth);
+        let (status, _, body) = http_get_with(addr, "/v1/customers/nobody", &auth);
         assert_eq!(status, 404, "{body}");
         assert!(body.contains("\"partition\""), "{body}");
     }
     // A forwarded request is never forwarded again: asked of the instance
     // that does not own the customer, it answers 503.
     let c0_owner_is_a = {
-        let (_, h, _) = get_with(&addr_a, "/v1/customers/c-0", &auth);
+        let (_, h, _) = http_get_with(&addr_a, "/v1/customers/c-0", &auth);
         h.contains(&format!("x-ces-instance: http://{addr_a}"))
     };
     let other = if c0_owner_is_a { &addr_b } else { &addr_a };
     let mut forwarded_header = auth.to_vec();
     forwarded_header.push(("X-Ces-Forwarded", "1"));
-    let (status, head, _) = get_with(other, "/v1/customers/c-0", &forwarded_header);
+    let (status, head, _) = http_get_with(other, "/v1/customers/c-0", &forwarded_header);
     assert_eq!(status, 503);
     assert!(head.contains("retry-after: 1"), "{head}");
 
     // /v1/tiers: the whole group from either instance.
     for addr in [&addr_a, &addr_b] {
-        let (status, _, body) = get_with(addr, "/v1/tiers", &auth);
+        let (status, _, body) = http_get_with(addr, "/v1/tiers", &auth);
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["customers"], 79, "{v}");
@@ -771,7 +746,8 @@ fn any_instance_answers_for_any_customer_of_the_group() {
             while clean_rounds == 0 || !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let mut clean = true;
                 for c in &customers {
-                    let (status, _, body) = get_with(&addr_a, &format!("/v1/customers/{c}"), &auth);
+                    let (status, _, body) =
+                        http_get_with(&addr_a, &format!("/v1/customers/{c}"), &auth);
                     assert!(status == 200 || status == 503, "{c}: {status} {body}");
                     if status == 200 {
                         assert!(body.contains(&format!("\"customer_id\":\"{c}\"")));
@@ -793,7 +769,7 @@ fn any_instance_answers_for_any_customer_of_the_group() {
     assert!(exit.success(), "{}", b.log_text());
     assert!(statuses[&200] >= customers.len(), "{statuses:?}");
     eprintln!("answers during b's stop and the rebalance: {statuses:?}");
-    let (_, _, body) = get_with(&addr_a, "/v1/tiers", &auth);
+    let (_, _, body) = http_get_with(&addr_a, "/v1/tiers", &auth);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["customers"], 79, "{v}");
     assert_eq!(v["instances"].as_array().unwrap().len(), 1, "{v}");
