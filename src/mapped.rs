@@ -231,11 +231,6 @@ mod imp {
             self.len += s.len();
             self.touched = self.touched.max(self.len * Self::SIZE);
         }
-
-        /// Empties the array and gives its memory back.
-        pub fn clear_and_release(&mut self) {
-            *self = Mapped::new();
-        }
     }
 
     impl<T: Pod> Drop for Mapped<T> {
@@ -294,9 +289,6 @@ mod imp {
         pub fn extend_from_slice(&mut self, s: &[T]) {
             self.0.extend_from_slice(s)
         }
-        pub fn clear_and_release(&mut self) {
-            self.0 = Vec::new();
-        }
     }
 }
 
@@ -313,7 +305,7 @@ mod tests {
             v.extend_from_slice(&i.to_le_bytes()[..(i % 4) as usize]);
         }
         assert_eq!(&m[..], &v[..]);
-        m.clear_and_release();
+        m.truncate(0);
         assert!(m.is_empty());
     }
 
