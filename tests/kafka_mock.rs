@@ -297,3 +297,48 @@ fn our_partition_of_a_customer_is_the_one_librdkafka_picks() {
         }
     }
 }
+
+#[test]
+fn an_event_ahead_of_the_wall_clock_is_checked_against_the_clock_of_its_turn() {
+    // Live clock = max(watermark, now). Event a, 8 minutes ahead, is within
+    // the 10-minute skew and moves the watermark; event b, 15 minutes
+    // ahead, is then within the skew of the clock a left behind. Both are
+    // produced before the pipeline starts, so they arrive in one batch,
+    // which is parsed before it is scored: b must still be judged against
+    // the clock after a, not the clock at the batch's start.
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for (t, p) in [("in", 1), ("out", 1), ("dead", 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let mut s = settings(&bootstrap, "in", "out", "dead", "g-skew");
+    s.model.input.max_future_skew = 10 * 60_000;
+    let now = ces_stream::timestamp::now_millis();
+    let event = |id: &str, ahead_min: i64| {
+        let ts = ces_stream::timestamp::format_rfc3339(now + ahead_min * 60_000).to_string();
+        let v = serde_json::json!({"customer_id": id, "type": "buy", "timestamp": ts});
+        (id.to_string(), v.to_string())
+    };
+    produce(&bootstrap, "in", &[event("a", 8), event("b", 15)]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shared = Shared::new(Arc::new(s.model.clone()));
+    let metrics = shared.metrics.clone();
+    let handle = runtime.spawn(async move {
+        pipeline::run(s.kafka().unwrap(), s.clock, shared, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let out = consume_until(&bootstrap, "out", 1, Duration::from_secs(30), |m| {
+        last_scores(m).len() == 2
+    });
+    assert_eq!(last_scores(&out).len(), 2, "both scored");
+    assert_eq!(metrics.events_accepted.get(), 2);
+    let rejected: u64 = metrics.rejected_by_reason.iter().map(|c| c.get()).sum();
+    assert_eq!(rejected, 0, "nothing dead-lettered");
+    tx.send(()).unwrap();
+    let result =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), handle).await });
+    assert!(result.expect("stops in time").expect("no panic").is_ok());
+}
