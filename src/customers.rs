@@ -564,12 +564,16 @@ impl CustomerTable {
     #[inline]
     pub fn prefetch(&self, id: &str) {
         let hash = self.hash(id.as_bytes());
-        let (words, stride) = (&self.words, self.layout.stride);
+        let (words, wake, stride) = (&self.words, &self.wake, self.layout.stride);
         // Every candidate of the probe is prefetched; none is compared.
         self.index.candidates(hash, |slot| {
             let base = slot as usize * stride;
             if let Some(rec) = words.get(base..base + stride) {
                 prefetch_lines(rec);
+            }
+            // Its wake-up mark is written at every evaluation.
+            if let Some(w) = wake.get(slot as usize..slot as usize + 1) {
+                prefetch_lines(w);
             }
         });
     }
@@ -631,7 +635,10 @@ impl CustomerTable {
     }
 
     fn push(&mut self, id: &str, init: NewCustomer) -> Result<Slot, TableFull> {
-        let slot = Slot::try_from(self.len()).map_err(|_| TableFull::Customers)?;
+        let slot = Slot::try_from(self.len())
+            .ok()
+            .filter(|&s| s <= crate::slot_index::MAX_SLOT)
+            .ok_or(TableFull::Customers)?;
         let stride = self.layout.stride;
         let base = self.words.len();
         if id.len() > INLINE_ID {
@@ -746,7 +753,7 @@ impl CustomerTable {
 
 /// Asks the CPU to bring `words` into the cache.
 #[inline]
-fn prefetch_lines(words: &[u32]) {
+fn prefetch_lines<T>(words: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
