@@ -402,9 +402,13 @@ fn run_replay(
 ) -> anyhow::Result<ExitCode> {
     let model = Arc::new(settings.model);
     let mut dead: Option<BufWriter<File>> = dead_letter.as_ref().map(create).transpose()?;
+    // Replay writes its outputs in chunks of 64 KiB already: a BufWriter
+    // here would only copy them once more.
     let out: Box<dyn Write> = match &output {
-        Some(p) => Box::new(create(p)?),
-        None => Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock())),
+        Some(p) => {
+            Box::new(File::create(p).with_context(|| format!("cannot create {}", p.display()))?)
+        }
+        None => Box::new(std::io::stdout().lock()),
     };
 
     let is_stdin = input.as_os_str() == "-";
