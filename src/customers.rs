@@ -862,6 +862,12 @@ macro_rules! getters {
         pub fn sum(&self, k: usize) -> f32 {
             f32::from_bits(self.w[HEADER_WORDS + k])
         }
+        /// The decayed sums of every activity, as f32 bits (one bounds
+        /// check for all of them, for loops over activities).
+        #[inline]
+        pub fn sum_bits(&self) -> &[u32] {
+            &self.w[HEADER_WORDS..HEADER_WORDS + self.layout.activities]
+        }
         /// Whether `hash` is among the remembered event ids.
         #[inline]
         pub fn remembers(&self, hash: u64) -> bool {
@@ -872,6 +878,31 @@ macro_rules! getters {
         pub fn remembered(&self) -> impl Iterator<Item = u64> + '_ {
             let at = self.layout.dedup_at;
             (0..self.layout.dedup).map(move |i| self.get_i64(at + 2 * i) as u64)
+        }
+        /// How many channels had a positive event within `window` before
+        /// `t` (`t - time <= window`): [`Self::channel_time`] for every
+        /// channel, counted without a branch per channel.
+        #[inline]
+        pub fn channels_within(&self, t: Millis, window: Millis) -> u32 {
+            let at = HEADER_WORDS + self.layout.activities;
+            let n = self.layout.channels;
+            if self.layout.wide_channels {
+                (0..n)
+                    .filter(|&c| self.channel_time(c).is_some_and(|tc| t - tc <= window))
+                    .count() as u32
+            } else {
+                // t - (last - age) <= window, as a bound on the age; below
+                // EXPIRED, so that an expired channel never counts.
+                let limit = window - (t - self.last_event_at());
+                if limit < 0 {
+                    return 0;
+                }
+                let limit = limit.min(i64::from(EXPIRED - 1)) as u32;
+                self.w[at..at + n]
+                    .iter()
+                    .filter(|&&age| age <= limit)
+                    .count() as u32
+            }
         }
         /// Time of the latest positive event in channel `c`, if it may still
         /// lie within the diversity window.
@@ -1037,6 +1068,58 @@ mod tests {
             format!("a-rather-long-customer-id-{i}")
         } else {
             format!("c{i}")
+        }
+    }
+
+    #[test]
+    fn channels_within_counts_what_channel_time_says() {
+        // Narrow (u32 ages) and wide (absolute times) channel storage.
+        for window in ["30d", "60d"] {
+            let settings = crate::config::Settings::from_toml(
+                &format!(
+                    "[scoring.activities]\na = {{ weight = 1.0, channel = \"web\" }}\n\
+                     b = {{ weight = 1.0, channel = \"app\" }}\nc = {{ weight = 1.0, channel = \"email\" }}\n\
+                     [scoring.diversity]\nwindow = \"{window}\"\nbonus_per_channel = 0.1\nmax_channels = 3\n"
+                ),
+                std::path::Path::new("t.toml"),
+            )
+            .unwrap();
+            let layout = Layout::for_model(&settings.model);
+            let w = settings.model.diversity.unwrap().window;
+            let mut t = CustomerTable::new(layout);
+            let day = 86_400_000;
+            let (slot, _) = t
+                .find_or_insert("c", || NewCustomer {
+                    last_event_at: 100 * day,
+                    peak_at: 0,
+                })
+                .unwrap();
+            let mut r = t.record_mut(slot);
+            r.touch_channel(0, 100 * day);
+            r.touch_channel(1, 100 * day - 10 * day);
+            // Channel 2 never touched.
+            for dt in [
+                0,
+                1,
+                10 * day,
+                20 * day,
+                w - 10 * day,
+                w - 1,
+                w,
+                w + 1,
+                2 * w,
+                -5,
+            ] {
+                let at = 100 * day + dt;
+                let expected = (0..3)
+                    .filter(|&c| r.channel_time(c).is_some_and(|tc| at - tc <= w))
+                    .count() as u32;
+                assert_eq!(
+                    r.channels_within(at, w),
+                    expected,
+                    "window {window}, dt {dt}"
+                );
+            }
         }
     }
 

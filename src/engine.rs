@@ -570,9 +570,7 @@ impl Engine {
         let Some(d) = model.diversity else {
             return 1.0;
         };
-        let n = (0..model.channels.len())
-            .filter(|&c| rec.channel_time(c).is_some_and(|tc| t - tc <= d.window))
-            .count() as u32;
+        let n = rec.channels_within(t, d.window);
         if n >= 1 {
             1.0 + d.bonus_per_channel * f64::from(n.min(d.max_channels) - 1)
         } else {
@@ -841,19 +839,25 @@ impl Engine {
     ) -> (f64, f64, f64) {
         let factor = model.decay(t - rec.last_event_at());
         let (mut positive, mut negative) = (0.0, 0.0);
-        for (k, a) in model.activities.iter().enumerate() {
-            let s = f64::from(rec.sum(k)) * factor;
-            let c = match a.cap {
-                Some(cap) => s.min(cap),
-                None => s,
-            };
-            if let Some(out) = contributions.as_deref_mut() {
-                out[k] = c;
+        // Branch-free: adding the +0.0 that max/min give for the other
+        // sign leaves each sum exactly as adding only its own terms would.
+        let add = |bits: u32, cap: f64, positive: &mut f64, negative: &mut f64| {
+            let c = (f64::from(f32::from_bits(bits)) * factor).min(cap);
+            *positive += c.max(0.0);
+            *negative += c.min(0.0);
+            c
+        };
+        let (sums, caps) = (rec.sum_bits(), model.caps());
+        match contributions.as_deref_mut() {
+            Some(out) => {
+                for ((&bits, &cap), out) in sums.iter().zip(caps).zip(out) {
+                    *out = add(bits, cap, &mut positive, &mut negative);
+                }
             }
-            if c >= 0.0 {
-                positive += c;
-            } else {
-                negative += c;
+            None => {
+                for (&bits, &cap) in sums.iter().zip(caps) {
+                    add(bits, cap, &mut positive, &mut negative);
+                }
             }
         }
         (positive, negative, Self::diversity_at(model, rec, t))

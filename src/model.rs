@@ -30,6 +30,9 @@ pub struct Model {
     pub normalization: Normalization,
     /// Activities in configuration order; output `contributions` use this order.
     pub activities: Vec<Activity>,
+    /// Each activity's cap, +infinity for none: the hot loop over
+    /// activities takes a minimum instead of matching an `Option`.
+    caps: Vec<f64>,
     activity_by_name: FastMap<Box<str>, ActivityId>,
     /// Interned channel names: every activity's channel, `default` included
     /// when an activity names none.
@@ -228,6 +231,10 @@ impl Model {
             half_life: parts.half_life,
             half_life_f64: parts.half_life as f64,
             normalization: parts.normalization,
+            caps: activities
+                .iter()
+                .map(|a| a.cap.unwrap_or(f64::INFINITY))
+                .collect(),
             activities,
             activity_by_name,
             channels,
@@ -246,6 +253,12 @@ impl Model {
             },
             forget_after: parts.forget_after,
         })
+    }
+
+    /// Each activity's cap, in activity order; +infinity for none.
+    #[inline]
+    pub fn caps(&self) -> &[f64] {
+        &self.caps
     }
 
     pub fn activity(&self, name: &str) -> Option<ActivityId> {

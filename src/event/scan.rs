@@ -99,6 +99,10 @@ struct Scanner<'a> {
     text: &'a str,
     b: &'a [u8],
     i: usize,
+    /// Strings with escapes read so far: a caller compares it before and
+    /// after a string (a flag in the string's result made that result too
+    /// large to return in registers).
+    escaped: u32,
 }
 
 /// Scans one payload (valid UTF-8) into `f`, which starts as the
@@ -110,6 +114,7 @@ pub(super) fn scan<'a>(text: &'a str, f: &mut Fields<'a>) -> Scan {
         text,
         b: text.as_bytes(),
         i: 0,
+        escaped: 0,
     };
     s.ws();
     let result = if s.peek() == Some(b'{') {
@@ -156,10 +161,14 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// A string at `"`: returns its content and whether it has escapes.
+    /// A string at `"`: returns its content (escapes undecoded; counted
+    /// in `self.escaped`), or `None` when it is not a valid string.
     #[inline]
-    fn string(&mut self) -> Result<(&'a str, bool), Stop> {
-        self.expect(b'"')?;
+    fn string(&mut self) -> Option<&'a str> {
+        if self.peek() != Some(b'"') {
+            return None;
+        }
+        self.i += 1;
         let start = self.i;
         let mut escaped = false;
         loop {
@@ -172,24 +181,25 @@ impl<'a> Scanner<'a> {
                     // a replay's instructions).
                     let content = unsafe { self.text.get_unchecked(start..self.i) };
                     self.i += 1;
-                    return Ok((content, escaped));
+                    self.escaped += u32::from(escaped);
+                    return Some(content);
                 }
                 Some(b'\\') => {}
                 // A control character, or the end of the text.
-                _ => return Err(Stop::Invalid),
+                _ => return None,
             }
             escaped = true;
             self.i += 1;
             match self.peek() {
                 Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => self.i += 1,
                 Some(b'u') => {
-                    let hex = self.b.get(self.i + 1..self.i + 5).ok_or(Stop::Invalid)?;
+                    let hex = self.b.get(self.i + 1..self.i + 5)?;
                     if !hex.iter().all(u8::is_ascii_hexdigit) {
-                        return Err(Stop::Invalid);
+                        return None;
                     }
                     self.i += 5;
                 }
-                _ => return Err(Stop::Invalid),
+                _ => return None,
             }
         }
     }
@@ -247,7 +257,7 @@ impl<'a> Scanner<'a> {
     /// Skips one value, checking its syntax. `depth`: containers around it.
     fn skip_value(&mut self, depth: u32) -> Result<(), Stop> {
         match self.peek() {
-            Some(b'"') => self.string().map(|_| ()),
+            Some(b'"') => self.string().map(|_| ()).ok_or(Stop::Invalid),
             Some(b'-' | b'0'..=b'9') => self.number(),
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
@@ -263,8 +273,8 @@ impl<'a> Scanner<'a> {
                     return Ok(());
                 }
                 loop {
-                    let (_, escaped) = self.string()?;
-                    let _ = escaped; // a skipped key's escapes are checked; its text unused
+                    // A skipped key's escapes are checked; its text unused.
+                    self.string().ok_or(Stop::Invalid)?;
                     self.ws();
                     self.expect(b':')?;
                     self.ws();
@@ -319,7 +329,9 @@ impl<'a> Scanner<'a> {
     fn raw(&mut self, depth: u32, escapes: &mut bool) -> Result<&'a str, Stop> {
         let start = self.i;
         if self.peek() == Some(b'"') {
-            *escapes |= self.string()?.1;
+            let before = self.escaped;
+            self.string().ok_or(Stop::Invalid)?;
+            *escapes |= self.escaped != before;
         } else {
             self.skip_value(depth)?;
         }
@@ -333,8 +345,9 @@ impl<'a> Scanner<'a> {
     /// left to serde_json (it decodes them before matching).
     #[inline]
     fn key(&mut self) -> Result<&'a str, Stop> {
-        let (key, escaped) = self.string()?;
-        if escaped {
+        let before = self.escaped;
+        let key = self.string().ok_or(Stop::Invalid)?;
+        if self.escaped != before {
             return Err(Stop::Unusual);
         }
         self.ws();
