@@ -835,7 +835,7 @@ impl Engine {
         model: &Model,
         rec: Record<'_>,
         t: Millis,
-        mut contributions: Option<&mut [f64]>,
+        contributions: Option<&mut [f64]>,
     ) -> (f64, f64, f64) {
         let factor = model.decay(t - rec.last_event_at());
         let (mut positive, mut negative) = (0.0, 0.0);
@@ -848,7 +848,7 @@ impl Engine {
             c
         };
         let (sums, caps) = (rec.sum_bits(), model.caps());
-        match contributions.as_deref_mut() {
+        match contributions {
             Some(out) => {
                 for ((&bits, &cap), out) in sums.iter().zip(caps).zip(out) {
                     *out = add(bits, cap, &mut positive, &mut negative);
