@@ -69,7 +69,7 @@ pub fn push_score(out: &mut Vec<u8>, x: f64) {
 #[inline]
 pub fn push_time(out: &mut Vec<u8>, t: Millis) {
     out.push(b'"');
-    out.extend_from_slice(format_rfc3339(t).as_str().as_bytes());
+    out.extend_from_slice(format_rfc3339(t).as_bytes());
     out.push(b'"');
 }
 

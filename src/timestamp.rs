@@ -149,6 +149,12 @@ pub fn from_epoch_millis(ms: i64) -> Option<Millis> {
 pub struct Rfc3339([u8; 24]);
 
 impl Rfc3339 {
+    /// The text as bytes, for writers that need no `str`.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ASCII digits and separators are ever written.
         std::str::from_utf8(&self.0).unwrap_or("")
