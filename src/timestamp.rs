@@ -44,6 +44,9 @@ enum Fast {
 /// digits and no leap second; anything else goes to chrono, which accepts
 /// exactly what this accepts and gives the same instant (tested).
 fn fast_rfc3339(b: &[u8]) -> Fast {
+    if let Some(ms) = canonical(b) {
+        return Fast::Millis(ms);
+    }
     fn num(b: &[u8]) -> Option<i64> {
         b.iter().try_fold(0i64, |n, &c| {
             c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
@@ -125,6 +128,68 @@ fn fast_rfc3339(b: &[u8]) -> Fast {
     }
     let days = days_from_civil(y, mo as u32, d as u32);
     Fast::Millis(days * MILLIS_PER_DAY + ((h * 60 + mi) * 60 + sec) * 1000 + milli - offset)
+}
+
+/// The shape nearly every producer writes, `YYYY-MM-DDTHH:MM:SS.mmmZ`,
+/// checked eight bytes at a time (separators against a template, digits
+/// by their high nibble); `None` for anything else, valid or not, which
+/// the general path then decides. (The general path was 4% of a replay's
+/// instructions, a tenth of parsing an event.)
+fn canonical(b: &[u8]) -> Option<Millis> {
+    const TEMPLATE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    let b: &[u8; 24] = b.try_into().ok()?;
+    let word = |s: &[u8; 24], i: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&s[i..i + 8]);
+        u64::from_le_bytes(x)
+    };
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    const HIGH: u64 = 0xf0f0_f0f0_f0f0_f0f0;
+    for i in [0, 8, 16] {
+        let (x, t) = (word(b, i), word(TEMPLATE, i));
+        // 0xff on the template's digits, 0 on its separators.
+        let digits = {
+            let mut m = 0u64;
+            for k in 0..8 {
+                if TEMPLATE[i + k] == b'0' {
+                    m |= 0xff << (8 * k);
+                }
+            }
+            m
+        };
+        // Separators exactly; digits 0x30..=0x39: high nibble 3, and
+        // still 3 after adding 6 (no byte of a passing word carries).
+        if (x ^ t) & !digits != 0
+            || x & digits & HIGH != ZEROS & digits
+            || x.wrapping_add(0x0606_0606_0606_0606) & digits & HIGH != ZEROS & digits
+        {
+            return None;
+        }
+    }
+    let d = |i: usize| i64::from(b[i] - b'0');
+    let y = d(0) * 1000 + d(1) * 100 + d(2) * 10 + d(3);
+    let (mo, day) = (d(5) * 10 + d(6), d(8) * 10 + d(9));
+    let (h, mi, sec) = (d(11) * 10 + d(12), d(14) * 10 + d(15), d(17) * 10 + d(18));
+    let milli = d(20) * 100 + d(21) * 10 + d(22);
+    if !(1..=12).contains(&mo)
+        || h > 23
+        || mi > 59
+        || sec > 59
+        || day < 1
+        || day > 28 && {
+            let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+            day > match mo {
+                2 if leap => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            }
+        }
+    {
+        return None;
+    }
+    let days = days_from_civil(y, mo as u32, day as u32);
+    Some(days * MILLIS_PER_DAY + ((h * 60 + mi) * 60 + sec) * 1000 + milli)
 }
 
 /// Howard Hinnant's `days_from_civil`: (year, month, day) to days since
@@ -286,6 +351,26 @@ mod tests {
         ];
         for s in fixed {
             assert_eq!(parse_rfc3339(s), chrono_millis(s), "{s}");
+        }
+        // The canonical shape (its own fast path), and every one-byte
+        // change of it: any byte, any position.
+        for _ in 0..20_000 {
+            let s = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                next(10_000),
+                next(14),
+                next(33),
+                next(26),
+                next(61),
+                next(62),
+                next(1000)
+            );
+            assert_eq!(parse_rfc3339(&s), chrono_millis(&s), "{s}");
+            let mut b = s.clone().into_bytes();
+            b[next(24) as usize] = next(128) as u8;
+            if let Ok(m) = String::from_utf8(b) {
+                assert_eq!(parse_rfc3339(&m), chrono_millis(&m), "{m}");
+            }
         }
         for _ in 0..200_000 {
             let s = format!(

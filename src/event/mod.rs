@@ -19,7 +19,7 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::model::{ActivityId, ChannelId, InputFormat, Model};
+use crate::model::{name_signature, ActivityId, ChannelId, InputFormat, Model};
 use crate::timestamp::{self, Millis};
 
 /// The longest customer id accepted, in bytes.
@@ -364,54 +364,20 @@ enum Key {
     Other,
 }
 
-/// The first and the last 8 bytes of a key of 8 to 16 bytes, or its first
-/// and last 4 of 4 to 7: with the length, they tell the model's keys
-/// apart in two loads, not a call to `memcmp` per candidate (matching on
-/// the strings cost 2% of a replay's instructions).
-#[inline]
-const fn signature(b: &[u8]) -> (u64, u64) {
-    const fn word(b: &[u8], at: usize, n: usize) -> u64 {
-        let mut w = 0u64;
-        let mut i = 0;
-        while i < n {
-            w |= (b[at + i] as u64) << (8 * i);
-            i += 1;
-        }
-        w
-    }
-    let n = b.len();
-    if n >= 8 {
-        (word(b, 0, 8), word(b, n - 8, 8))
-    } else if n >= 4 {
-        (word(b, 0, 4), word(b, n - 4, 4))
-    } else {
-        (0, 0)
-    }
-}
-
 impl Key {
+    /// Matched by length and [`name_signature`] (two loads), not a call to
+    /// `memcmp` per candidate: matching on the strings cost 2% of a
+    /// replay's instructions.
     #[inline]
     fn of(s: &str) -> Key {
         const fn sig(s: &str) -> (u64, u64) {
-            signature(s.as_bytes())
+            name_signature(s.as_bytes())
         }
         let b = s.as_bytes();
         if !(4..=16).contains(&b.len()) {
             return Key::Other;
         }
-        let w = if b.len() >= 8 {
-            let (head, tail) = (&b[..8], &b[b.len() - 8..]);
-            (
-                u64::from_le_bytes(head.try_into().unwrap_or([0; 8])),
-                u64::from_le_bytes(tail.try_into().unwrap_or([0; 8])),
-            )
-        } else {
-            let (head, tail) = (&b[..4], &b[b.len() - 4..]);
-            (
-                u64::from(u32::from_le_bytes(head.try_into().unwrap_or([0; 4]))),
-                u64::from(u32::from_le_bytes(tail.try_into().unwrap_or([0; 4]))),
-            )
-        };
+        let w = name_signature(b);
         match b.len() {
             4 if w == const { sig("type") } => Key::Type,
             5 if w == const { sig("erase") } => Key::Erase,
