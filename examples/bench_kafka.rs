@@ -161,10 +161,12 @@ impl ProducerContext for Acks {
     }
 }
 
+/// The relay's producer: configured as `run`'s, so that the relay is the
+/// same Kafka traffic without our work.
 fn relay_producer(bootstrap: &str) -> ThreadedProducer<Acks> {
     client(bootstrap)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", ces_stream::kafka::settings::DEFAULT_LINGER_MS)
         .create_with_context(Acks::default())
         .unwrap()
 }
