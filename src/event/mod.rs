@@ -225,7 +225,13 @@ pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<
     // JSON text is UTF-8 (RFC 8259, section 8.1), in fields the model does
     // not read too: one fast check of the whole line, since the parsers
     // below skip unread strings without decoding them.
-    let text = match simdutf8::basic::from_utf8(payload) {
+    let valid = if is_ascii(payload) {
+        // SAFETY: ASCII is valid UTF-8.
+        Ok(unsafe { std::str::from_utf8_unchecked(payload) })
+    } else {
+        simdutf8::basic::from_utf8(payload)
+    };
+    let text = match valid {
         Ok(text) => text,
         Err(_) => {
             let at = simdutf8::compat::from_utf8(payload)
@@ -249,6 +255,33 @@ pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<
         Err(e) => return invalid(InvalidReason::InvalidJson, e.to_string()),
     };
     interpret(&fields, model, ctx)
+}
+
+/// Whether every byte is ASCII: 16 at a time with SSE2 (part of every
+/// x86_64). Nearly every event is ASCII, and this is a quarter of the
+/// cost of the full UTF-8 check it spares.
+#[inline]
+fn is_ascii(b: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if b.len() >= 16 {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128};
+        let load = |at: usize| {
+            // SAFETY: SSE2 is in the x86_64 baseline; every caller below
+            // keeps at + 16 <= b.len(), so the unaligned load is in `b`.
+            unsafe { _mm_loadu_si128(b.as_ptr().add(at).cast::<__m128i>()) }
+        };
+        // The last 16 bytes, overlapping the chunks before them.
+        let mut acc = load(b.len() - 16);
+        let mut i = 0;
+        while i + 16 <= b.len() {
+            // SAFETY: SSE2, as above.
+            acc = unsafe { _mm_or_si128(acc, load(i)) };
+            i += 16;
+        }
+        // SAFETY: SSE2, as above.
+        return unsafe { _mm_movemask_epi8(acc) } == 0;
+    }
+    b.is_ascii()
 }
 
 /// Names the kind of a JSON document, for `not_an_object` details.
@@ -883,6 +916,21 @@ mod tests {
         ("revenue", Key::Revenue),
         ("segment", Key::Segment),
     ];
+
+    #[test]
+    fn is_ascii_agrees_with_std_at_every_length_and_position() {
+        for len in 0..70 {
+            let mut b = vec![b'a'; len];
+            assert!(super::is_ascii(&b));
+            for i in 0..len {
+                b[i] = 0x80;
+                assert!(!super::is_ascii(&b), "len {len}, byte {i}");
+                b[i] = 0x7f;
+                assert!(super::is_ascii(&b));
+                b[i] = b'a';
+            }
+        }
+    }
 
     #[test]
     fn keys_are_told_apart_by_every_byte() {
