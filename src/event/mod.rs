@@ -618,6 +618,7 @@ enum Val<'a> {
     Other(&'static str),
 }
 
+#[inline]
 fn classify(text: &str, plain: bool) -> Val<'_> {
     match text.as_bytes().first() {
         Some(b'"') if text.len() >= 2 && text.as_bytes()[text.len() - 1] == b'"' => {
@@ -646,6 +647,7 @@ fn classify(text: &str, plain: bool) -> Val<'_> {
 }
 
 /// `None` for an absent field or JSON `null`: optional fields treat both alike.
+#[inline]
 fn present(raw: Option<&str>, plain: bool) -> Option<Val<'_>> {
     match raw.map(|r| classify(r, plain)) {
         None | Some(Val::Null) => None,
@@ -662,6 +664,7 @@ fn describe(v: &Val<'_>) -> &'static str {
     }
 }
 
+#[inline]
 fn string(raw: Option<&str>, plain: bool) -> Option<Cow<'_, str>> {
     match present(raw, plain) {
         Some(Val::Str(s)) => Some(s),
