@@ -163,7 +163,7 @@ impl<'a> Scanner<'a> {
 
     /// A string at `"`: returns its content (escapes undecoded; counted
     /// in `self.escaped`), or `None` when it is not a valid string.
-    #[inline]
+    #[inline(always)]
     fn string(&mut self) -> Option<&'a str> {
         if self.peek() != Some(b'"') {
             return None;
