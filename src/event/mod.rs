@@ -258,8 +258,8 @@ pub fn parse<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext) -> Parsed<
 }
 
 /// Whether every byte is ASCII: 16 at a time with SSE2 (part of every
-/// x86_64). Nearly every event is ASCII, and this is a quarter of the
-/// cost of the full UTF-8 check it spares.
+/// x86_64). Nearly every event is ASCII, and this is cheaper than the
+/// full UTF-8 validation it spares them.
 #[inline]
 fn is_ascii(b: &[u8]) -> bool {
     #[cfg(target_arch = "x86_64")]
