@@ -139,7 +139,7 @@ fn options(
 /// The producer's `linger.ms` unless the user sets one: how long outputs
 /// wait to fill a batch. librdkafka's 5 ms made small batches under load,
 /// each with its own request and delivery report: `run` spent 1.25-1.35x
-/// the CPU per event it spends with 30 ms, and 1.14x what it spends with
+/// the CPU per event it spends with 30 ms, and 1.13x what it spends with
 /// 25 ms (bench_kafka A/B, 1M events, 3 pairs a set); 25 ms keeps an idle
 /// stream's outputs well inside the 50 ms latency goal. (Kafka Streams
 /// uses 100 ms.)
