@@ -249,8 +249,7 @@ impl CustomerTable {
         {
             let (words, ids, hasher) = (&self.words, &self.ids, &self.hasher);
             self.index.remove(hash, slot, |s| {
-                use std::hash::BuildHasher;
-                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+                Self::slot_hash(hasher, words, ids, stride, s)
             });
         }
         if slot != last {
@@ -324,10 +323,8 @@ impl CustomerTable {
         let stride = layout.stride;
         {
             let (words, ids, hasher) = (&t.words, &t.ids, &t.hasher);
-            t.index.reserve(n, |s| {
-                use std::hash::BuildHasher;
-                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
-            });
+            t.index
+                .reserve(n, |s| Self::slot_hash(hasher, words, ids, stride, s));
         }
         for slot in 0..n as Slot {
             let hash = t.hash(Self::id_bytes(&t.words, &t.ids, stride, slot));
@@ -342,8 +339,7 @@ impl CustomerTable {
                 return Err(format!("record {slot}: duplicate customer id"));
             }
             t.index.insert_unique(hash, slot, |s| {
-                use std::hash::BuildHasher;
-                hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+                Self::slot_hash(hasher, words, ids, stride, s)
             });
         }
         Ok(t)
@@ -523,6 +519,20 @@ impl CustomerTable {
         self.hasher.hash_one(id)
     }
 
+    /// The hash of the id in `slot`, from the table's parts: what the
+    /// index asks for (to grow or shift) while it is borrowed mutably.
+    #[inline]
+    fn slot_hash(
+        hasher: &foldhash::fast::RandomState,
+        words: &[u32],
+        ids: &[u8],
+        stride: usize,
+        slot: Slot,
+    ) -> u64 {
+        use std::hash::BuildHasher;
+        hasher.hash_one(Self::id_bytes(words, ids, stride, slot))
+    }
+
     #[inline]
     fn id_bytes<'a>(words: &'a [u32], ids: &'a [u8], stride: usize, slot: Slot) -> &'a [u8] {
         let base = slot as usize * stride;
@@ -621,15 +631,11 @@ impl CustomerTable {
             // Records in slot order: read one after the other.
             self.index.rebuild(
                 self.index.len() + 1,
-                (0..slot).map(|s| {
-                    use std::hash::BuildHasher;
-                    (hasher.hash_one(Self::id_bytes(words, ids, stride, s)), s)
-                }),
+                (0..slot).map(|s| (Self::slot_hash(hasher, words, ids, stride, s), s)),
             );
         }
         self.index.insert_unique(hash, slot, |s| {
-            use std::hash::BuildHasher;
-            hasher.hash_one(Self::id_bytes(words, ids, stride, s))
+            Self::slot_hash(hasher, words, ids, stride, s)
         });
         Ok(slot)
     }
