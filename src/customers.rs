@@ -588,6 +588,17 @@ impl CustomerTable {
         });
     }
 
+    /// Starts loading the record in `slot` into the cache: a sweep calls
+    /// it for the customers it will evaluate next. Only a hint.
+    #[inline]
+    pub fn prefetch_slot(&self, slot: Slot) {
+        let stride = self.layout.stride;
+        let base = slot as usize * stride;
+        if let Some(rec) = self.words.get(base..base + stride) {
+            prefetch_lines(rec);
+        }
+    }
+
     /// The slot of a customer, adding it with `init` when unknown.
     /// Returns the slot and whether it was added.
     #[inline]

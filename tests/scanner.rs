@@ -232,3 +232,47 @@ fn numbers_beyond_f64_where_the_model_does_not_read_are_accepted() {
     // And a top-level number is valid JSON that is not an object.
     assert_eq!(reason(b"1e400"), Some(InvalidReason::NotAnObject));
 }
+
+/// Keys of every length around the scanner's 16-byte key check, with a
+/// special byte (quote, backslash, control character, non-ASCII) at each
+/// position, whitespace around the colon, and the text cut short after
+/// the key: the fast key path must hand every case it does not own to the
+/// general one, which agrees with serde_json.
+#[test]
+fn keys_of_every_length_and_shape_agree_with_serde_json() {
+    let specials: [&str; 6] = ["\"", "\\", "\\n", "\u{1}", "\t", "é"];
+    for len in 0..=20usize {
+        let base: String = "customer_idxxxxxxxxxxxxx"[..len].to_string();
+        let mut keys = vec![base.clone()];
+        for at in 0..=len {
+            for sp in specials {
+                let mut k = base.clone();
+                k.insert_str(at, sp);
+                keys.push(k);
+            }
+        }
+        for k in &keys {
+            for (before, after) in [("", ""), (" ", ""), ("", " "), ("\n", "\t ")] {
+                let member = format!("\"{k}\"{before}:{after}\"c-1\"");
+                let texts = [
+                    format!("{{{member},\"type\":\"page_view\",\"timestamp\":1795132800000}}"),
+                    format!(
+                        "{{\"type\":\"page_view\",\"timestamp\":1795132800000,\"customer_id\":\"a\",{member}}}"
+                    ),
+                    format!("{{\"attributes\":{{{member}}},\"customer_id\":\"a\",\"type\":\"page_view\"}}"),
+                    // Cut at every byte past the key's opening quote.
+                    format!("{{{member}"),
+                ];
+                for text in &texts {
+                    same(text.as_bytes()).unwrap();
+                }
+                let whole = format!("{{{member}}}");
+                for cut in 1..whole.len() {
+                    if whole.is_char_boundary(cut) {
+                        same(whole[..cut].as_bytes()).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}

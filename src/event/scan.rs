@@ -343,8 +343,11 @@ impl<'a> Scanner<'a> {
 
     /// The key of an object member, up to its colon. A key with escapes is
     /// left to serde_json (it decodes them before matching).
-    #[inline]
+    #[inline(always)]
     fn key(&mut self) -> Result<&'a str, Stop> {
+        if let Some(key) = self.short_key() {
+            return Ok(key);
+        }
         let before = self.escaped;
         let key = self.string().ok_or(Stop::Invalid)?;
         if self.escaped != before {
@@ -354,6 +357,57 @@ impl<'a> Scanner<'a> {
         self.expect(b':')?;
         self.ws();
         Ok(key)
+    }
+
+    /// The common key, whole in the next 17 bytes: `"name":` with no
+    /// escape and no control character, then optional whitespace. `None`
+    /// leaves the position alone for the general path, which decides
+    /// everything else. (One 16-byte comparison instead of the string
+    /// loop: keys are a third of a line's tokens.)
+    #[inline(always)]
+    fn short_key(&mut self) -> Option<&'a str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{
+                __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
+                _mm_or_si128, _mm_set1_epi8,
+            };
+            let i = self.i;
+            if i + 17 > self.b.len() || self.b[i] != b'"' {
+                return None;
+            }
+            // SAFETY: SSE2 is in the x86_64 baseline; bytes i+1 .. i+17
+            // lie within `b` (checked above).
+            let (quotes, special) = unsafe {
+                let v = _mm_loadu_si128(self.b.as_ptr().add(i + 1).cast::<__m128i>());
+                let ctrl = _mm_set1_epi8(0x1f);
+                let quotes = _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8)));
+                let special = _mm_movemask_epi8(_mm_or_si128(
+                    _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8)),
+                    _mm_cmpeq_epi8(_mm_max_epu8(v, ctrl), ctrl),
+                ));
+                (quotes as u32, special as u32)
+            };
+            if quotes == 0 {
+                return None;
+            }
+            let len = quotes.trailing_zeros() as usize;
+            // A backslash or a control character before the closing quote.
+            if special & ((1u32 << len) - 1) != 0 {
+                return None;
+            }
+            let end = i + 1 + len;
+            if self.b.get(end + 1) != Some(&b':') {
+                return None;
+            }
+            self.i = end + 2;
+            self.ws();
+            // SAFETY: `i + 1` follows a quote and `end` is at one: ASCII
+            // bytes of a valid UTF-8 text, so char boundaries.
+            Some(unsafe { self.text.get_unchecked(i + 1..end) })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
     }
 
     /// After a member: `,` (true: another follows) or `}` (false).
