@@ -127,53 +127,154 @@ pub fn replay_into(
     engine: &mut Engine,
     mut input: impl BufRead,
     mut output: impl Write,
-    mut dead_letters: Option<&mut dyn Write>,
+    dead_letters: Option<&mut dyn Write>,
     mut progress: Option<Progress<'_>>,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
     let model = Arc::clone(engine.model());
-    let encoder = Encoder::new(&model);
-    let mut summary = Summary::default();
-    let mut out = Vec::with_capacity(FLUSH_BYTES * 2);
-    let mut dead = Vec::new();
+    let mut run = Run {
+        engine,
+        encoder: Encoder::new(&model),
+        model,
+        summary: Summary::default(),
+        out: Vec::with_capacity(FLUSH_BYTES * 2),
+        dead: Vec::new(),
+        dead_letters,
+        outputs: [0; SignalKind::NAMES.len()],
+        lines: Vec::with_capacity(BATCH),
+    };
     let mut bytes_read = 0u64;
-    let mut outputs = [0u64; SignalKind::NAMES.len()];
-    // Lines are read and parsed in batches, so that each customer's state
-    // can be prefetched a few events before it is needed: with a million
-    // customers, waiting for memory is most of the cost of an event.
-    let mut batch: Vec<u8> = Vec::with_capacity(BATCH * 256);
-    let mut lines: Vec<(u64, std::ops::Range<usize>)> = Vec::with_capacity(BATCH);
+    // A line the reader's buffer ended in the middle of.
+    let mut carry: Vec<u8> = Vec::new();
 
+    // Lines are parsed where the reader holds them (no copy), in batches,
+    // so that each customer's state can be prefetched a few events before
+    // it is needed: with a million customers, waiting for memory is most
+    // of the cost of an event.
     loop {
-        batch.clear();
-        lines.clear();
-        while lines.len() < BATCH {
-            let start = batch.len();
-            let n = read_line(&mut input, &mut batch).map_err(ReplayError::Read)?;
-            if n == 0 {
-                break;
+        let buf = loop {
+            match input.fill_buf() {
+                Ok(b) => break b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ReplayError::Read(e)),
             }
-            bytes_read += n as u64;
-            summary.lines += 1;
-            let mut end = batch.len();
-            if batch[end - 1] == b'\n' {
-                end -= 1;
+        };
+        if buf.is_empty() {
+            // The last line, without a newline.
+            if !carry.is_empty() {
+                run.lines.clear();
+                run.add_line(&carry, 0..carry.len());
+                run.batch(&carry, &mut output)?;
             }
-            if batch[start..end]
-                .iter()
-                .all(|b| matches!(b, b' ' | b'\t' | b'\r'))
-            {
-                continue;
-            }
-            lines.push((summary.lines, start..end));
-        }
-        if lines.is_empty() {
             break;
         }
+        if !carry.is_empty() {
+            // Complete the carried line, then process it alone.
+            let used = match memchr::memchr(b'\n', buf) {
+                Some(i) => i + 1,
+                None => buf.len(),
+            };
+            carry.extend_from_slice(&buf[..used]);
+            input.consume(used);
+            bytes_read += used as u64;
+            if carry.last() == Some(&b'\n') {
+                run.lines.clear();
+                run.add_line(&carry, 0..carry.len() - 1);
+                run.batch(&carry, &mut output)?;
+                carry.clear();
+            }
+            continue;
+        }
+        run.lines.clear();
+        let mut end = 0;
+        while run.lines.len() < BATCH {
+            match memchr::memchr(b'\n', &buf[end..]) {
+                Some(i) => {
+                    run.add_line(buf, end..end + i);
+                    end += i + 1;
+                }
+                None => break,
+            }
+        }
+        if end == 0 {
+            // Not one whole line in the buffer: carry what there is.
+            carry.extend_from_slice(buf);
+            let used = buf.len();
+            input.consume(used);
+            bytes_read += used as u64;
+            continue;
+        }
+        run.batch(buf, &mut output)?;
+        input.consume(end);
+        bytes_read += end as u64;
+        if let Some(p) = progress.as_mut() {
+            p(bytes_read);
+        }
+    }
+    output.write_all(&run.out).map_err(ReplayError::WriteOutput)?;
+    output.flush().map_err(ReplayError::WriteOutput)?;
+    if let Some(w) = run.dead_letters {
+        w.flush().map_err(ReplayError::WriteDeadLetter)?;
+    }
+    if let Some(p) = progress.as_mut() {
+        p(bytes_read);
+    }
+    let mut summary = run.summary;
+    summary.outputs = run.outputs;
+    summary.customers = run.engine.customers().len() as u64;
+    summary.forgotten = run.engine.forgotten_count();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// The state of one replay between batches.
+struct Run<'e, 'd> {
+    engine: &'e mut Engine,
+    model: Arc<Model>,
+    encoder: Encoder,
+    summary: Summary,
+    /// Encoded outputs not yet written.
+    out: Vec<u8>,
+    /// One dead letter being encoded.
+    dead: Vec<u8>,
+    dead_letters: Option<&'d mut dyn Write>,
+    outputs: [u64; SignalKind::NAMES.len()],
+    /// The batch's non-blank lines: (line number, range in the text).
+    lines: Vec<(u64, std::ops::Range<usize>)>,
+}
+
+impl Run<'_, '_> {
+    /// Counts the line at `range` of `text` (its newline excluded) and
+    /// queues it unless it is blank.
+    #[inline]
+    fn add_line(&mut self, text: &[u8], range: std::ops::Range<usize>) {
+        self.summary.lines += 1;
+        if text[range.clone()]
+            .iter()
+            .all(|b| matches!(b, b' ' | b'\t' | b'\r'))
+        {
+            return;
+        }
+        self.lines.push((self.summary.lines, range));
+    }
+
+    /// Parses and applies the queued lines of `text`.
+    fn batch(&mut self, text: &[u8], output: &mut impl Write) -> Result<(), ReplayError> {
+        let Run {
+            engine,
+            model,
+            encoder,
+            summary,
+            out,
+            dead,
+            dead_letters,
+            outputs,
+            lines,
+        } = self;
         summary.events += lines.len() as u64;
         let parsed: Vec<Parsed<'_>> = lines
             .iter()
-            .map(|(_, range)| event::parse(&batch[range.clone()], &model, ParseContext::default()))
+            .map(|(_, range)| event::parse(&text[range.clone()], model, ParseContext::default()))
             .collect();
 
         for (i, p) in parsed.iter().enumerate() {
@@ -191,7 +292,7 @@ pub fn replay_into(
                 Parsed::Event(ev) => {
                     let mut sink = |s: &Signal<'_>| {
                         outputs[s.kind.index()] += 1;
-                        encoder.encode(s, &mut out);
+                        encoder.encode(s, out);
                         out.push(b'\n');
                     };
                     match engine.process_replay(ev, &mut sink) {
@@ -209,7 +310,7 @@ pub fn replay_into(
                     summary.erasures += 1;
                     engine.erase_replay(id, &mut |s: &Signal<'_>| {
                         outputs[s.kind.index()] += 1;
-                        encoder.encode(s, &mut out);
+                        encoder.encode(s, out);
                         out.push(b'\n');
                     });
                 }
@@ -218,63 +319,18 @@ pub fn replay_into(
                     summary.invalid[inv.reason as usize] += 1;
                     if let Some(w) = dead_letters.as_deref_mut() {
                         dead.clear();
-                        let payload = &batch[lines[i].1.clone()];
-                        write_dead_letter(&mut dead, line_no, inv.reason, &inv.detail, payload);
-                        w.write_all(&dead).map_err(ReplayError::WriteDeadLetter)?;
+                        let payload = &text[lines[i].1.clone()];
+                        write_dead_letter(dead, line_no, inv.reason, &inv.detail, payload);
+                        w.write_all(dead).map_err(ReplayError::WriteDeadLetter)?;
                     }
                 }
             }
             if out.len() >= FLUSH_BYTES {
-                output.write_all(&out).map_err(ReplayError::WriteOutput)?;
+                output.write_all(out).map_err(ReplayError::WriteOutput)?;
                 out.clear();
             }
         }
-        if let Some(p) = progress.as_mut() {
-            p(bytes_read);
-        }
-    }
-    output.write_all(&out).map_err(ReplayError::WriteOutput)?;
-    output.flush().map_err(ReplayError::WriteOutput)?;
-    if let Some(w) = dead_letters {
-        w.flush().map_err(ReplayError::WriteDeadLetter)?;
-    }
-    if let Some(p) = progress.as_mut() {
-        p(bytes_read);
-    }
-    summary.outputs = outputs;
-    summary.customers = engine.customers().len() as u64;
-    summary.forgotten = engine.forgotten_count();
-    summary.elapsed = started.elapsed();
-    Ok(summary)
-}
-
-/// Appends the next line of `input` to `out`, its newline included: what
-/// `BufRead::read_until(b'\n', out)` does, with the memchr crate's SIMD
-/// search instead of std's word-at-a-time one (std's search was 3% of a
-/// replay's instructions, about 300 for a 200-byte line).
-fn read_line(input: &mut impl BufRead, out: &mut Vec<u8>) -> std::io::Result<usize> {
-    let mut read = 0;
-    loop {
-        let available = match input.fill_buf() {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let (done, used) = match memchr::memchr(b'\n', available) {
-            Some(i) => {
-                out.extend_from_slice(&available[..=i]);
-                (true, i + 1)
-            }
-            None => {
-                out.extend_from_slice(available);
-                (available.is_empty(), available.len())
-            }
-        };
-        input.consume(used);
-        read += used;
-        if done {
-            return Ok(read);
-        }
+        Ok(())
     }
 }
 
@@ -299,26 +355,61 @@ fn write_dead_letter(
 
 #[cfg(test)]
 mod tests {
-    use super::read_line;
-    use std::io::{BufRead, BufReader};
+    use super::replay;
+    use std::io::BufReader;
+    use std::sync::Arc;
 
+    /// Lines straddle the reader's buffer at every position: blank lines,
+    /// CRLF, an invalid line, a last line without a newline. Every buffer
+    /// size must give the outputs, dead letters and counts of reading the
+    /// whole text at once.
     #[test]
-    fn read_line_splits_like_read_until() {
-        let text: &[u8] =
-            b"{\"a\":1}\n\n\r\nlonger line spanning several reads \xc3\xa9\nlast without newline";
-        // A 4-byte buffer: most lines straddle several refills.
-        for capacity in [1, 4, 7, 64, 8192] {
-            let mut ours = BufReader::with_capacity(capacity, text);
-            let mut theirs = BufReader::with_capacity(capacity, text);
-            loop {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                let n = read_line(&mut ours, &mut a).unwrap();
-                let m = theirs.read_until(b'\n', &mut b).unwrap();
-                assert_eq!((n, &a), (m, &b), "capacity {capacity}");
-                if n == 0 {
-                    break;
-                }
+    fn lines_split_across_reads_replay_as_one_text() {
+        let model = Arc::new(
+            crate::config::Settings::from_toml(
+                "[scoring.activities]\npage_view = { weight = 1.0 }\npurchase = { weight = 10.0 }\n",
+                std::path::Path::new("t.toml"),
+            )
+            .unwrap()
+            .model,
+        );
+        let mut text = String::new();
+        for i in 0..40 {
+            let kind = if i % 3 == 0 { "purchase" } else { "page_view" };
+            text.push_str(&format!(
+                "{{\"customer_id\":\"c-{}\",\"type\":\"{kind}\",\"timestamp\":\"2026-11-20T10:{:02}:00Z\"}}",
+                i % 7,
+                i
+            ));
+            text.push_str(match i % 5 {
+                0 => "\r\n",
+                1 => "\n\n",
+                2 => "\n \t\n",
+                _ => "\n",
+            });
+            if i == 17 {
+                text.push_str("{\"customer_id\": oops\n");
             }
+        }
+        text.push_str(
+            "{\"customer_id\":\"last\",\"type\":\"purchase\",\"timestamp\":\"2026-11-20T11:00:00Z\"}",
+        );
+        let run = |capacity: usize| {
+            let mut out = Vec::new();
+            let mut dead = Vec::new();
+            let reader = BufReader::with_capacity(capacity, text.as_bytes());
+            let (_, mut summary) =
+                replay(Arc::clone(&model), reader, &mut out, Some(&mut dead), None).unwrap();
+            summary.elapsed = Default::default();
+            (summary, out, dead)
+        };
+        let whole = run(1 << 20);
+        assert_eq!(whole.0.events, 42);
+        assert_eq!(whole.0.invalid_total(), 1);
+        assert_eq!(whole.0.lines, 40 + 8 + 8 + 1 + 1);
+        assert!(!whole.1.is_empty() && !whole.2.is_empty());
+        for capacity in [1, 2, 3, 7, 64, 100, 101, 4096] {
+            assert_eq!(run(capacity), whole, "capacity {capacity}");
         }
     }
 }
