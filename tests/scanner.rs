@@ -268,9 +268,7 @@ fn keys_of_every_length_and_shape_agree_with_serde_json() {
                 }
                 let whole = format!("{{{member}}}");
                 for cut in 1..whole.len() {
-                    if whole.is_char_boundary(cut) {
-                        same(whole[..cut].as_bytes()).unwrap();
-                    }
+                    same(&whole.as_bytes()[..cut]).unwrap();
                 }
             }
         }
