@@ -18,14 +18,57 @@ pub fn round2(x: f64) -> f64 {
 /// Encodes signals of one model as JSON.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    tiers: Vec<String>,
-    activities: Vec<String>,
+    /// Tier names as JSON strings.
+    tiers: Vec<Name>,
+    /// Activity names as object keys: `"name":`.
+    activities: Vec<Name>,
+}
+
+/// Bytes of a [`Name`] copied as one fixed block.
+const NAME_BLOCK: usize = 48;
+
+/// A text the model fixes, encoded once, ready to append: as a padded
+/// block when short (a fixed-size copy, see [`extend_block`]), else as is.
+#[derive(Debug, Clone)]
+struct Name {
+    block: [u8; NAME_BLOCK],
+    len: usize,
+    long: Box<[u8]>,
+}
+
+impl Name {
+    fn new(bytes: Vec<u8>) -> Name {
+        let mut block = [0u8; NAME_BLOCK];
+        let len = bytes.len();
+        if len <= NAME_BLOCK {
+            block[..len].copy_from_slice(&bytes);
+        }
+        Name {
+            block,
+            len,
+            long: bytes.into_boxed_slice(),
+        }
+    }
+
+    #[inline(always)]
+    fn push(&self, out: &mut Vec<u8>) {
+        if self.len <= NAME_BLOCK {
+            extend_block(out, &self.block, self.len);
+        } else {
+            out.extend_from_slice(&self.long);
+        }
+    }
 }
 
 /// Appends `s` as a JSON string literal.
+#[inline]
 pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    let plain = s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
-    if plain {
+    // Without a branch per byte: the check vectorizes.
+    let special = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !special {
+        out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
@@ -45,7 +88,45 @@ fn json_str(s: &str) -> String {
 /// decimal that reads back as the rounded value (`63.2`, `55.0`, `0.07`).
 #[inline]
 pub fn push_score(out: &mut Vec<u8>, x: f64) {
-    let cents = (x * 100.0).round();
+    let y = x * 100.0;
+    if y.abs() < 999_999_999.0 {
+        // `y.round()` without the call to libm's round (x86_64's baseline
+        // has no rounding instruction): truncate, then away from zero
+        // from a half on. Exact: below 2^52, `y - trunc(y)` is.
+        let t = y as i64;
+        let rest = y - t as f64;
+        let cents = t + i64::from(rest >= 0.5) - i64::from(rest <= -0.5);
+        // Every score and contribution: below ten million (the bound keeps
+        // the rounded cents within 9 digits), written digit
+        // by digit into a fixed block (no formatter, no copy call).
+        let c = cents;
+        let neg = c < 0;
+        let c = c.unsigned_abs() as u32;
+        let (mut int, frac) = (c / 100, (c % 100) as usize);
+        let digits = match int {
+            0..=9 => 1,
+            10..=99 => 2,
+            100..=999 => 3,
+            1_000..=9_999 => 4,
+            10_000..=99_999 => 5,
+            100_000..=999_999 => 6,
+            _ => 7,
+        };
+        let mut b = [b'-'; 12];
+        let start = usize::from(neg);
+        for k in (start..start + digits).rev() {
+            b[k] = b'0' + (int % 10) as u8;
+            int /= 10;
+        }
+        let dot = start + digits;
+        b[dot] = b'.';
+        b[dot + 1..dot + 3].copy_from_slice(&crate::timestamp::DIGIT_PAIRS[frac]);
+        // `55.0`, not `55.00`; `0.07` keeps both digits.
+        let len = dot + if frac % 10 == 0 { 2 } else { 3 };
+        extend_block(out, &b, len);
+        return;
+    }
+    let cents = y.round();
     if cents.abs() < 1e15 {
         // Exact in i64 and in f64: print the digits directly instead of
         // running the general float formatter.
@@ -66,6 +147,22 @@ pub fn push_score(out: &mut Vec<u8>, x: f64) {
     }
 }
 
+/// Appends the first `len` bytes of `block`: the whole block is copied
+/// (a fixed size: a move or two, where a slice of variable length is a
+/// call to memcpy) and the vector's length then set past the `len` bytes.
+#[inline(always)]
+fn extend_block<const N: usize>(out: &mut Vec<u8>, block: &[u8; N], len: usize) {
+    let len = len.min(N);
+    out.reserve(N);
+    // SAFETY: `reserve` made room for N more bytes past the length, which
+    // `block`, another object, cannot overlap; the first `len` of them
+    // (len <= N) are then initialised.
+    unsafe {
+        std::ptr::copy_nonoverlapping(block.as_ptr(), out.as_mut_ptr().add(out.len()), N);
+        out.set_len(out.len() + len);
+    }
+}
+
 #[inline]
 pub fn push_time(out: &mut Vec<u8>, t: Millis) {
     out.push(b'"');
@@ -76,15 +173,25 @@ pub fn push_time(out: &mut Vec<u8>, t: Millis) {
 impl Encoder {
     pub fn new(model: &Model) -> Encoder {
         Encoder {
-            tiers: model.tiers.iter().map(|t| json_str(&t.name)).collect(),
-            activities: model.activities.iter().map(|a| json_str(&a.name)).collect(),
+            tiers: model
+                .tiers
+                .iter()
+                .map(|t| Name::new(json_str(&t.name).into_bytes()))
+                .collect(),
+            activities: model
+                .activities
+                .iter()
+                .map(|a| Name::new(format!("{}:", json_str(&a.name)).into_bytes()))
+                .collect(),
         }
     }
 
-    fn tier(&self, tier: u8) -> &[u8] {
-        self.tiers
-            .get(usize::from(tier))
-            .map_or(b"null".as_slice(), |s| s.as_bytes())
+    #[inline]
+    fn push_tier(&self, out: &mut Vec<u8>, tier: u8) {
+        match self.tiers.get(usize::from(tier)) {
+            Some(name) => name.push(out),
+            None => out.extend_from_slice(b"null"),
+        }
     }
 
     /// Appends the JSON object of `signal` to `out` (no newline).
@@ -112,9 +219,9 @@ impl Encoder {
                 out.extend_from_slice(b",\"previous_score\":");
                 push_score(out, previous_score);
                 out.extend_from_slice(b",\"tier\":");
-                out.extend_from_slice(self.tier(signal.tier));
+                self.push_tier(out, signal.tier);
                 out.extend_from_slice(b",\"previous_tier\":");
-                out.extend_from_slice(self.tier(previous_tier));
+                self.push_tier(out, previous_tier);
                 out.extend_from_slice(b",\"cause\":\"");
                 out.extend_from_slice(cause.as_str().as_bytes());
                 out.push(b'"');
@@ -130,8 +237,7 @@ impl Encoder {
                             out.push(b',');
                         }
                         first = false;
-                        out.extend_from_slice(name.as_bytes());
-                        out.push(b':');
+                        name.push(out);
                         push_score(out, *c);
                     }
                 }
@@ -145,7 +251,7 @@ impl Encoder {
                 out.extend_from_slice(b",\"peak_score\":");
                 push_score(out, peak_score);
                 out.extend_from_slice(b",\"tier\":");
-                out.extend_from_slice(self.tier(signal.tier));
+                self.push_tier(out, signal.tier);
                 out.extend_from_slice(b",\"level\":\"");
                 out.extend_from_slice(if signal.tier == 0 {
                     b"high".as_slice()
@@ -167,7 +273,7 @@ impl Encoder {
             }
             SignalKind::ChurnRiskCleared => {
                 out.extend_from_slice(b",\"tier\":");
-                out.extend_from_slice(self.tier(signal.tier));
+                self.push_tier(out, signal.tier);
                 out.push(b'}');
             }
             SignalKind::CustomerErased => {}
@@ -233,6 +339,43 @@ mod tests {
             let mut ryu = ryu::Buffer::new();
             if round2(x).abs() < 1e13 {
                 assert_eq!(text, ryu.format(round2(x)), "{x}");
+            }
+        }
+    }
+
+    #[test]
+    fn scores_of_every_magnitude_print_like_ryu() {
+        // Every number of cents near each power of ten up to the fast
+        // path's bound and past it, and fractions that round either way.
+        let mut xs = Vec::new();
+        for p in 0..12 {
+            let base = 10f64.powi(p);
+            for d in -120i32..120 {
+                xs.push((base + f64::from(d)) / 100.0);
+                xs.push(-(base + f64::from(d)) / 100.0);
+            }
+        }
+        for i in 0..20_000 {
+            xs.push(f64::from(i) * 0.0137 - 120.0);
+        }
+        for x in xs {
+            let mut out = Vec::new();
+            push_score(&mut out, x);
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(
+                text.parse::<f64>().unwrap(),
+                round2(x),
+                "{x} printed as {text}"
+            );
+            if round2(x).abs() < 1e13 {
+                let expected = ryu::Buffer::new().format(round2(x)).to_string();
+                // ryu writes -0.0 for a negative zero; scores have no sign there.
+                let expected = if expected == "-0.0" {
+                    "0.0".to_string()
+                } else {
+                    expected
+                };
+                assert_eq!(text, expected, "{x}");
             }
         }
     }

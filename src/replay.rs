@@ -211,7 +211,9 @@ pub fn replay_into(
             p(bytes_read);
         }
     }
-    output.write_all(&run.out).map_err(ReplayError::WriteOutput)?;
+    output
+        .write_all(&run.out)
+        .map_err(ReplayError::WriteOutput)?;
     output.flush().map_err(ReplayError::WriteOutput)?;
     if let Some(w) = run.dead_letters {
         w.flush().map_err(ReplayError::WriteDeadLetter)?;

@@ -243,29 +243,39 @@ impl std::fmt::Debug for Rfc3339 {
 pub fn format_rfc3339(ms: Millis) -> Rfc3339 {
     let ms = ms.clamp(MIN_MILLIS, MAX_MILLIS);
     let days = ms.div_euclid(MILLIS_PER_DAY);
-    let in_day = ms.rem_euclid(MILLIS_PER_DAY);
+    // Below a day's milliseconds: u32 arithmetic from here.
+    let in_day = ms.rem_euclid(MILLIS_PER_DAY) as u32;
     let (y, m, d) = civil_from_days(days);
-    let (hh, rest) = (in_day / 3_600_000, in_day % 3_600_000);
-    let (mm, rest) = (rest / 60_000, rest % 60_000);
-    let (ss, milli) = (rest / 1000, rest % 1000);
+    let (secs, milli) = (in_day / 1000, in_day % 1000);
+    let (hh, rest) = (secs / 3600, secs % 3600);
+    let (mm, ss) = (rest / 60, rest % 60);
+    let y = y as u32; // 0..=9999 after the clamp
 
+    // Two digits at a time from a table: every output carries one or two
+    // of these, and a digit loop per field cost about 260 instructions.
     let mut b = *b"0000-00-00T00:00:00.000Z";
-    put_digits(&mut b[0..4], y as u32);
-    put_digits(&mut b[5..7], m);
-    put_digits(&mut b[8..10], d);
-    put_digits(&mut b[11..13], hh as u32);
-    put_digits(&mut b[14..16], mm as u32);
-    put_digits(&mut b[17..19], ss as u32);
-    put_digits(&mut b[20..23], milli as u32);
+    b[0..2].copy_from_slice(&DIGIT_PAIRS[(y / 100) as usize]);
+    b[2..4].copy_from_slice(&DIGIT_PAIRS[(y % 100) as usize]);
+    b[5..7].copy_from_slice(&DIGIT_PAIRS[m as usize]);
+    b[8..10].copy_from_slice(&DIGIT_PAIRS[d as usize]);
+    b[11..13].copy_from_slice(&DIGIT_PAIRS[hh as usize]);
+    b[14..16].copy_from_slice(&DIGIT_PAIRS[mm as usize]);
+    b[17..19].copy_from_slice(&DIGIT_PAIRS[ss as usize]);
+    b[20] = b'0' + (milli / 100) as u8;
+    b[21..23].copy_from_slice(&DIGIT_PAIRS[(milli % 100) as usize]);
     Rfc3339(b)
 }
 
-fn put_digits(out: &mut [u8], mut v: u32) {
-    for slot in out.iter_mut().rev() {
-        *slot = b'0' + (v % 10) as u8;
-        v /= 10;
+/// "00" to "99".
+pub(crate) static DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
     }
-}
+    t
+};
 
 /// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to (year, month, day).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -442,6 +452,25 @@ mod tests {
             assert_eq!(parse_rfc3339(text.as_str()), Some(ms + 45_296_789));
             ms += MILLIS_PER_DAY;
         }
+    }
+
+    #[test]
+    fn formats_like_chrono_at_every_time_of_day() {
+        // A step prime to every field's period: each hour, minute, second
+        // and millisecond value comes round, over years 0000 to 9999.
+        let (min, max) = (MIN_MILLIS, MAX_MILLIS);
+        let step = (max - min) / 1_000_003;
+        let mut ms = min;
+        while ms <= max {
+            let expected = chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string();
+            assert_eq!(format_rfc3339(ms).as_str(), expected, "{ms}");
+            ms += step;
+        }
+        assert_eq!(format_rfc3339(max).as_str(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_rfc3339(min).as_str(), "0000-01-01T00:00:00.000Z");
     }
 
     #[test]
