@@ -323,9 +323,20 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// [`Self::skip_value`] with the common case, a string, inline: most
+    /// skipped members are strings, and the general skip is a call.
+    #[inline(always)]
+    fn skip(&mut self, depth: u32) -> Result<(), Stop> {
+        if self.peek() == Some(b'"') {
+            self.string().map(|_| ()).ok_or(Stop::Invalid)
+        } else {
+            self.skip_value(depth)
+        }
+    }
+
     /// Skips a value and returns its raw text; `escapes` is set when it is
     /// a string with escapes.
-    #[inline]
+    #[inline(always)]
     fn raw(&mut self, depth: u32, escapes: &mut bool) -> Result<&'a str, Stop> {
         let start = self.i;
         if self.peek() == Some(b'"') {
@@ -461,7 +472,7 @@ impl<'a> Scanner<'a> {
                     f.properties_revenue = revenue;
                     f.properties_value = value;
                 }
-                Key::Revenue | Key::Segment | Key::Other => self.skip_value(1)?,
+                Key::Revenue | Key::Segment | Key::Other => self.skip(1)?,
             }
             if !self.next_member()? {
                 f.plain = !escapes;
@@ -495,7 +506,7 @@ impl<'a> Scanner<'a> {
                     out.0 = Some(self.raw(2, escapes)?)
                 }
                 (Nested::Properties, Key::Value) => out.1 = Some(self.raw(2, escapes)?),
-                _ => self.skip_value(2)?,
+                _ => self.skip(2)?,
             }
             if !self.next_member()? {
                 return Ok(out);
