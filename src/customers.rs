@@ -368,8 +368,16 @@ impl CustomerTable {
     }
 
     /// Saves a record's words before its first change during a snapshot.
-    #[inline]
+    #[inline(always)]
     fn before_write(&mut self, slot: Slot) {
+        if self.snapshot.is_some() {
+            self.save_for_snapshot(slot);
+        }
+    }
+
+    /// [`Self::before_write`] while a snapshot is being copied.
+    #[cold]
+    fn save_for_snapshot(&mut self, slot: Slot) {
         if let Some(copy) = &mut self.snapshot {
             let s = slot as usize;
             if s >= copy.next && s < copy.len && !copy.saved.contains_key(&slot) {
@@ -555,6 +563,11 @@ impl CustomerTable {
     #[inline]
     pub fn find_hashed(&self, hash: u64, id: &str) -> Option<Slot> {
         let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
+        if let Some(key) = InlineKey::of(id) {
+            return self
+                .index
+                .find(hash, |slot| key.matches(words, stride, slot));
+        }
         self.index.find(hash, |slot| {
             Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
         })
@@ -568,12 +581,23 @@ impl CustomerTable {
         self.index.prefetch(self.hash(id.as_bytes()));
     }
 
+    /// [`Self::prefetch_index`] with the id's hash computed beforehand.
+    #[inline]
+    pub fn prefetch_index_hashed(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
     /// Starts loading the record of `id` into the cache, if it exists, so
     /// that a lookup a little later does not wait for memory. Only a hint.
     /// Reads the index: best after [`Self::prefetch_index`].
     #[inline]
     pub fn prefetch(&self, id: &str) {
-        let hash = self.hash(id.as_bytes());
+        self.prefetch_hashed(self.hash(id.as_bytes()));
+    }
+
+    /// [`Self::prefetch`] with the id's hash computed beforehand.
+    #[inline]
+    pub fn prefetch_hashed(&self, hash: u64) {
         let (words, wake, stride) = (&self.words, &self.wake, self.layout.stride);
         // Every candidate of the probe is prefetched; none is compared.
         self.index.candidates(hash, |slot| {
@@ -618,10 +642,7 @@ impl CustomerTable {
         id: &str,
         init: impl FnOnce() -> NewCustomer,
     ) -> Result<(Slot, bool), TableFull> {
-        let (words, ids, stride) = (&self.words, &self.ids, self.layout.stride);
-        if let Some(slot) = self.index.find(hash, |slot| {
-            Self::id_bytes(words, ids, stride, slot) == id.as_bytes()
-        }) {
+        if let Some(slot) = self.find_hashed(hash, id) {
             return Ok((slot, false));
         }
         Ok((self.insert_new_hashed(hash, id, init())?, true))
@@ -792,6 +813,44 @@ fn prefetch_lines<T>(words: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = words;
+}
+
+/// A short id as its record holds it: its length in the low bits of the
+/// first word, its bytes zero-padded in the next three. A lookup compares
+/// words (a few instructions) instead of calling memcmp on the bytes.
+#[derive(Clone, Copy)]
+struct InlineKey {
+    len: u32,
+    words: [u32; 3],
+}
+
+impl InlineKey {
+    #[inline]
+    fn of(id: &str) -> Option<InlineKey> {
+        let b = id.as_bytes();
+        if b.is_empty() || b.len() > INLINE_ID {
+            return None;
+        }
+        let mut bytes = [0u8; INLINE_ID];
+        bytes[..b.len()].copy_from_slice(b);
+        let word =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        Some(InlineKey {
+            len: b.len() as u32,
+            words: [word(0), word(4), word(8)],
+        })
+    }
+
+    /// Whether the record in `slot` holds this id. Inline ids are stored
+    /// zero-padded (records start zeroed; see `push` and `from_records`).
+    #[inline]
+    fn matches(&self, words: &[u32], stride: usize, slot: Slot) -> bool {
+        let base = slot as usize * stride;
+        match words.get(base..base + 4) {
+            Some(head) => head[0] & 0x1ff == self.len && head[1..4] == self.words,
+            None => false,
+        }
+    }
 }
 
 /// The id bytes of a record whose first 4 words are `head`.
@@ -1156,6 +1215,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn ids_of_every_length_are_found_exactly() {
+        // Around the inline limit (12 bytes), with NUL bytes and ids that
+        // are prefixes or zero-padded versions of each other: a lookup
+        // finds exactly the id inserted, byte for byte.
+        let mut ids: Vec<String> = Vec::new();
+        for len in 1..=16 {
+            let base: String = "abcdefghijklmnop"[..len].to_string();
+            ids.push(base.clone());
+            ids.push(format!("{}\0", &base[..len - 1]));
+            ids.push(format!("\0{}", &base[1..]));
+            ids.push(format!("{}é", &base[..len - 1]));
+        }
+        ids.sort();
+        ids.dedup();
+        let mut t = CustomerTable::new(layout());
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(t.find(id), None, "{id:?} before insertion");
+            let (slot, new) = t
+                .find_or_insert(id, || NewCustomer {
+                    last_event_at: i as i64,
+                    peak_at: 0,
+                })
+                .unwrap();
+            assert!(new, "{id:?}");
+            assert_eq!(slot as usize, i);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let slot = t.find(id).unwrap();
+            assert_eq!(t.id(slot), id);
+            assert_eq!(t.record(slot).last_event_at(), i as i64);
+            let hash = t.hash_id(id);
+            assert_eq!(t.find_hashed(hash, id), Some(slot));
+        }
+        assert_eq!(t.find("abcdefghijklmnopq"), None);
+        assert_eq!(t.find("\0\0"), None);
+        assert_eq!(t.find("b"), None);
     }
 
     #[test]

@@ -291,6 +291,25 @@ impl Engine {
         self.table.prefetch_index(customer_id);
     }
 
+    /// The hash of a customer id in this engine's table, for the `_hashed`
+    /// calls: a batch computes it once per event instead of once per stage.
+    #[inline]
+    pub fn customer_hash(&self, customer_id: &str) -> u64 {
+        self.table.hash_id(customer_id)
+    }
+
+    /// [`Self::prefetch`] by the id's [`Self::customer_hash`].
+    #[inline]
+    pub fn prefetch_hashed(&self, hash: u64) {
+        self.table.prefetch_hashed(hash);
+    }
+
+    /// [`Self::prefetch_index`] by the id's [`Self::customer_hash`].
+    #[inline]
+    pub fn prefetch_index_hashed(&self, hash: u64) {
+        self.table.prefetch_index_hashed(hash);
+    }
+
     pub fn customers_mut(&mut self) -> &mut CustomerTable {
         &mut self.table
     }
@@ -341,10 +360,21 @@ impl Engine {
         event: &Event<'_>,
         sink: &mut impl SignalSink,
     ) -> Result<Outcome, EngineError> {
+        let hash = self.table.hash_id(&event.customer_id);
+        self.process_replay_hashed(event, hash, sink)
+    }
+
+    /// [`Self::process_replay`] with the customer id's
+    /// [`Self::customer_hash`] computed beforehand.
+    pub fn process_replay_hashed(
+        &mut self,
+        event: &Event<'_>,
+        hash: u64,
+        sink: &mut impl SignalSink,
+    ) -> Result<Outcome, EngineError> {
         if self.too_late(event.timestamp) {
             return Ok(Outcome::Ignored(IgnoreReason::TooLate));
         }
-        let hash = self.table.hash_id(&event.customer_id);
         let mut found = self.table.find_hashed(hash, &event.customer_id);
         let id_hash = self.id_hash(event);
         if self.is_duplicate(found, id_hash) {

@@ -279,15 +279,25 @@ impl Run<'_, '_> {
             .map(|(_, range)| event::parse(&text[range.clone()], model, ParseContext::default()))
             .collect();
 
+        // Each customer id hashed once, for the two prefetch stages and the
+        // lookup (0 where there is no event: never used).
+        let hashes: Vec<u64> = parsed
+            .iter()
+            .map(|p| match p {
+                Parsed::Event(ev) => engine.customer_hash(&ev.customer_id),
+                _ => 0,
+            })
+            .collect();
+
         for (i, p) in parsed.iter().enumerate() {
             // A lookup in two stages: the index lines of the customer two
             // distances ahead, then the record of the one a distance ahead
             // (its index lines loaded by now).
-            if let Some(Parsed::Event(ahead)) = parsed.get(i + 2 * PREFETCH_DISTANCE) {
-                engine.prefetch_index(&ahead.customer_id);
+            if let Some(Parsed::Event(_)) = parsed.get(i + 2 * PREFETCH_DISTANCE) {
+                engine.prefetch_index_hashed(hashes[i + 2 * PREFETCH_DISTANCE]);
             }
-            if let Some(Parsed::Event(ahead)) = parsed.get(i + PREFETCH_DISTANCE) {
-                engine.prefetch(&ahead.customer_id);
+            if let Some(Parsed::Event(_)) = parsed.get(i + PREFETCH_DISTANCE) {
+                engine.prefetch_hashed(hashes[i + PREFETCH_DISTANCE]);
             }
             let line_no = lines[i].0;
             match p {
@@ -297,7 +307,7 @@ impl Run<'_, '_> {
                         encoder.encode(s, out);
                         out.push(b'\n');
                     };
-                    match engine.process_replay(ev, &mut sink) {
+                    match engine.process_replay_hashed(ev, hashes[i], &mut sink) {
                         Ok(Outcome::Applied { .. }) => summary.accepted += 1,
                         Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
                         Err(source) => {
