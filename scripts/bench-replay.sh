@@ -4,6 +4,7 @@
 # Generates a file of EVENTS events over CUSTOMERS customers (default 5M over
 # 1M, one day of traffic), then measures in the same run:
 #   - the parse-only baseline: serde_json parsing every line into a struct;
+#     (every timing: the median of ROUNDS interleaved runs, default 3)
 #   - replay of the same file (outputs to /dev/null), on one core;
 #   - resident memory of replay, minus that of replaying an empty file,
 #     per customer, with the default de-duplication depth and without.
@@ -32,12 +33,24 @@ cat "$FILE" "$SMALL_FILE" > /dev/null # warm the page cache for every run
 PIN=()
 command -v taskset >/dev/null && PIN=(taskset -c 0)
 
-base=$( { /usr/bin/time -f "%e" "${PIN[@]}" target/release/examples/parse_baseline "$FILE" 2>&1 >/dev/null; } | tail -1)
+# The machine is shared: each timing is taken ROUNDS times (default 3),
+# the three runs interleaved round by round, and the median reported, so
+# that one disturbed run moves no ratio.
+ROUNDS=${ROUNDS:-3}
+median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+bases=() replays=() smalls=()
+for round in $(seq "$ROUNDS"); do
+  bases+=("$( { /usr/bin/time -f "%e" "${PIN[@]}" target/release/examples/parse_baseline "$FILE" 2>&1 >/dev/null; } | tail -1)")
+  summary=$( { /usr/bin/time -f "time %e rss %M" "${PIN[@]}" "$BIN" replay --config config/default.toml --input "$FILE" --output /dev/null --no-progress 2>&1; } )
+  echo "round $round: $(echo "$summary" | head -1)"
+  replays+=("$(echo "$summary" | awk '/^time/ {print $2}')")
+  smalls+=("$( { /usr/bin/time -f "time %e" "${PIN[@]}" "$BIN" replay --config config/default.toml --input "$SMALL_FILE" --output /dev/null --no-progress 2>&1; } | awk '/^time/ {print $2}')")
+done
+echo "baseline runs: ${bases[*]} s; replay: ${replays[*]} s; replay, $SMALL customers: ${smalls[*]} s"
+base=$(printf '%s\n' "${bases[@]}" | median)
+replay=$(printf '%s\n' "${replays[@]}" | median)
+small=$(printf '%s\n' "${smalls[@]}" | median)
 empty_rss=$( { /usr/bin/time -f "%M" "$BIN" replay --config config/default.toml --input /dev/null --output /dev/null 2>&1; } | tail -1)
-summary=$( { /usr/bin/time -f "time %e rss %M" "${PIN[@]}" "$BIN" replay --config config/default.toml --input "$FILE" --output /dev/null --no-progress 2>&1; } )
-echo "$summary" | head -1
-replay=$(echo "$summary" | awk '/^time/ {print $2}')
-small=$( { /usr/bin/time -f "time %e" "${PIN[@]}" "$BIN" replay --config config/default.toml --input "$SMALL_FILE" --output /dev/null --no-progress 2>&1; } | awk '/^time/ {print $2}')
 rss=$(echo "$summary" | awk '/^time/ {print $4}')
 customers=$(echo "$summary" | sed -n "s/.*, \([0-9]*\) customers.*/\1/p")
 # Memory without de-duplication (input.dedup_depth = 0): the record
