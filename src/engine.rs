@@ -172,6 +172,9 @@ pub struct Engine {
     /// Sweeps only ever run at multiples of `sweep_interval` later than any
     /// evaluation so far (replay); lets sweeps skip more customers.
     sweeps_on_grid: bool,
+    /// Sweeps skip customers whose quiet horizon is ahead (always, but
+    /// for the test that compares skipping with evaluating everyone).
+    skip_quiet: bool,
     /// Customers per emitted tier, and customers at risk: kept as the
     /// state changes, so that metrics never scan the table.
     tier_counts: Vec<u64>,
@@ -243,6 +246,7 @@ impl Engine {
             watermark: None,
             contributions: vec![0.0; n],
             sweeps_on_grid: true,
+            skip_quiet: true,
             tier_counts: vec![0; model_tiers],
             at_risk: 0,
             forgotten: 0,
@@ -261,6 +265,15 @@ impl Engine {
         e.watermark = watermark;
         e.recount();
         e
+    }
+
+    /// Sweeps evaluate every customer, as section 4 describes them, instead
+    /// of skipping those whose quiet horizon shows that nothing can change.
+    /// Only for tests: the outputs must be the same either way.
+    #[doc(hidden)]
+    pub fn evaluating_every_sweep(mut self) -> Engine {
+        self.skip_quiet = false;
+        self
     }
 
     /// For live mode: sweeps run at any time, not only on the replay grid.
@@ -592,7 +605,8 @@ impl Engine {
             }
             left -= 1;
             let wakes = self.table.wakes();
-            let due = |w: u16| w == 0 || i64::from(w) < need;
+            let skip_quiet = self.skip_quiet;
+            let due = |w: u16| !skip_quiet || w == 0 || i64::from(w) < need;
             ahead = ahead.max(slot as usize + 1);
             while in_flight < SWEEP_PREFETCH && ahead < wakes.len() {
                 if due(wakes[ahead]) {
@@ -642,6 +656,43 @@ impl Engine {
         }
     }
 
+    /// [`Engine::score_at`] at `t` with the contributions, and the positive
+    /// and negative parts at `t1`, in one pass over the sums: the same
+    /// operations, in the same order, as two calls of [`Engine::parts_at`].
+    #[inline]
+    fn score_and_next(
+        model: &Model,
+        rec: Record<'_>,
+        t: Millis,
+        t1: Millis,
+        contributions: &mut [f64],
+    ) -> (Evaluated, (f64, f64)) {
+        let last = rec.last_event_at();
+        let (factor, factor1) = (model.decay(t - last), model.decay(t1 - last));
+        let (mut positive, mut negative) = (0.0, 0.0);
+        let (mut positive1, mut negative1) = (0.0, 0.0);
+        let (sums, caps) = (rec.sum_bits(), model.caps());
+        for ((&bits, &cap), out) in sums.iter().zip(caps).zip(contributions) {
+            let sum = f64::from(f32::from_bits(bits));
+            let c = min_sd(sum * factor, cap);
+            positive += max_sd(c, 0.0);
+            negative += min_sd(c, 0.0);
+            *out = c;
+            let c1 = min_sd(sum * factor1, cap);
+            positive1 += max_sd(c1, 0.0);
+            negative1 += min_sd(c1, 0.0);
+        }
+        let diversity = Self::diversity_at(model, rec, t);
+        let score = model.normalize((positive + negative).max(0.0) * diversity);
+        let now = Evaluated {
+            positive,
+            negative,
+            diversity,
+            score,
+        };
+        (now, (positive1, negative1))
+    }
+
     #[inline]
     fn diversity_at(model: &Model, rec: Record<'_>, t: Millis) -> f64 {
         let Some(d) = model.diversity else {
@@ -667,7 +718,18 @@ impl Engine {
         let model = &*self.model;
         let wake_base = self.table.wake_base();
         let (customer_id, mut rec) = self.table.id_and_record_mut(slot);
-        let now = Self::score_at(model, rec.as_record(), t, Some(&mut self.contributions));
+        // On the grid, the parts at the next sweep (for the quiet horizon)
+        // are computed in the same pass over the sums as the score.
+        let interval = model.signals.sweep_interval;
+        let (now, next) = if self.sweeps_on_grid {
+            let t1 = (t.div_euclid(interval) + 1) * interval;
+            let (now, next) =
+                Self::score_and_next(model, rec.as_record(), t, t1, &mut self.contributions);
+            (now, Some(next))
+        } else {
+            let now = Self::score_at(model, rec.as_record(), t, Some(&mut self.contributions));
+            (now, None)
+        };
         // 1. The tier, with hysteresis around the emitted one.
         let s = now.score;
         let tier = model.tier_from(s, rec.emitted_tier());
@@ -759,15 +821,7 @@ impl Engine {
             rec.set_flag(flags::DIRTY, true);
         }
 
-        let wake = Self::quiet_until(
-            model,
-            rec.as_record(),
-            t,
-            &now,
-            self.sweeps_on_grid,
-            &self.grid_decay,
-        );
-        let interval = model.signals.sweep_interval;
+        let wake = Self::quiet_until(model, rec.as_record(), t, &now, next, &self.grid_decay);
         match wake {
             Some(n) if n - wake_base >= i64::from(u16::MAX) || n - wake_base < 1 => {
                 // Out of the marks' range: move the base to the current sweep.
@@ -792,14 +846,18 @@ impl Engine {
     /// largest. If that whole range keeps every rule of section 5 on the
     /// same side (no emission, no new peak, the same tier and churn
     /// reasons), every evaluation in the window would change nothing.
+    ///
+    /// `next`: on the grid, the positive and negative parts at the next
+    /// boundary (see [`Engine::score_and_next`]); `None` off the grid.
     fn quiet_until(
         model: &Model,
         rec: Record<'_>,
         t: Millis,
         now: &Evaluated,
-        grid: bool,
+        next: Option<(f64, f64)>,
         grid_decay: &[f64; 4],
     ) -> Option<i64> {
+        let grid = next.is_some();
         // Far from the range where f64 rounding cannot matter: always evaluate.
         if now.positive > 1e12 || now.negative < -1e12 {
             return None;
@@ -876,10 +934,9 @@ impl Engine {
         // Bounds start at the next possible sweep: the next boundary on the
         // grid, else now.
         let t1 = if grid { (n + 1) * interval } else { t };
-        let at_t1 = if grid {
-            Self::parts_at(model, rec, t1, None)
-        } else {
-            (now.positive, now.negative, now.diversity)
+        let at_t1 = match next {
+            Some((p1, n1)) => (p1, n1, Self::diversity_at(model, rec, t1)),
+            None => (now.positive, now.negative, now.diversity),
         };
         let (p1, n1, d1) = at_t1;
         for (i, steps) in QUIET_STEPS.into_iter().enumerate() {

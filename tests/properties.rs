@@ -1,7 +1,8 @@
 //! Property tests of the scoring core: order independence, invalid events
 //! leave no trace, scores stay within [0, 100]; and for v2, retries within
 //! the de-duplication depth leave no trace, and with tier hysteresis a
-//! score moving within h of a bound never changes the tier.
+//! score moving within h of a bound never changes the tier. Sweeps that
+//! skip quiet customers emit exactly what evaluating everyone emits.
 
 mod common;
 
@@ -109,8 +110,72 @@ fn final_scores(engine: &Engine, at: i64) -> Vec<(String, f64, u8)> {
     v
 }
 
+/// A model where every rule of section 5 is close at hand: small deltas,
+/// hysteresis, a short churn lookback and inactivity, a diversity window
+/// of two days, forgetting after ten days.
+const TIGHT: &str = r#"
+[scoring]
+half_life = "3d"
+forget_after = "10d"
+[scoring.normalization]
+kind = "saturating"
+half_score_at = 20.0
+[scoring.activities]
+page_view = { weight = 1.0, cap = 6.0, channel = "web" }
+purchase = { weight = 10.0, value_weight = 0.05, cap = 30.0, channel = "commerce" }
+renewal = { weight = 25.0, channel = "commerce" }
+unsubscribe = { weight = -15.0, channel = "email" }
+nps_response = { weight = -10.0, value_weight = 2.0, channel = "feedback" }
+support_ticket = { weight = -3.0, channel = "support" }
+social_share = { weight = 5.0, cap = 20.0, channel = "social" }
+[scoring.diversity]
+window = "2d"
+bonus_per_channel = 0.1
+max_channels = 4
+[signals]
+min_delta = 0.5
+sweep_interval = "1h"
+tier_hysteresis = 1.5
+[signals.churn]
+lookback = "2d"
+drop_ratio = 0.3
+min_peak = 10.0
+inactivity = "4d"
+"#;
+
+fn run_sweeping_everyone(model: &Arc<Model>, lines: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut engine = Engine::new(Arc::clone(model)).evaluating_every_sweep();
+    replay::replay_into(
+        &mut engine,
+        lines.join("\n").as_bytes(),
+        &mut out,
+        None,
+        None,
+    )
+    .unwrap();
+    out
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn skipping_quiet_customers_changes_no_output(
+        mut events in prop::collection::vec(event(), 1..80),
+        tight in any::<bool>(),
+    ) {
+        // In time order, so that the watermark crosses many boundaries.
+        events.sort_by_key(|e| e.offset);
+        let m = if tight { model(TIGHT) } else { default_model() };
+        let lines: Vec<String> = events.iter().map(Ev::line).collect();
+        let (_, skipping) = run(&m, &lines);
+        let everyone = run_sweeping_everyone(&m, &lines);
+        prop_assert_eq!(
+            String::from_utf8_lossy(&skipping),
+            String::from_utf8_lossy(&everyone)
+        );
+    }
 
     #[test]
     fn final_scores_do_not_depend_on_event_order(
