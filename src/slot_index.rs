@@ -73,7 +73,9 @@ impl SlotIndex {
     /// An empty index of `buckets` buckets.
     fn with_buckets(buckets: usize, slot_bits: u32) -> SlotIndex {
         let mut new = SlotIndex {
-            buckets: Mapped::new(),
+            // Sized once, every bucket written (zero): huge pages waste
+            // nothing here.
+            buckets: Mapped::filled_whole(),
             mask: buckets - 1,
             // Slots below the bucket count fit without widening.
             slot_bits: slot_bits.max(bits_of(buckets - 1)).min(31),
