@@ -185,7 +185,6 @@ pub struct Engine {
     grid_decay: [f64; 4],
 }
 
-/// Sweep counts the quiet horizon tries, longest first.
 /// `a.min(b)` for numbers that are never NaN, in one instruction
 /// (`minsd`): `f64::min` adds four more per call to honour NaN, and the
 /// score's parts take one min and one max per activity and evaluation.
@@ -213,6 +212,7 @@ fn max_sd(a: f64, b: f64) -> f64 {
 /// How many due customers ahead a sweep prefetches.
 const SWEEP_PREFETCH: usize = 8;
 
+/// Sweep counts the quiet horizon tries, longest first.
 const QUIET_STEPS: [i64; 4] = [256, 32, 4, 1];
 
 impl std::fmt::Debug for Engine {
@@ -231,6 +231,40 @@ struct Evaluated {
     negative: f64,
     diversity: f64,
     score: f64,
+}
+
+impl Evaluated {
+    /// Section 3's score from its parts.
+    #[inline]
+    fn new(model: &Model, positive: f64, negative: f64, diversity: f64) -> Evaluated {
+        let score = model.normalize((positive + negative).max(0.0) * diversity);
+        Evaluated {
+            positive,
+            negative,
+            diversity,
+            score,
+        }
+    }
+}
+
+/// The positive and negative parts of a customer's score at the next sweep
+/// boundary `at`, for the quiet horizon (see [`Engine::score_and_next`]).
+struct Next {
+    at: Millis,
+    positive: f64,
+    negative: f64,
+}
+
+/// Adds the contribution of one activity's decayed sum to the positive or
+/// the negative part, and returns it: `min(sum * factor, cap)`.
+/// Branch-free: adding the +0.0 that max/min give for the other sign
+/// leaves each part exactly as adding only its own terms would.
+#[inline(always)]
+fn add_part(sum: f64, factor: f64, cap: f64, positive: &mut f64, negative: &mut f64) -> f64 {
+    let c = min_sd(sum * factor, cap);
+    *positive += max_sd(c, 0.0);
+    *negative += min_sd(c, 0.0);
+    c
 }
 
 impl Engine {
@@ -640,27 +674,23 @@ impl Engine {
         None
     }
 
-    /// Section 3 for one record at `t`. Fills `contributions` if given.
+    /// Section 3 for one record at `t`; fills `contributions` (c_k per
+    /// activity).
     #[inline]
-    fn score_at(
-        model: &Model,
-        rec: Record<'_>,
-        t: Millis,
-        contributions: Option<&mut [f64]>,
-    ) -> Evaluated {
-        let (positive, negative, diversity) = Self::parts_at(model, rec, t, contributions);
-        let score = model.normalize((positive + negative).max(0.0) * diversity);
-        Evaluated {
-            positive,
-            negative,
-            diversity,
-            score,
+    fn score_at(model: &Model, rec: Record<'_>, t: Millis, contributions: &mut [f64]) -> Evaluated {
+        let factor = model.decay(t - rec.last_event_at());
+        let (mut positive, mut negative) = (0.0, 0.0);
+        let (sums, caps) = (rec.sum_bits(), model.caps());
+        for ((&bits, &cap), out) in sums.iter().zip(caps).zip(contributions) {
+            let sum = f64::from(f32::from_bits(bits));
+            *out = add_part(sum, factor, cap, &mut positive, &mut negative);
         }
+        Evaluated::new(model, positive, negative, Self::diversity_at(model, rec, t))
     }
 
-    /// [`Engine::score_at`] at `t` with the contributions, and the positive
-    /// and negative parts at `t1`, in one pass over the sums: the same
-    /// operations, in the same order, as two calls of [`Engine::parts_at`].
+    /// [`Engine::score_at`] at `t`, and the parts at `t1`, in one pass over
+    /// the sums: the same operations, in the same order, as evaluating
+    /// each time on its own.
     #[inline]
     fn score_and_next(
         model: &Model,
@@ -668,7 +698,7 @@ impl Engine {
         t: Millis,
         t1: Millis,
         contributions: &mut [f64],
-    ) -> (Evaluated, (f64, f64)) {
+    ) -> (Evaluated, Next) {
         let last = rec.last_event_at();
         let (factor, factor1) = (model.decay(t - last), model.decay(t1 - last));
         let (mut positive, mut negative) = (0.0, 0.0);
@@ -676,23 +706,16 @@ impl Engine {
         let (sums, caps) = (rec.sum_bits(), model.caps());
         for ((&bits, &cap), out) in sums.iter().zip(caps).zip(contributions) {
             let sum = f64::from(f32::from_bits(bits));
-            let c = min_sd(sum * factor, cap);
-            positive += max_sd(c, 0.0);
-            negative += min_sd(c, 0.0);
-            *out = c;
-            let c1 = min_sd(sum * factor1, cap);
-            positive1 += max_sd(c1, 0.0);
-            negative1 += min_sd(c1, 0.0);
+            *out = add_part(sum, factor, cap, &mut positive, &mut negative);
+            add_part(sum, factor1, cap, &mut positive1, &mut negative1);
         }
-        let diversity = Self::diversity_at(model, rec, t);
-        let score = model.normalize((positive + negative).max(0.0) * diversity);
-        let now = Evaluated {
-            positive,
-            negative,
-            diversity,
-            score,
+        let now = Evaluated::new(model, positive, negative, Self::diversity_at(model, rec, t));
+        let next = Next {
+            at: t1,
+            positive: positive1,
+            negative: negative1,
         };
-        (now, (positive1, negative1))
+        (now, next)
     }
 
     #[inline]
@@ -729,7 +752,7 @@ impl Engine {
                 Self::score_and_next(model, rec.as_record(), t, t1, &mut self.contributions);
             (now, Some(next))
         } else {
-            let now = Self::score_at(model, rec.as_record(), t, Some(&mut self.contributions));
+            let now = Self::score_at(model, rec.as_record(), t, &mut self.contributions);
             (now, None)
         };
         // 1. The tier, with hysteresis around the emitted one.
@@ -849,14 +872,14 @@ impl Engine {
     /// same side (no emission, no new peak, the same tier and churn
     /// reasons), every evaluation in the window would change nothing.
     ///
-    /// `next`: on the grid, the positive and negative parts at the next
-    /// boundary (see [`Engine::score_and_next`]); `None` off the grid.
+    /// `next`: on the grid, the parts at the next boundary (see
+    /// [`Engine::score_and_next`]); `None` off the grid.
     fn quiet_until(
         model: &Model,
         rec: Record<'_>,
         t: Millis,
         now: &Evaluated,
-        next: Option<(f64, f64)>,
+        next: Option<Next>,
         grid_decay: &[f64; 4],
     ) -> Option<i64> {
         let grid = next.is_some();
@@ -935,12 +958,15 @@ impl Engine {
 
         // Bounds start at the next possible sweep: the next boundary on the
         // grid, else now.
-        let t1 = if grid { (n + 1) * interval } else { t };
-        let at_t1 = match next {
-            Some((p1, n1)) => (p1, n1, Self::diversity_at(model, rec, t1)),
-            None => (now.positive, now.negative, now.diversity),
+        let (t1, p1, n1, d1) = match next {
+            Some(x) => (
+                x.at,
+                x.positive,
+                x.negative,
+                Self::diversity_at(model, rec, x.at),
+            ),
+            None => (t, now.positive, now.negative, now.diversity),
         };
-        let (p1, n1, d1) = at_t1;
         for (i, steps) in QUIET_STEPS.into_iter().enumerate() {
             let t2 = (n + steps) * interval;
             if t2 > last_t2 {
@@ -964,41 +990,6 @@ impl Engine {
         None
     }
 
-    /// Positive and negative contributions and diversity at `t`; fills
-    /// `contributions` (c_k per activity) if given.
-    #[inline]
-    fn parts_at(
-        model: &Model,
-        rec: Record<'_>,
-        t: Millis,
-        contributions: Option<&mut [f64]>,
-    ) -> (f64, f64, f64) {
-        let factor = model.decay(t - rec.last_event_at());
-        let (mut positive, mut negative) = (0.0, 0.0);
-        // Branch-free: adding the +0.0 that max/min give for the other
-        // sign leaves each sum exactly as adding only its own terms would.
-        let add = |bits: u32, cap: f64, positive: &mut f64, negative: &mut f64| {
-            let c = min_sd(f64::from(f32::from_bits(bits)) * factor, cap);
-            *positive += max_sd(c, 0.0);
-            *negative += min_sd(c, 0.0);
-            c
-        };
-        let (sums, caps) = (rec.sum_bits(), model.caps());
-        match contributions {
-            Some(out) => {
-                for ((&bits, &cap), out) in sums.iter().zip(caps).zip(out) {
-                    *out = add(bits, cap, &mut positive, &mut negative);
-                }
-            }
-            None => {
-                for (&bits, &cap) in sums.iter().zip(caps) {
-                    add(bits, cap, &mut positive, &mut negative);
-                }
-            }
-        }
-        (positive, negative, Self::diversity_at(model, rec, t))
-    }
-
     /// The state of one customer at `t`, without changing anything.
     pub fn view(&self, customer_id: &str, t: Millis) -> Option<CustomerView> {
         self.table
@@ -1011,7 +1002,7 @@ impl Engine {
         let rec = self.table.record(slot);
         let mut contributions = vec![0.0; self.model.activities.len()];
         let t = t.max(rec.last_event_at());
-        let e = Self::score_at(&self.model, rec, t, Some(&mut contributions));
+        let e = Self::score_at(&self.model, rec, t, &mut contributions);
         CustomerView {
             customer_id: self.table.id(slot).to_string(),
             at: t,

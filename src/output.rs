@@ -28,7 +28,8 @@ pub struct Encoder {
 const NAME_BLOCK: usize = 48;
 
 /// A text the model fixes, encoded once, ready to append: as a padded
-/// block when short (a fixed-size copy, see [`extend_block`]), else as is.
+/// block when short (a fixed-size copy, see [`extend_block`]), else as is
+/// in `long`.
 #[derive(Debug, Clone)]
 struct Name {
     block: [u8; NAME_BLOCK],
@@ -43,11 +44,13 @@ impl Name {
         if len <= NAME_BLOCK {
             block[..len].copy_from_slice(&bytes);
         }
-        Name {
-            block,
-            len,
-            long: bytes.into_boxed_slice(),
-        }
+        // Only a name too long for the block is kept apart.
+        let long = if len > NAME_BLOCK {
+            bytes.into_boxed_slice()
+        } else {
+            Box::default()
+        };
+        Name { block, len, long }
     }
 
     #[inline(always)]

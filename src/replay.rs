@@ -131,17 +131,16 @@ pub fn replay_into(
     mut progress: Option<Progress<'_>>,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
-    let model = Arc::clone(engine.model());
     let mut run = Run {
+        encoder: Encoder::new(engine.model()),
         engine,
-        encoder: Encoder::new(&model),
-        model,
         summary: Summary::default(),
         out: Vec::with_capacity(FLUSH_BYTES * 2),
         dead: Vec::new(),
         dead_letters,
         outputs: [0; SignalKind::NAMES.len()],
         lines: Vec::with_capacity(BATCH),
+        hashes: Vec::with_capacity(BATCH),
     };
     let mut bytes_read = 0u64;
     // A line the reader's buffer ended in the middle of.
@@ -162,7 +161,6 @@ pub fn replay_into(
         if buf.is_empty() {
             // The last line, without a newline.
             if !carry.is_empty() {
-                run.lines.clear();
                 run.add_line(&carry, 0..carry.len());
                 run.batch(&carry, &mut output)?;
             }
@@ -178,14 +176,12 @@ pub fn replay_into(
             input.consume(used);
             bytes_read += used as u64;
             if carry.last() == Some(&b'\n') {
-                run.lines.clear();
                 run.add_line(&carry, 0..carry.len() - 1);
                 run.batch(&carry, &mut output)?;
                 carry.clear();
             }
             continue;
         }
-        run.lines.clear();
         let mut end = 0;
         while run.lines.len() < BATCH {
             match memchr::memchr(b'\n', &buf[end..]) {
@@ -232,7 +228,6 @@ pub fn replay_into(
 /// The state of one replay between batches.
 struct Run<'e, 'd> {
     engine: &'e mut Engine,
-    model: Arc<Model>,
     encoder: Encoder,
     summary: Summary,
     /// Encoded outputs not yet written.
@@ -243,6 +238,10 @@ struct Run<'e, 'd> {
     outputs: [u64; SignalKind::NAMES.len()],
     /// The batch's non-blank lines: (line number, range in the text).
     lines: Vec<(u64, std::ops::Range<usize>)>,
+    /// Per line of the batch, its event's customer id hash, computed once
+    /// for the two prefetch stages and the lookup (0 for a line without an
+    /// event: its prefetches are wasted hints, never wrong).
+    hashes: Vec<u64>,
 }
 
 impl Run<'_, '_> {
@@ -260,11 +259,10 @@ impl Run<'_, '_> {
         self.lines.push((self.summary.lines, range));
     }
 
-    /// Parses and applies the queued lines of `text`.
+    /// Parses and applies the queued lines of `text`, and empties the queue.
     fn batch(&mut self, text: &[u8], output: &mut impl Write) -> Result<(), ReplayError> {
         let Run {
             engine,
-            model,
             encoder,
             summary,
             out,
@@ -272,32 +270,29 @@ impl Run<'_, '_> {
             dead_letters,
             outputs,
             lines,
+            hashes,
         } = self;
         summary.events += lines.len() as u64;
+        let model = engine.model();
         let parsed: Vec<Parsed<'_>> = lines
             .iter()
             .map(|(_, range)| event::parse(&text[range.clone()], model, ParseContext::default()))
             .collect();
-
-        // Each customer id hashed once, for the two prefetch stages and the
-        // lookup (0 where there is no event: never used).
-        let hashes: Vec<u64> = parsed
-            .iter()
-            .map(|p| match p {
-                Parsed::Event(ev) => engine.customer_hash(&ev.customer_id),
-                _ => 0,
-            })
-            .collect();
+        hashes.clear();
+        hashes.extend(parsed.iter().map(|p| match p {
+            Parsed::Event(ev) => engine.customer_hash(&ev.customer_id),
+            _ => 0,
+        }));
 
         for (i, p) in parsed.iter().enumerate() {
             // A lookup in two stages: the index lines of the customer two
             // distances ahead, then the record of the one a distance ahead
             // (its index lines loaded by now).
-            if let Some(Parsed::Event(_)) = parsed.get(i + 2 * PREFETCH_DISTANCE) {
-                engine.prefetch_index_hashed(hashes[i + 2 * PREFETCH_DISTANCE]);
+            if let Some(&h) = hashes.get(i + 2 * PREFETCH_DISTANCE) {
+                engine.prefetch_index_hashed(h);
             }
-            if let Some(Parsed::Event(_)) = parsed.get(i + PREFETCH_DISTANCE) {
-                engine.prefetch_hashed(hashes[i + PREFETCH_DISTANCE]);
+            if let Some(&h) = hashes.get(i + PREFETCH_DISTANCE) {
+                engine.prefetch_hashed(h);
             }
             let line_no = lines[i].0;
             match p {
@@ -342,6 +337,7 @@ impl Run<'_, '_> {
                 out.clear();
             }
         }
+        lines.clear();
         Ok(())
     }
 }
