@@ -384,6 +384,56 @@ mod tests {
     }
 
     #[test]
+    fn names_longer_than_the_copy_block_are_written_whole() {
+        // Activity names on both sides of the 48-byte block (with quotes
+        // and colon), and one with a character JSON must escape.
+        let names = [
+            "a".repeat(45),
+            "b".repeat(46),
+            "c".repeat(47),
+            "d".repeat(80),
+            "e\"f".to_string(),
+        ];
+        let mut toml = String::from("[scoring.activities]\n");
+        for n in &names {
+            toml.push_str(&format!(
+                "{} = {{ weight = 1.0 }}\n",
+                serde_json::to_string(n).unwrap()
+            ));
+        }
+        let model = crate::config::Settings::from_toml(&toml, std::path::Path::new("t.toml"))
+            .unwrap()
+            .model;
+        let contributions: Vec<f64> = (0..names.len()).map(|i| i as f64 + 1.0).collect();
+        let mut out = Vec::new();
+        Encoder::new(&model).encode(
+            &Signal {
+                customer_id: "c-1",
+                at: 0,
+                score: 10.0,
+                tier: 0,
+                kind: SignalKind::ScoreChanged {
+                    previous_score: 0.0,
+                    previous_tier: 0,
+                    cause: Cause::Event,
+                    event_id: None,
+                    contributions: &contributions,
+                },
+            },
+            &mut out,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        for (i, a) in model.activities.iter().enumerate() {
+            assert_eq!(
+                v["contributions"][&*a.name],
+                serde_json::json!(i as f64 + 1.0),
+                "{}",
+                a.name
+            );
+        }
+    }
+
+    #[test]
     fn churn_signals_match_the_spec_shape() {
         let v = encode(&Signal {
             customer_id: "c-42",
