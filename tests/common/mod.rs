@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests of the scoring core.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod kafka;
 
 use std::path::Path;
