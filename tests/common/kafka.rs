@@ -30,6 +30,7 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+#[allow(unused_imports)] // each test binary uses part of it
 pub use super::broker::{shared, Broker};
 
 /// Client settings every test client uses.
@@ -85,17 +86,32 @@ fn send_all(bootstrap: &str, topic: &str, partition: Option<i32>, messages: &[(S
         if let Some(p) = partition {
             record = record.partition(p);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    record = back;
-                }
+        send_waiting(&producer, record);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// Sends a record, waiting while the producer's queue is full.
+pub fn send_waiting<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((e, back)) => {
+                assert!(
+                    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    "cannot produce: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+                record = back;
             }
         }
     }
-    producer.flush(Duration::from_secs(60)).unwrap();
 }
 
 /// Reads a topic from the beginning of every partition until `done` says
@@ -146,10 +162,14 @@ pub fn key(m: &OwnedMessage) -> &str {
     std::str::from_utf8(m.key().unwrap_or(b"")).unwrap()
 }
 
-/// A `ces-stream run` process, killed on drop if still running.
+/// A `ces-stream run` process, killed on drop if still running. Its HTTP
+/// address is chosen before it starts (`CES_HTTP_LISTEN`), so that tests
+/// ask it for its state (`/readyz`, `/metrics`) instead of reading its log.
 pub struct Instance {
     pub child: Child,
     pub log: PathBuf,
+    /// `host:port` of its HTTP server.
+    pub http: String,
 }
 
 impl Instance {
@@ -165,20 +185,33 @@ impl Instance {
 
     /// As [`Instance::start_logging`], with environment variables.
     pub fn start_with(config: &Path, log: &Path, filter: &str, env: &[(&str, &str)]) -> Instance {
-        let log_file = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
+        Instance::spawn(Some(config), log, filter, env)
+    }
+
+    /// `ces-stream run` without `--config`: configured by `env` alone.
+    pub fn start_without_config(log: &Path, env: &[(&str, &str)]) -> Instance {
+        Instance::spawn(None, log, "info,librdkafka=warn", env)
+    }
+
+    fn spawn(config: Option<&Path>, log: &Path, filter: &str, env: &[(&str, &str)]) -> Instance {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ces-stream"));
+        command.arg("run");
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let http = format!("127.0.0.1:{}", super::broker::free_port());
+        let child = command
             .env("RUST_LOG", filter)
+            .env("CES_HTTP_LISTEN", &http)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(log_file)
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
         Instance {
             child,
             log: log.to_path_buf(),
+            http,
         }
     }
 
@@ -186,16 +219,70 @@ impl Instance {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+    /// Whether the log contains `needle` (for what the log itself must
+    /// say; waits ask the instance's state).
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log_text().contains(needle)
+    }
+
+    /// `/metrics`, or nothing while the server is not up (or the process
+    /// is stopped or paused).
+    pub fn metrics_text(&self) -> String {
+        try_http_get(&self.http, "/metrics").map_or(String::new(), |(_, body)| body)
+    }
+
+    /// The sum of a metric's series, 0 when it is not there (yet).
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(&self.metrics_text(), name)
+    }
+
+    /// One series of a metric, by its exact label set (`kind="revoke"`).
+    pub fn metric_with(&self, name: &str, labels: &str) -> f64 {
+        metric_series(&self.metrics_text(), name, labels)
+    }
+
+    /// Assignments taken (`ces_rebalances_total{kind="assign"}`).
+    pub fn assignments(&self) -> f64 {
+        self.metric_with("ces_rebalances_total", "kind=\"assign\"")
+    }
+
+    /// Revocations gone through (`ces_rebalances_total{kind="revoke"}`).
+    pub fn revocations(&self) -> f64 {
+        self.metric_with("ces_rebalances_total", "kind=\"revoke\"")
+    }
+
+    /// `/readyz` answers 200: partitions assigned, restored, caught up.
+    pub fn is_ready(&self) -> bool {
+        try_http_get(&self.http, "/readyz").is_some_and(|(status, _)| status == 200)
+    }
+
+    /// Waits until `check` holds for this instance; panics with its log
+    /// (and `what`) otherwise, or when the process exits first.
+    pub fn wait_until(&mut self, what: &str, timeout: Duration, check: impl Fn(&Instance) -> bool) {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.log_text().contains(needle) {
-                return true;
+        while !check(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("exited ({status}) before {what}:\n{}", self.log_text());
             }
+            assert!(
+                Instant::now() < deadline,
+                "not within {timeout:?}: {what}\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        false
+    }
+
+    /// Waits until the instance owns partitions.
+    pub fn wait_assigned(&mut self, timeout: Duration) {
+        self.wait_until("partitions assigned", timeout, |i| {
+            i.metric("ces_assigned_partitions") > 0.0
+        });
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        self.wait_until("ready", timeout, Instance::is_ready);
     }
 
     pub fn signal(&self, sig: &str) {
@@ -261,13 +348,14 @@ pub fn end_offset(bootstrap: &str, topic: &str, partition: i32) -> i64 {
 }
 
 /// Every message of `topic` that nobody writes to any more, partition by
-/// partition (in offset order within each): read until nothing new comes
-/// for a second. (tansu's high watermark can lag behind the last record
-/// of a batch, so it is only a lower bound.)
+/// partition (in offset order within each): read until the consumer's
+/// position reaches each partition's end offset, read first. (On tansu,
+/// whose high watermark can lag behind the last record of a batch: until
+/// nothing new comes for a second.)
 pub fn read_all(bootstrap: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage> {
-    let total: i64 = (0..partitions)
+    let ends: Vec<i64> = (0..partitions)
         .map(|p| end_offset(bootstrap, topic, p))
-        .sum();
+        .collect();
     let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
@@ -280,20 +368,47 @@ pub fn read_all(bootstrap: &str, topic: &str, partitions: i32) -> Vec<OwnedMessa
             .unwrap();
     }
     consumer.assign(&tpl).unwrap();
+    let tansu = super::broker::Flavor::from_env() == super::broker::Flavor::Tansu;
+    let at_the_end = |consumer: &BaseConsumer| {
+        let Ok(positions) = consumer.position() else {
+            return false;
+        };
+        ends.iter().enumerate().all(|(p, end)| {
+            *end == 0
+                || matches!(
+                    positions.find_partition(topic, p as i32).map(|e| e.offset()),
+                    Some(Offset::Offset(o)) if o >= *end
+                )
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last_new = Instant::now();
     let mut messages = Vec::new();
-    while Instant::now() < deadline && (messages.len() as i64) < total
-        || last_new.elapsed() < Duration::from_secs(1)
-    {
+    loop {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
             messages.push(m.detach());
             last_new = Instant::now();
+        }
+        let done = if tansu {
+            messages.len() as i64 >= ends.iter().sum::<i64>()
+                && last_new.elapsed() > Duration::from_secs(1)
+        } else {
+            at_the_end(&consumer)
+        };
+        if done {
+            break;
         }
         assert!(Instant::now() < deadline, "could not read all of {topic}");
     }
     messages.sort_by_key(|m| (m.partition(), m.offset()));
     messages
+}
+
+/// A GET that may find nobody listening (yet), or no answer within 5 s
+/// (a stopped process): `None` then.
+pub fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let (status, _, body) = request(addr, path, &[], Duration::from_secs(5)).ok()?;
+    (status != 0).then_some((status, body))
 }
 
 /// A plain HTTP GET on loopback: (status, body).
@@ -305,9 +420,20 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// A GET with extra request headers: (status, response headers in lower
 /// case, body).
 pub fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    request(addr, path, headers, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// A GET; status 0 when the answer is not HTTP.
+fn request(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<(u16, String, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(timeout))?;
     let extra: String = headers
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
@@ -315,8 +441,7 @@ pub fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, 
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     let status = text
@@ -325,7 +450,16 @@ pub fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, 
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_ascii_lowercase(), body.to_string())
+    Ok((status, head.to_ascii_lowercase(), body.to_string()))
+}
+
+/// One series of a metric in Prometheus text, by its exact label set
+/// (`kind="revoke"`); 0 when absent.
+pub fn metric_series(text: &str, name: &str, labels: &str) -> f64 {
+    let series = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// The sum of a metric's series (every label set) in Prometheus text.
@@ -338,28 +472,6 @@ pub fn metric(text: &str, name: &str) -> f64 {
             (n == name).then(|| v.trim().parse::<f64>().ok()).flatten()
         })
         .sum()
-}
-
-impl Instance {
-    /// The HTTP address the instance logged it listens on.
-    pub fn http_addr(&self, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let log = self.log_text();
-            if let Some(addr) = log
-                .split("listen=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-            {
-                return addr.trim_matches('"').to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no HTTP address in the log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 /// Produces a tombstone (a message without a value): an erasure request

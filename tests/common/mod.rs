@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod kafka;
+pub mod soak;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,246 @@
+//! Broker faults, as Apache Kafka's own system tests bounce brokers: while
+//! events flow, the broker (Apache Kafka, one of its own per test, whatever
+//! `CES_TEST_BROKER` says: tansu cannot come back with its data) is stopped
+//! and started again, killed -9 and started again, frozen for longer than
+//! the consumer's session timeout; the changelog is really compacted by the
+//! log cleaner before a crash. ces-stream is never restarted for a broker
+//! fault. Each test ends as the crash soaks do: what a restart restores
+//! equals one uninterrupted replay per partition, and the output and
+//! dead-letter topics hold every message of those replays and none other
+//! (duplicates counted: outputs are at-least-once).
+
+mod common;
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::kafka::*;
+use common::soak::*;
+use rdkafka::message::Message;
+
+const PARTITIONS: i32 = 4;
+/// The soak streams span 12 days from START: the state is compared at
+/// the end of the 13th.
+const AT: &str = "2026-10-14T00:00:00Z";
+
+/// Produces each partition's messages in `rounds` slices, a pause between
+/// slices, with an idempotent producer (in order, no duplicates, also
+/// across a broker restart), until all are acknowledged.
+fn produce_in_rounds(
+    bootstrap: &str,
+    topic: &str,
+    per_partition: &[Vec<(String, Option<String>)>],
+    rounds: usize,
+    pause: Duration,
+) -> JoinHandle<()> {
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    let per_partition = per_partition.to_vec();
+    std::thread::spawn(move || {
+        let producer = producer(&bootstrap);
+        for k in 0..rounds {
+            for (p, evs) in per_partition.iter().enumerate() {
+                let size = evs.len().div_ceil(rounds);
+                let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
+                produce_messages(&producer, &topic, p as i32, part);
+            }
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+fn ends(per_partition: &[Vec<(String, Option<String>)>]) -> Vec<i64> {
+    per_partition.iter().map(|evs| evs.len() as i64).collect()
+}
+
+/// Waits until the instance has consumed `more` events beyond what it had
+/// consumed when called: it works (again).
+fn wait_consuming(instance: &mut Instance, more: f64, what: &str) {
+    let from = instance.metric("ces_events_consumed_total");
+    instance.wait_until(what, Duration::from_secs(120), |i| {
+        i.metric("ces_events_consumed_total") >= from + more
+    });
+}
+
+/// Drains, stops the instance with SIGTERM (a clean exit within its
+/// shutdown_timeout), and compares with one replay per partition.
+fn finish(soak: &Soak, mut instance: Instance, per_partition: &[Vec<(String, Option<String>)>]) {
+    soak.wait_drained(&soak.config, &mut instance, &ends(per_partition));
+    let signalled = Instant::now();
+    let status = instance
+        .terminate(Duration::from_secs(60))
+        .expect("exits on SIGTERM");
+    assert!(status.success(), "{status}\n{}", instance.log_text());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "the stop took {:?}, shutdown_timeout is 20s",
+        signalled.elapsed()
+    );
+    let found = soak.compare_with_replays(per_partition, AT);
+    eprintln!("{found:?}");
+}
+
+#[test]
+fn the_broker_stopped_then_killed_mid_stream_ces_stream_reconnects_and_loses_nothing() {
+    let mut broker = Broker::apache_kafka(&[]);
+    let soak = Soak::on(
+        &broker.bootstrap,
+        PARTITIONS,
+        "store = \"kafka\"\ninterval = \"500ms\"\n",
+        |m| m,
+    );
+    let per_partition = soak_stream(16_000, 400, 12, 71, PARTITIONS);
+    let mut instance = soak.start("a");
+    instance.wait_assigned(Duration::from_secs(60));
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        160,
+        Duration::from_millis(100),
+    );
+    wait_consuming(&mut instance, 1_000.0, "events flow");
+
+    // A clean stop (controlled shutdown) and a start on the same log dirs.
+    broker.stop();
+    broker.restart();
+    wait_consuming(
+        &mut instance,
+        1_000.0,
+        "consuming after the broker's restart",
+    );
+    // A crash of the broker: kill -9, then the same.
+    broker.kill();
+    broker.restart();
+    wait_consuming(&mut instance, 1_000.0, "consuming after the broker's crash");
+
+    producer
+        .join()
+        .expect("the producer survives the broker's restarts");
+    finish(&soak, instance, &per_partition);
+}
+
+#[test]
+fn the_broker_frozen_past_the_session_timeout_partitions_come_back_and_nothing_is_lost() {
+    let broker = Broker::apache_kafka(&[]);
+    let soak = Soak::on(
+        &broker.bootstrap,
+        PARTITIONS,
+        "interval = \"500ms\"\n",
+        |m| m,
+    );
+    let per_partition = soak_stream(12_000, 400, 12, 73, PARTITIONS);
+    let mut instance = soak.start("a");
+    instance.wait_assigned(Duration::from_secs(60));
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        120,
+        Duration::from_millis(100),
+    );
+    wait_consuming(&mut instance, 1_000.0, "events flow");
+    let revoked = instance.revocations();
+    let assigned = instance.assignments();
+
+    // SIGSTOP for longer than session.timeout.ms (6 s in the soak's config):
+    // the consumer's session expires on both sides.
+    broker.pause();
+    let frozen = Instant::now();
+    while frozen.elapsed() < Duration::from_secs(10) {
+        // The instance stays up and answers while the broker is frozen.
+        assert!(
+            instance.child.try_wait().unwrap().is_none(),
+            "{}",
+            instance.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    broker.resume();
+
+    // The partitions were taken away and given back.
+    instance.wait_until(
+        "partitions revoked and assigned again",
+        Duration::from_secs(120),
+        |i| {
+            i.revocations() > revoked
+                && i.assignments() > assigned
+                && i.metric("ces_assigned_partitions") == PARTITIONS as f64
+        },
+    );
+    wait_consuming(
+        &mut instance,
+        1_000.0,
+        "consuming after the broker came back",
+    );
+    producer.join().expect("the producer survives the freeze");
+    finish(&soak, instance, &per_partition);
+}
+
+#[test]
+fn a_changelog_compacted_by_the_log_cleaner_then_a_kill_9_restores_exactly_or_rebuilds() {
+    // The log cleaner runs every 200 ms here; the changelog rolls a segment
+    // every 100 ms and is cleaned at once (no compaction lag, any dirty
+    // ratio), so that records a restore could want are gone.
+    let broker = Broker::apache_kafka(&[("log.cleaner.backoff.ms", "200")]);
+    let soak = Soak::on(
+        &broker.bootstrap,
+        PARTITIONS,
+        "store = \"kafka\"\ninterval = \"300ms\"\n\
+         [snapshot.topic_config]\n\
+         \"min.compaction.lag.ms\" = 0\n\
+         \"segment.ms\" = 100\n\
+         \"min.cleanable.dirty.ratio\" = 0.01\n\
+         \"delete.retention.ms\" = 100\n",
+        |m| m,
+    );
+    let changelog = format!("{}-state", soak.group);
+    let per_partition = soak_stream(16_000, 300, 12, 79, PARTITIONS);
+    let mut instance = soak.start("a");
+    instance.wait_assigned(Duration::from_secs(60));
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        200,
+        Duration::from_millis(100),
+    );
+    wait_consuming(&mut instance, 1_000.0, "events flow");
+
+    // Wait for the cleaner: every changelog partition holds fewer records
+    // than its offsets count.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let records = read_all(&soak.bootstrap, &changelog, PARTITIONS);
+        let compacted = (0..PARTITIONS).all(|p| {
+            let held = records.iter().filter(|m| m.partition() == p).count() as i64;
+            held < end_offset(&soak.bootstrap, &changelog, p)
+        });
+        if compacted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changelog was never compacted:\n{}",
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    instance.signal("KILL");
+    let _ = instance.child.wait();
+    let mut instance = soak.start("b");
+    // Each partition was restored from the compacted changelog, or found a
+    // record missing and was rebuilt from the input.
+    instance.wait_assigned(Duration::from_secs(60));
+    producer.join().expect("the producer");
+    soak.wait_drained(&soak.config, &mut instance, &ends(&per_partition));
+    let restored = instance.metric("ces_snapshot_restored_customers_total");
+    let rebuilt = instance.metric_with("ces_snapshot_failures_total", "kind=\"compacted\"");
+    assert!(
+        restored > 0.0 || rebuilt > 0.0,
+        "neither restored nor rebuilt:\n{}",
+        instance.log_text()
+    );
+    eprintln!("after the crash: {restored} customers restored, {rebuilt} partitions rebuilt from the input (compacted)");
+    finish(&soak, instance, &per_partition);
+}
