@@ -199,7 +199,7 @@ impl Metrics {
         let rebalances = counter(
             r,
             "ces_rebalances_total",
-            "Consumer group rebalances, by kind (assign, revoke, error).",
+            "Consumer group rebalances, by kind (assign, revoke, lost: the group session expired, error).",
             &["kind"],
         );
         let producer_queue_messages = IntGauge::new(

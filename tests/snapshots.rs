@@ -218,7 +218,7 @@ fn kafka_store_kill_9_soak_two_instances_lose_and_invent_nothing() {
 /// checkpoint leaves.
 fn copy_without_last_checkpoint(bootstrap: &str, from: &str, to: &str) -> usize {
     use rdkafka::message::{Headers, Message};
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
     let messages = read_all(bootstrap, from, 1);
     let last = messages
         .iter()
@@ -254,7 +254,7 @@ fn copy_without_last_checkpoint(bootstrap: &str, from: &str, to: &str) -> usize 
         producer.send(record).map_err(|(e, _)| e).unwrap();
         copied += 1;
     }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    flush_sent(&producer, Duration::from_secs(30));
     copied
 }
 

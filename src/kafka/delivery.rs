@@ -477,8 +477,11 @@ pub fn resend(producer: &ThreadedProducer<Delivery>, retries: Vec<Retry>) {
 pub fn drain(producer: &ThreadedProducer<Delivery>, deadline: std::time::Instant) -> bool {
     loop {
         resend(producer, producer.context().take_retries());
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let _ = producer.flush(left.min(Duration::from_millis(500)));
+        // Sends what lingers at once. rust-rdkafka's `flush` with a timeout
+        // waits in steps of 100 ms for acknowledgements that the producer's
+        // own polling thread takes first: every revoke paid 100 ms for it.
+        let _ = producer.flush(Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(1));
         let done = producer.context().tracker.lock().in_flight() == 0
             && producer.context().retries.lock().is_empty();
         if done {

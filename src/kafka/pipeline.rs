@@ -248,6 +248,7 @@ pub fn run_blocking(
         pool: Arc::clone(&pool),
         consumer: OnceLock::new(),
         track_removals: shared.track_removals,
+        commit_sent: Mutex::new(None),
         sweep_every: Duration::from_millis(shared.model.signals.sweep_interval.max(1) as u64),
     };
     let consumer: Arc<BaseConsumer<GroupContext>> = Arc::new(

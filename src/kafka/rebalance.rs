@@ -28,6 +28,22 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::partition::{PartitionHooks, PartitionState, Partitions};
 
+/// How partitions are given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Release {
+    /// Revoked, or this member stops: outputs flushed, offsets committed,
+    /// state snapshotted.
+    Clean,
+    /// Lost with the group session: nothing more is written for them.
+    Lost,
+}
+
+/// How long an asynchronous commit may stay unanswered before the next is
+/// sent anyway: librdkafka can hold a commit's answer back for as long as
+/// the coordinator is away, and drops it when a rebalance comes between
+/// (a rebalance also clears the wait).
+const COMMIT_ANSWER: Duration = Duration::from_secs(5);
+
 /// A partition restored on assignment: its number, topics, state, and the
 /// offset each topic resumes from.
 type Restore = (i32, Vec<String>, PartitionState, Vec<Option<i64>>);
@@ -59,6 +75,10 @@ pub struct GroupContext {
     pub consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
     /// New states keep the customers they remove (the changelog store).
     pub track_removals: bool,
+    /// When the asynchronous commit not yet answered was sent: the next
+    /// waits for its answer, so that commits do not pile up while the
+    /// coordinator is away (each would fail on its return, all at once).
+    pub commit_sent: Mutex<Option<Instant>>,
     pub sweep_every: Duration,
 }
 
@@ -105,12 +125,19 @@ impl GroupContext {
     }
 
     /// Commits what moved past the last commit, without waiting; the
-    /// broker's confirmation (`commit_callback`) marks it committed.
+    /// broker's confirmation (`commit_callback`) marks it committed. While
+    /// an earlier commit is unanswered (for up to [`COMMIT_ANSWER`]), none
+    /// is sent.
     pub fn commit_async(&self, consumer: &BaseConsumer<GroupContext>) {
+        let mut sent = self.commit_sent.lock();
+        if sent.is_some_and(|at| at.elapsed() < COMMIT_ANSWER) {
+            return;
+        }
         let tpl = self.committable(None);
         if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::warn!("cannot commit offsets: {e}");
+            match consumer.commit(&tpl, CommitMode::Async) {
+                Ok(()) => *sent = Some(Instant::now()),
+                Err(e) => tracing::warn!("cannot commit offsets: {e}"),
             }
         }
     }
@@ -285,14 +312,36 @@ impl GroupContext {
 
     fn on_revoke(&self, consumer: &BaseConsumer<GroupContext>, tpl: &TopicPartitionList) {
         let list = pairs(tpl);
-        tracing::info!(partitions = ?list, "partitions revoked");
-        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-        self.release(consumer, &list);
+        if consumer.assignment_lost() {
+            // The group's session expired (the coordinator was unreachable
+            // for session.timeout.ms): the partitions may have an owner
+            // already. A commit can only fail now, and a snapshot could
+            // land among the next owner's (the changelog store), so the
+            // state is dropped as it is, as Kafka Streams closes lost tasks
+            // "dirty": whoever owns the partitions next restores the last
+            // snapshot and replays from there.
+            tracing::warn!(partitions = ?list, "partitions lost (the group session expired): dropped without a commit or a snapshot");
+            self.metrics.rebalances.with_label_values(&["lost"]).inc();
+            self.release_as(consumer, &list, Release::Lost);
+        } else {
+            tracing::info!(partitions = ?list, "partitions revoked");
+            self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+            self.release_as(consumer, &list, Release::Clean);
+        }
     }
 
     /// Takes back, finishes, commits, hands over and drops the state of
     /// `list`.
     pub fn release(&self, consumer: &BaseConsumer<GroupContext>, list: &[(String, i32)]) {
+        self.release_as(consumer, list, Release::Clean);
+    }
+
+    fn release_as(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        list: &[(String, i32)],
+        how: Release,
+    ) {
         // Only what is still held (a close after a shutdown revokes again).
         let list: Vec<(String, i32)> = {
             let assigned = self.assigned.lock();
@@ -314,13 +363,15 @@ impl GroupContext {
                 pool.revoke(p, deadline.saturating_duration_since(Instant::now()));
             }
         }
-        if !drain(&self.producer, deadline) {
-            tracing::warn!(
-                "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
-                self.flush_timeout
-            );
+        if how == Release::Clean {
+            if !drain(&self.producer, deadline) {
+                tracing::warn!(
+                    "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
+                    self.flush_timeout
+                );
+            }
+            self.commit(consumer, list);
         }
-        self.commit(consumer, list);
         let mut assigned = self.assigned.lock();
         for pair in list {
             assigned.remove(pair);
@@ -347,7 +398,9 @@ impl GroupContext {
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
                     h.forget(p);
-                    if acknowledged {
+                    if how == Release::Lost {
+                        // Dropped dirty (see on_revoke).
+                    } else if acknowledged {
                         h.release(p, &mut state.lock(), &next, deadline);
                     } else {
                         tracing::warn!(partition = p, "outputs unacknowledged: no snapshot on release; the next owner restores the previous one");
@@ -377,6 +430,8 @@ impl ConsumerContext for GroupContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        // A commit sent before the rebalance may never be answered.
+        *self.commit_sent.lock() = None;
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
@@ -419,6 +474,7 @@ impl ConsumerContext for GroupContext {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
+        *self.commit_sent.lock() = None;
         match result {
             // An offset counts as committed once the broker says so.
             Ok(()) => self.confirmed(offsets),

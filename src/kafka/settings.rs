@@ -113,7 +113,8 @@ fn err(key: String, reason: impl Into<String>) -> ModelError {
     }
 }
 
-fn options(
+/// The options of one `[kafka.*options]` table, each checked by librdkafka.
+fn options_of(
     section: &str,
     raw: &IndexMap<String, OptionValue>,
 ) -> Result<Vec<(String, String)>, ModelError> {
@@ -144,6 +145,51 @@ fn options(
 /// stream's outputs well inside the 50 ms latency goal. (Kafka Streams
 /// uses 100 ms.)
 pub const DEFAULT_LINGER_MS: &str = "25";
+
+/// librdkafka's `heartbeat.interval.ms` default, and the share of
+/// `session.timeout.ms` a heartbeat interval should stay within (Kafka's
+/// advice: a third, so that two heartbeats can be missed).
+const DEFAULT_HEARTBEAT_MS: u64 = 3_000;
+
+/// The consumer's value of `name`: the consumer options win over the common
+/// ones.
+fn consumer_option<'a>(
+    options: &'a [(String, String)],
+    consumer_options: &'a [(String, String)],
+    name: &str,
+) -> Option<&'a str> {
+    options
+        .iter()
+        .chain(consumer_options)
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A heartbeat interval as long as the session never keeps the group: the
+/// Java client refuses it too.
+fn check_heartbeat(
+    options: &[(String, String)],
+    consumer_options: &[(String, String)],
+) -> Result<(), ModelError> {
+    let ms = |name| {
+        consumer_option(options, consumer_options, name)?
+            .parse::<u64>()
+            .ok()
+    };
+    if let (Some(session), Some(heartbeat)) =
+        (ms("session.timeout.ms"), ms("heartbeat.interval.ms"))
+    {
+        check(
+            "kafka.consumer_options.\"heartbeat.interval.ms\"",
+            heartbeat < session,
+            &format!(
+                "must be below session.timeout.ms ({session}), at most a third of it: the group session would expire between heartbeats"
+            ),
+        )?;
+    }
+    Ok(())
+}
 
 impl KafkaSettings {
     pub(crate) fn from_raw(raw: &RawKafka) -> Result<KafkaSettings, ModelError> {
@@ -196,6 +242,9 @@ impl KafkaSettings {
                 ),
             )?;
         }
+        let options = options_of("options", &raw.options)?;
+        let consumer_options = options_of("consumer_options", &raw.consumer_options)?;
+        check_heartbeat(&options, &consumer_options)?;
         let duration = |key: &str, d: Option<HumanDuration>, default: u64| {
             let d = d.map_or(Duration::from_secs(default), |d| d.0);
             if d.is_zero() {
@@ -224,9 +273,9 @@ impl KafkaSettings {
                 }
             },
             partitioner: raw.partitioner.unwrap_or_default(),
-            options: options("options", &raw.options)?,
-            consumer_options: options("consumer_options", &raw.consumer_options)?,
-            producer_options: options("producer_options", &raw.producer_options)?,
+            options,
+            consumer_options,
+            producer_options: options_of("producer_options", &raw.producer_options)?,
         })
     }
 
@@ -297,6 +346,17 @@ impl KafkaSettings {
         for (k, v) in self.options.iter().chain(&self.consumer_options) {
             c.set(k, v);
         }
+        // A shorter session than librdkafka's 45 s with its 3 s heartbeat
+        // leaves too few heartbeats per session (6 s: two); a lost session
+        // drops the partitions. A third of the session, unless set.
+        let option = |name| consumer_option(&self.options, &self.consumer_options, name);
+        if option("heartbeat.interval.ms").is_none() {
+            if let Some(session) = option("session.timeout.ms").and_then(|v| v.parse::<u64>().ok())
+            {
+                let heartbeat = (session / 3).clamp(1, DEFAULT_HEARTBEAT_MS);
+                c.set("heartbeat.interval.ms", heartbeat.to_string());
+            }
+        }
         c
     }
 
@@ -351,6 +411,37 @@ mod tests {
         let p = k.producer_config();
         assert_eq!(p.get("enable.idempotence"), Some("true"));
         assert_eq!(p.get("security.protocol"), Some("plaintext"));
+    }
+
+    #[test]
+    fn a_short_session_gets_a_heartbeat_a_third_of_it() {
+        let consumer = |options: &str| {
+            load(
+                &format!(
+                    "[kafka]\ninput_topics = [\"clicks\"]\n[kafka.consumer_options]\n{options}"
+                ),
+                &[],
+            )
+            .map(|s| s.kafka.unwrap().consumer_config())
+        };
+        let c = consumer("\"session.timeout.ms\" = 6000\n").unwrap();
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("2000"));
+        // Long sessions keep librdkafka's 3 s; a heartbeat set stays.
+        let c = consumer("\"session.timeout.ms\" = 60000\n").unwrap();
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"));
+        let c =
+            consumer("\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 500\n").unwrap();
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("500"));
+        let c = consumer("").unwrap();
+        assert_eq!(c.get("heartbeat.interval.ms"), None);
+        // One that outlasts the session is refused, with its key.
+        let e = consumer("\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 6000\n")
+            .unwrap_err();
+        assert!(
+            e.contains("kafka.consumer_options.\"heartbeat.interval.ms\"")
+                && e.contains("session.timeout.ms (6000)"),
+            "{e}"
+        );
     }
 
     #[test]

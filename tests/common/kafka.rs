@@ -88,7 +88,27 @@ fn send_all(bootstrap: &str, topic: &str, partition: Option<i32>, messages: &[(S
         }
         send_waiting(&producer, record);
     }
-    producer.flush(Duration::from_secs(60)).unwrap();
+    flush_sent(&producer, Duration::from_secs(60));
+}
+
+/// Waits until every message sent is acknowledged. rust-rdkafka's own
+/// `flush` polls in steps of 100 ms, which a `ThreadedProducer`'s thread
+/// races for the acknowledgements: each flush took 100 ms here. This asks
+/// librdkafka to send at once, then watches the queue empty.
+pub fn flush_sent<C: rdkafka::producer::ProducerContext>(
+    producer: &ThreadedProducer<C>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let _ = producer.flush(Duration::ZERO);
+    while producer.in_flight_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} messages unacknowledged after {timeout:?}",
+            producer.in_flight_count()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Sends a record, waiting while the producer's queue is full.
@@ -249,6 +269,12 @@ impl Instance {
     /// Revocations gone through (`ces_rebalances_total{kind="revoke"}`).
     pub fn revocations(&self) -> f64 {
         self.metric_with("ces_rebalances_total", "kind=\"revoke\"")
+    }
+
+    /// Assignments lost with the group session
+    /// (`ces_rebalances_total{kind="lost"}`).
+    pub fn losses(&self) -> f64 {
+        self.metric_with("ces_rebalances_total", "kind=\"lost\"")
     }
 
     /// `/readyz` answers 200: partitions assigned, restored, caught up.
@@ -481,5 +507,5 @@ pub fn produce_tombstone(bootstrap: &str, topic: &str, key: &str) {
         client_config(bootstrap).create().unwrap();
     let record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(key);
     producer.send(record).map_err(|(e, _)| e).unwrap();
-    producer.flush(Duration::from_secs(30)).unwrap();
+    flush_sent(&producer, Duration::from_secs(30));
 }

@@ -452,7 +452,7 @@ pub fn produce_messages(
     partition: i32,
     messages: &[(String, Option<String>)],
 ) {
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::BaseRecord;
     for (k, v) in messages {
         let mut record: BaseRecord<'_, [u8], [u8]> =
             BaseRecord::to(topic).partition(partition).key(k.as_bytes());
@@ -461,7 +461,7 @@ pub fn produce_messages(
         }
         send_waiting(producer, record);
     }
-    producer.flush(Duration::from_secs(60)).unwrap();
+    flush_sent(producer, Duration::from_secs(60));
 }
 
 /// A multiset of lines.
