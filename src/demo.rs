@@ -24,7 +24,9 @@ use rdkafka::ClientConfig;
 
 use crate::config::Settings;
 use crate::generate::{self, KafkaTarget};
-use crate::kafka::pipeline::{self, Shared};
+use crate::kafka::error::PipelineError;
+use crate::kafka::pipeline;
+use crate::kafka::shared::Shared;
 use crate::synth::SynthOptions;
 
 /// The demo's model: the default one on a clock of minutes.
@@ -51,7 +53,7 @@ pub enum DemoError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Pipeline(#[from] pipeline::PipelineError),
+    Pipeline(#[from] PipelineError),
     #[error("the generator failed: {0}")]
     Generator(String),
 }
@@ -158,7 +160,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()>) -> Resul
     };
     let result = match settings.kafka() {
         Ok(kafka) => pipeline::run(kafka, settings.clock, shared, None, stop_all).await,
-        Err(e) => Err(pipeline::PipelineError::Producer(e.to_string())),
+        Err(e) => Err(PipelineError::Producer(e.to_string())),
     };
     generator.stop.store(true, Ordering::SeqCst);
     stop_view.store(true, Ordering::SeqCst);

@@ -43,7 +43,7 @@ use serde_json::json;
 
 use crate::kafka::members::{Members, Owner};
 use crate::kafka::partitioner::Partitioner;
-use crate::kafka::pipeline::Shared;
+use crate::kafka::shared::Shared;
 use crate::partition::Clock;
 use crate::timestamp::now_millis;
 

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::http::{ApiState, Routing};
+use crate::kafka::error::PipelineError;
 use crate::kafka::members::Members;
-use crate::kafka::pipeline::{self, PipelineError, Shared};
+use crate::kafka::pipeline;
 use crate::kafka::settings::KafkaSettings;
+use crate::kafka::shared::Shared;
 use crate::partition::PartitionHooks;
 use crate::snapshot::changelog::Connection;
 use crate::snapshot::changelog::{ChangelogError, ChangelogStore};

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ces_stream::config::Settings;
-use ces_stream::kafka::pipeline::{self, Shared};
+use ces_stream::kafka::pipeline;
+use ces_stream::kafka::shared::Shared;
 use common::kafka::*;
 use rdkafka::mocking::MockCluster;
 
@@ -118,7 +119,13 @@ fn two_pipelines_in_one_group_share_the_partitions() {
             .await
         }));
         stops.push(tx);
-        std::thread::sleep(Duration::from_millis(500));
+        // The second joins once the first owns the partitions: a rebalance
+        // from one member to two, not two members joining at once.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while owned[0].is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no partitions");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     // Wait for the cooperative rebalance to settle: 4 partitions, 2 each.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -341,4 +348,62 @@ fn an_event_ahead_of_the_wall_clock_is_checked_against_the_clock_of_its_turn() {
     let result =
         runtime.block_on(async { tokio::time::timeout(Duration::from_secs(20), handle).await });
     assert!(result.expect("stops in time").expect("no panic").is_ok());
+}
+
+#[test]
+fn a_dead_letter_too_large_for_the_producer_goes_out_truncated_with_its_length() {
+    // An input message of 200,000 bytes is too_large (the model takes
+    // events up to 65,536); its dead letter, the whole payload plus
+    // headers, is more than the producer's message.max.bytes (100,000)
+    // allows. It goes out with its first half, at most 64 KiB, and a
+    // ces-truncated header with the original length; the stream goes on.
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for (t, p) in [("in", 1), ("out", 1), ("dead", 1)] {
+        cluster.create_topic(t, p, 1).unwrap();
+    }
+    let mut s = settings(&bootstrap, "in", "out", "dead", "g-large");
+    s.model.input.max_event_bytes = 65_536;
+    let mut kafka = s.kafka().unwrap().clone();
+    kafka
+        .producer_options
+        .push(("message.max.bytes".into(), "100000".into()));
+    let big: String = std::iter::repeat_n("0123456789", 20_000).collect();
+    let mut events = vec![("big".to_string(), big.clone())];
+    events.extend(buys(1, 1));
+    produce(&bootstrap, "in", &events);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let shared = Shared::new(Arc::new(s.model.clone()));
+    let metrics = shared.metrics.clone();
+    let handle = runtime.spawn(async move {
+        pipeline::run(&kafka, s.clock, shared, None, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let dead = consume_until(&bootstrap, "dead", 1, Duration::from_secs(30), |m| {
+        !m.is_empty()
+    });
+    let out = consume_until(&bootstrap, "out", 1, Duration::from_secs(30), |m| {
+        !last_scores(m).is_empty()
+    });
+    tx.send(()).unwrap();
+    let result = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), handle).await })
+        .expect("stops in time")
+        .expect("no panic");
+    assert!(result.is_ok(), "{result:?}");
+
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    let payload = rdkafka::message::Message::payload(letter).unwrap();
+    assert_eq!(payload.len(), 65_536, "the first half, at most 64 KiB");
+    assert_eq!(payload, &big.as_bytes()[..65_536]);
+    assert_eq!(header(letter, "ces-truncated"), Some("200000"));
+    assert_eq!(header(letter, "ces-reason"), Some("too_large"));
+    assert_eq!(key(letter), "big");
+    // The next event was scored: the stream did not stop.
+    assert!(last_scores(&out).contains_key("m-0"), "{out:?}");
+    assert_eq!(metrics.events_accepted.get(), 1);
 }

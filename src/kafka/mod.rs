@@ -1,9 +1,11 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
 pub mod delivery;
+pub mod error;
 pub mod members;
 pub mod partitioner;
 pub mod pipeline;
 pub mod rebalance;
 pub mod settings;
+pub mod shared;
 pub mod worker;

@@ -23,106 +23,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ThreadedProducer};
 
 use crate::kafka::delivery::{resend, Delivery, OffsetTracker, SourceCodec};
+use crate::kafka::error::PipelineError;
 use crate::kafka::rebalance::GroupContext;
 use crate::kafka::settings::KafkaSettings;
+use crate::kafka::shared::Shared;
 use crate::kafka::worker::{Context, Pool};
-use crate::metrics::{Metrics, SCORE_RANGES};
-use crate::model::Model;
-use crate::partition::{Clock, PartitionHooks, PartitionState, Partitions};
+use crate::metrics::SCORE_RANGES;
+use crate::partition::{Clock, PartitionHooks};
 use crate::timestamp::now_millis;
-
-/// Why the pipeline stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("cannot create the Kafka {client}: {source}")]
-    Client {
-        client: &'static str,
-        source: KafkaError,
-    },
-    #[error("cannot subscribe to {topics:?}: {source}")]
-    Subscribe {
-        topics: Vec<String>,
-        source: KafkaError,
-    },
-    #[error("topic {topic:?} ({role}) does not exist on {brokers}: create it first")]
-    MissingTopic {
-        topic: String,
-        role: &'static str,
-        brokers: String,
-    },
-    #[error("cannot reach the brokers at {brokers}: {source}")]
-    Unreachable { brokers: String, source: KafkaError },
-    #[error("input topics are not co-partitioned ({counts}): each customer's partition must have the same number in every input topic")]
-    NotCoPartitioned { counts: String },
-    #[error("producer failed: {0}")]
-    Producer(String),
-    #[error("partition {partition}: {source}")]
-    Engine {
-        partition: i32,
-        source: crate::engine::EngineError,
-    },
-    #[error("the pipeline thread stopped unexpectedly")]
-    Panicked,
-}
-
-/// What the pipeline shares with the rest of the process.
-#[derive(Clone)]
-pub struct Shared {
-    pub model: Arc<Model>,
-    pub partitions: Partitions,
-    pub metrics: Metrics,
-    pub health: Arc<Health>,
-    /// `[metrics] segments`, in order: a customer's segment id is its
-    /// 1-based position here.
-    pub segments: Arc<Vec<String>>,
-    /// The changelog store deletes removed customers: partition states
-    /// keep track of them.
-    pub track_removals: bool,
-}
-
-impl Shared {
-    pub fn new(model: Arc<Model>) -> Shared {
-        Shared::with_segments(model, Vec::new())
-    }
-
-    pub fn with_segments(model: Arc<Model>, segments: Vec<String>) -> Shared {
-        let metrics = Metrics::new(&model);
-        Shared {
-            model,
-            partitions: Partitions::default(),
-            metrics,
-            health: Arc::new(Health::default()),
-            segments: Arc::new(segments),
-            track_removals: false,
-        }
-    }
-
-    /// A new, empty partition state.
-    pub fn new_state(&self) -> PartitionState {
-        let mut engine = crate::engine::Engine::new(Arc::clone(&self.model));
-        if self.track_removals {
-            engine.customers_mut().track_removals();
-        }
-        PartitionState::from_engine(engine)
-    }
-
-    pub(crate) fn segment_id(&self, segment: Option<&str>) -> u8 {
-        segment
-            .and_then(|s| self.segments.iter().position(|x| x == s))
-            .map_or(0, |i| (i + 1) as u8)
-    }
-}
-
-/// The pipeline's liveness, for `/readyz`.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// The consumer subscribed and the loop runs.
-    pub consuming: AtomicBool,
-    /// Wall time (ms) of the loop's latest turn.
-    pub last_turn: std::sync::atomic::AtomicI64,
-    /// Why the pipeline stopped, if it failed.
-    pub failed: parking_lot::Mutex<Option<String>>,
-}
 
 /// Runs the pipeline until `shutdown` completes, then stops consuming,
 /// flushes, commits and returns, within `kafka.shutdown_timeout`. Errors

@@ -70,7 +70,7 @@ pub struct GroupContext {
     /// When the shutdown must be over.
     pub deadline: Mutex<Option<Instant>>,
     /// The workers that get the partitions.
-    pub(crate) pool: Arc<Mutex<Pool>>,
+    pub(crate) pool: Arc<Mutex<Pool<GroupContext>>>,
     /// The consumer itself, to split partition queues off it.
     pub consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
     /// New states keep the customers they remove (the changelog store).
@@ -293,7 +293,7 @@ impl GroupContext {
             let Some(state) = self.partitions.get(p) else {
                 continue;
             };
-            let feeds: Vec<Feed> = assigned
+            let feeds: Vec<Feed<GroupContext>> = assigned
                 .iter()
                 .filter(|(_, q)| *q == p)
                 .filter_map(|(topic, _)| {

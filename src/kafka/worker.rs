@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use prometheus::IntCounter;
 use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -35,9 +36,9 @@ use crate::event::{self, ParseContext, Parsed};
 use crate::kafka::delivery::{
     copy_headers, headers, is_permanent, Delivery, OffsetTracker, Produced, SourceCodec,
 };
-use crate::kafka::pipeline::{PipelineError, Shared};
-use crate::kafka::rebalance::GroupContext;
+use crate::kafka::error::PipelineError;
 use crate::kafka::settings::KafkaSettings;
+use crate::kafka::shared::Shared;
 use crate::metrics::SCORE_RANGES;
 use crate::model::Model;
 use crate::output::Encoder;
@@ -77,18 +78,18 @@ impl Context {
 }
 
 /// One input topic's queue of a partition.
-pub(crate) struct Feed {
+pub(crate) struct Feed<C: ConsumerContext + 'static> {
     pub topic: Arc<str>,
     pub topic_index: usize,
-    pub queue: PartitionQueue<GroupContext>,
+    pub queue: PartitionQueue<C>,
     pub consumed: IntCounter,
 }
 
 /// A partition number handed to a worker: its queues (one per input
 /// topic) and its state.
-pub(crate) struct Unit {
+pub(crate) struct Unit<C: ConsumerContext + 'static> {
     pub partition: i32,
-    pub feeds: Vec<Feed>,
+    pub feeds: Vec<Feed<C>>,
     pub state: SharedPartition,
     /// A wall-clock sweep in progress: (next slot, sweep time).
     sweep: Option<(Slot, Millis)>,
@@ -96,13 +97,13 @@ pub(crate) struct Unit {
     next_scan: Instant,
 }
 
-impl Unit {
+impl<C: ConsumerContext + 'static> Unit<C> {
     pub fn new(
         partition: i32,
-        feeds: Vec<Feed>,
+        feeds: Vec<Feed<C>>,
         state: SharedPartition,
         sweep_every: Duration,
-    ) -> Unit {
+    ) -> Unit<C> {
         Unit {
             partition,
             feeds,
@@ -115,8 +116,8 @@ impl Unit {
 }
 
 /// What the consumer's thread asks of a worker.
-pub(crate) enum Command {
-    Assign(Unit),
+pub(crate) enum Command<C: ConsumerContext + 'static> {
+    Assign(Unit<C>),
     /// Give the partition back (its state stays in the registry); answer
     /// when no batch of it runs any more.
     Revoke(i32, mpsc::SyncSender<()>),
@@ -147,22 +148,22 @@ impl Wake {
     }
 }
 
-struct Handle {
-    commands: mpsc::Sender<Command>,
+struct Handle<C: ConsumerContext + 'static> {
+    commands: mpsc::Sender<Command<C>>,
     wake: Arc<Wake>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// The workers, and which one owns which partition.
-pub(crate) struct Pool {
-    workers: Vec<Handle>,
+pub(crate) struct Pool<C: ConsumerContext + 'static> {
+    workers: Vec<Handle<C>>,
     owners: Mutex<HashMap<i32, usize>>,
     pub ctx: Arc<Context>,
 }
 
-impl Pool {
+impl<C: ConsumerContext + 'static> Pool<C> {
     /// Starts `n` workers (at least one).
-    pub fn start(n: usize, ctx: Arc<Context>) -> Pool {
+    pub fn start(n: usize, ctx: Arc<Context>) -> Pool<C> {
         let workers = (0..n.max(1))
             .map(|i| {
                 let (commands, rx) = mpsc::channel();
@@ -191,7 +192,7 @@ impl Pool {
     }
 
     /// Hands a partition to the worker with the fewest.
-    pub fn assign(&self, mut unit: Unit) {
+    pub fn assign(&self, mut unit: Unit<C>) {
         let mut owners = self.owners.lock();
         let mut load = vec![0usize; self.workers.len()];
         for &w in owners.values() {
@@ -249,7 +250,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl<C: ConsumerContext + 'static> Drop for Pool<C> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -344,11 +345,11 @@ impl Outbox {
 }
 
 /// A worker thread's state.
-struct Worker {
+struct Worker<C: ConsumerContext + 'static> {
     ctx: Arc<Context>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Command<C>>,
     wake: Arc<Wake>,
-    units: Vec<Unit>,
+    units: Vec<Unit<C>>,
     encoder: Encoder,
     outbox: Outbox,
     /// A `ces-kind` header per output kind, built once.
@@ -356,8 +357,8 @@ struct Worker {
     sweep_every: Duration,
 }
 
-impl Worker {
-    fn new(ctx: Arc<Context>, commands: mpsc::Receiver<Command>, wake: Arc<Wake>) -> Worker {
+impl<C: ConsumerContext + 'static> Worker<C> {
+    fn new(ctx: Arc<Context>, commands: mpsc::Receiver<Command<C>>, wake: Arc<Wake>) -> Worker<C> {
         let model = Arc::clone(&ctx.shared.model);
         let kind_headers = SignalKind::NAMES
             .iter()
@@ -607,14 +608,10 @@ impl Worker {
                         tracing::debug!("producer queue full: waiting");
                         waited = true;
                     }
+                    // A stop does not end the wait: the broker still takes
+                    // what is queued, and shutdown_timeout bounds the rest.
                     if let Some(why) = producer.context().fatal() {
                         return Err(PipelineError::Producer(why));
-                    }
-                    if self.ctx.stop.load(Ordering::SeqCst) && producer.context().fatal().is_some()
-                    {
-                        return Err(PipelineError::Producer(
-                            "stopped while the producer queue was full".into(),
-                        ));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                     record = back;
@@ -767,11 +764,11 @@ fn parse_message<'m, M: Message>(model: &Model, msg: &'m M, now: Millis) -> Pars
 /// [`parse_message`] with the clock as it was when its batch started,
 /// into the outbox; `wall` is the wall clock.
 #[allow(clippy::too_many_arguments)]
-fn process<M: Message>(
+fn process<C: ConsumerContext + 'static, M: Message>(
     ctx: &Context,
     encoder: &Encoder,
     outbox: &mut Outbox,
-    feed: &Feed,
+    feed: &Feed<C>,
     f: usize,
     st: &mut PartitionState,
     msg: &M,
