@@ -272,13 +272,29 @@ pub struct Settings {
     pub built_in_model: bool,
 }
 
-/// The environment variables that override `[kafka]` keys.
-pub const KAFKA_ENV: [(&str, &str); 5] = [
-    ("CES_KAFKA_BROKERS", "brokers"),
-    ("CES_KAFKA_GROUP_ID", "group_id"),
-    ("CES_KAFKA_INPUT_TOPICS", "input_topics"),
-    ("CES_KAFKA_OUTPUT_TOPIC", "output_topic"),
-    ("CES_KAFKA_DEAD_LETTER_TOPIC", "dead_letter_topic"),
+/// Sets one `[kafka]` key from its environment variable's value.
+type SetKafka = fn(&mut RawKafka, String);
+
+/// The environment variables that override `[kafka]` keys, each with the
+/// key it sets (a table of setters: a variable cannot reach another key).
+pub const KAFKA_ENV: [(&str, SetKafka); 7] = [
+    ("CES_KAFKA_BROKERS", |k, v| k.brokers = Some(v)),
+    ("CES_KAFKA_GROUP_ID", |k, v| k.group_id = Some(v)),
+    ("CES_KAFKA_INPUT_TOPICS", |k, v| {
+        k.input_topics = Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect(),
+        )
+    }),
+    ("CES_KAFKA_OUTPUT_TOPIC", |k, v| k.output_topic = Some(v)),
+    ("CES_KAFKA_DEAD_LETTER_TOPIC", |k, v| {
+        k.dead_letter_topic = Some(v)
+    }),
+    ("CES_KAFKA_GUARANTEE", |k, v| k.guarantee = Some(v)),
+    ("CES_KAFKA_INSTANCE_ID", |k, v| k.instance_id = Some(v)),
 ];
 
 const DAY: u64 = 86_400;
@@ -438,24 +454,9 @@ fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
     if let Some(dir) = env("CES_SNAPSHOT_DIR") {
         raw.snapshot.get_or_insert_with(RawSnapshot::default).dir = Some(PathBuf::from(dir));
     }
-    for (var, key) in KAFKA_ENV {
-        let Some(value) = env(var) else { continue };
-        let k = raw.kafka.get_or_insert_with(RawKafka::default);
-        match key {
-            "brokers" => k.brokers = Some(value),
-            "group_id" => k.group_id = Some(value),
-            "input_topics" => {
-                k.input_topics = Some(
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|t| !t.is_empty())
-                        .map(String::from)
-                        .collect(),
-                )
-            }
-            "output_topic" => k.output_topic = Some(value),
-            _ => k.dead_letter_topic = Some(value),
+    for (var, set) in KAFKA_ENV {
+        if let Some(value) = env(var) {
+            set(raw.kafka.get_or_insert_with(RawKafka::default), value);
         }
     }
 }

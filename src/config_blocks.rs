@@ -95,3 +95,18 @@ pub fn finite(key: &str, v: f64) -> Result<f64, ModelError> {
     check(key, v.is_finite(), "must be a finite number")?;
     Ok(v)
 }
+
+/// This machine's host name (in Kubernetes, the pod's name): `$HOSTNAME`,
+/// else the kernel's, else `localhost`.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}

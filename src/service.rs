@@ -219,16 +219,7 @@ pub async fn run_on(
 fn default_advertised_url(local: std::net::SocketAddr) -> String {
     let ip = local.ip();
     let host = if ip.is_unspecified() {
-        std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_string())
-                    .filter(|h| !h.is_empty())
-            })
-            .unwrap_or_else(|| "localhost".to_string())
+        crate::config_blocks::host_name()
     } else if ip.is_ipv6() {
         format!("[{ip}]")
     } else {

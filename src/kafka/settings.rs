@@ -33,7 +33,10 @@ const OWNED: [(&str, &str); 9] = [
         "enable.idempotence",
         "the producer is always idempotent, so that retries never reorder or duplicate within a partition",
     ),
-    ("transactional.id", "ces-stream does not use transactions"),
+    (
+        "transactional.id",
+        "in exactly_once mode ces-stream gives each worker its own (group, instance_id, worker)",
+    ),
     (
         "partition.assignment.strategy",
         "ces-stream picks the assignor that keeps each customer's partition together",
@@ -76,6 +79,16 @@ pub struct RawKafka {
     /// Default `murmur2_random` (the Java clients' and Kafka Streams').
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitioner: Option<Partitioner>,
+    /// `at_least_once` (the default) or `exactly_once` (Kafka
+    /// transactions). Env: `CES_KAFKA_GUARANTEE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guarantee: Option<String>,
+    /// This instance's name in its group, unique among the group's live
+    /// instances and kept across restarts: part of each worker's
+    /// `transactional.id` in exactly_once mode. Default: the host name (in
+    /// Kubernetes, the pod's). Env: `CES_KAFKA_INSTANCE_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     /// librdkafka properties for both the consumer and the producer.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub options: IndexMap<String, OptionValue>,
@@ -86,6 +99,41 @@ pub struct RawKafka {
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub producer_options: IndexMap<String, OptionValue>,
 }
+
+/// What reaches the output and dead-letter topics when a process crashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Guarantee {
+    /// Every output at least once: a crash can publish the outputs of the
+    /// events after the last commit again. No transactions.
+    #[default]
+    AtLeastOnce,
+    /// Every output exactly once to `read_committed` consumers: outputs,
+    /// dead letters, changelog records and input offsets of each worker
+    /// go in one Kafka transaction, committed every `commit_interval`.
+    ExactlyOnce,
+}
+
+impl Guarantee {
+    pub fn name(self) -> &'static str {
+        match self {
+            Guarantee::AtLeastOnce => "at_least_once",
+            Guarantee::ExactlyOnce => "exactly_once",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Guarantee> {
+        [Guarantee::AtLeastOnce, Guarantee::ExactlyOnce]
+            .into_iter()
+            .find(|g| g.name() == text)
+    }
+}
+
+/// librdkafka's `transaction.timeout.ms` for ces-stream's transactions
+/// unless set: a crashed instance's open transaction holds back
+/// `read_committed` readers until it is aborted, at once when the instance
+/// comes back (same `instance_id`), else after this long. Kafka Streams
+/// uses 10 s too.
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: &str = "10000";
 
 /// Validated `[kafka]` settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +149,9 @@ pub struct KafkaSettings {
     pub workers: usize,
     /// The input producers' partitioner.
     pub partitioner: Partitioner,
+    pub guarantee: Guarantee,
+    /// This instance's name in its group (see [`RawKafka::instance_id`]).
+    pub instance_id: String,
     pub options: Vec<(String, String)>,
     pub consumer_options: Vec<(String, String)>,
     pub producer_options: Vec<(String, String)>,
@@ -245,6 +296,33 @@ impl KafkaSettings {
         let options = options_of("options", &raw.options)?;
         let consumer_options = options_of("consumer_options", &raw.consumer_options)?;
         check_heartbeat(&options, &consumer_options)?;
+        let guarantee = match raw.guarantee.as_deref() {
+            None => Guarantee::AtLeastOnce,
+            Some(text) => Guarantee::parse(text.trim()).ok_or_else(|| {
+                err(
+                    "kafka.guarantee".into(),
+                    format!("\"{text}\": expected \"at_least_once\" or \"exactly_once\""),
+                )
+            })?,
+        };
+        if guarantee == Guarantee::ExactlyOnce {
+            if let Some(level) = consumer_option(&options, &consumer_options, "isolation.level") {
+                check(
+                    "kafka.consumer_options.\"isolation.level\"",
+                    level == "read_committed",
+                    "exactly_once reads the input read_committed: an aborted transaction's records are never input",
+                )?;
+            }
+        }
+        let instance_id = raw
+            .instance_id
+            .clone()
+            .unwrap_or_else(crate::config_blocks::host_name);
+        check(
+            "kafka.instance_id",
+            !instance_id.trim().is_empty(),
+            "cannot be empty",
+        )?;
         let duration = |key: &str, d: Option<HumanDuration>, default: u64| {
             let d = d.map_or(Duration::from_secs(default), |d| d.0);
             if d.is_zero() {
@@ -260,7 +338,12 @@ impl KafkaSettings {
             output_topic,
             dead_letter_topic,
             shutdown_timeout: duration("kafka.shutdown_timeout", raw.shutdown_timeout, 30)?,
-            commit_interval: duration("kafka.commit_interval", raw.commit_interval, 1)?,
+            // Each commit ends a transaction in exactly_once mode, and
+            // outputs become visible then: 100 ms, as Kafka Streams.
+            commit_interval: match (raw.commit_interval, guarantee) {
+                (None, Guarantee::ExactlyOnce) => Duration::from_millis(100),
+                (d, _) => duration("kafka.commit_interval", d, 1)?,
+            },
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) => {
@@ -273,6 +356,8 @@ impl KafkaSettings {
                 }
             },
             partitioner: raw.partitioner.unwrap_or_default(),
+            guarantee,
+            instance_id,
             options,
             consumer_options,
             producer_options: options_of("producer_options", &raw.producer_options)?,
@@ -295,6 +380,8 @@ impl KafkaSettings {
             commit_interval: Some(HumanDuration(self.commit_interval)),
             workers: Some(self.workers as i64),
             partitioner: Some(self.partitioner),
+            guarantee: Some(self.guarantee.name().to_string()),
+            instance_id: Some(self.instance_id.clone()),
             options: table(&self.options),
             consumer_options: table(&self.consumer_options),
             producer_options: table(&self.producer_options),
@@ -336,6 +423,9 @@ impl KafkaSettings {
             .set("partition.assignment.strategy", self.assignment_strategy())
             // To log when a partition has caught up with its log.
             .set("enable.partition.eof", "true")
+            // librdkafka's default, said: exactly_once depends on it (an
+            // aborted transaction's records are never input).
+            .set("isolation.level", "read_committed")
             // Lag and round-trip times for the metrics.
             .set("statistics.interval.ms", "5000")
             // Defaults a user may override:
@@ -356,6 +446,29 @@ impl KafkaSettings {
                 let heartbeat = (session / 3).clamp(1, DEFAULT_HEARTBEAT_MS);
                 c.set("heartbeat.interval.ms", heartbeat.to_string());
             }
+        }
+        c
+    }
+
+    /// Whether outputs go out in transactions.
+    pub fn exactly_once(&self) -> bool {
+        self.guarantee == Guarantee::ExactlyOnce
+    }
+
+    /// The `transactional.id` of worker `worker` (exactly_once): stable
+    /// across restarts of this instance, so that a restarted instance fences
+    /// its previous incarnation and aborts its open transactions at once.
+    pub fn transactional_id(&self, worker: usize) -> String {
+        format!("{}-{}-{worker}", self.group_id, self.instance_id)
+    }
+
+    /// A worker's transactional producer (exactly_once): the producer's
+    /// configuration with its `transactional.id`.
+    pub fn transactional_producer_config(&self, worker: usize) -> ClientConfig {
+        let mut c = self.producer_config();
+        c.set("transactional.id", self.transactional_id(worker));
+        if c.get("transaction.timeout.ms").is_none() {
+            c.set("transaction.timeout.ms", DEFAULT_TRANSACTION_TIMEOUT_MS);
         }
         c
     }
@@ -470,6 +583,98 @@ mod tests {
         // The environment alone is enough.
         let s = load("", &[("CES_KAFKA_INPUT_TOPICS", "clicks")]).unwrap();
         assert_eq!(s.kafka.unwrap().input_topics, ["clicks"]);
+    }
+
+    #[test]
+    fn every_environment_variable_reaches_its_own_key() {
+        use super::KafkaSettings;
+        // Each variable with a value no other key has, and where the value
+        // must land; a variable the table lists and this test does not
+        // fails it, so that the two stay together.
+        let cases: [(&str, &str, fn(&KafkaSettings) -> String); 7] = [
+            ("CES_KAFKA_BROKERS", "b:1", |k| k.brokers.clone()),
+            ("CES_KAFKA_GROUP_ID", "g-env", |k| k.group_id.clone()),
+            ("CES_KAFKA_INPUT_TOPICS", "in-env", |k| {
+                k.input_topics.join(",")
+            }),
+            ("CES_KAFKA_OUTPUT_TOPIC", "out-env", |k| {
+                k.output_topic.clone()
+            }),
+            ("CES_KAFKA_DEAD_LETTER_TOPIC", "dead-env", |k| {
+                k.dead_letter_topic.clone()
+            }),
+            ("CES_KAFKA_GUARANTEE", "exactly_once", |k| {
+                k.guarantee.name().to_string()
+            }),
+            ("CES_KAFKA_INSTANCE_ID", "pod-7", |k| k.instance_id.clone()),
+        ];
+        let listed: Vec<&str> = crate::config::KAFKA_ENV.iter().map(|(v, _)| *v).collect();
+        let tested: Vec<&str> = cases.iter().map(|(v, _, _)| *v).collect();
+        assert_eq!(listed, tested);
+        for (var, value, field) in cases {
+            let base = load("[kafka]\ninput_topics = [\"a\"]\n", &[]).unwrap();
+            let set = load("[kafka]\ninput_topics = [\"a\"]\n", &[(var, value)]).unwrap();
+            let (base, set) = (base.kafka.unwrap(), set.kafka.unwrap());
+            assert_eq!(field(&set), value, "{var}");
+            // Every other key is as without the variable.
+            for (other, _, other_field) in cases.iter().filter(|(o, _, _)| *o != var) {
+                assert_eq!(
+                    other_field(&set),
+                    other_field(&base),
+                    "{var} changed {other}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exactly_once_is_configured_per_worker() {
+        let s = load(
+            "[kafka]\ninput_topics = [\"a\"]\ngroup_id = \"g\"\nguarantee = \"exactly_once\"\ninstance_id = \"pod-1\"\n",
+            &[],
+        )
+        .unwrap();
+        let k = s.kafka.unwrap();
+        assert!(k.exactly_once());
+        // Commits end transactions: 100 ms unless set.
+        assert_eq!(k.commit_interval, std::time::Duration::from_millis(100));
+        let p = k.transactional_producer_config(3);
+        assert_eq!(p.get("transactional.id"), Some("g-pod-1-3"));
+        assert_eq!(p.get("transaction.timeout.ms"), Some("10000"));
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(
+            k.consumer_config().get("isolation.level"),
+            Some("read_committed")
+        );
+        // at_least_once by default, with its 1 s commits.
+        let k = load("[kafka]\ninput_topics = [\"a\"]\n", &[])
+            .unwrap()
+            .kafka
+            .unwrap();
+        assert!(!k.exactly_once());
+        assert_eq!(k.commit_interval, std::time::Duration::from_secs(1));
+        // Bad values are refused with their key.
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\nguarantee = \"exactly-once\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("kafka.guarantee") && e.contains("exactly_once"),
+            "{e}"
+        );
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\nguarantee = \"exactly_once\"\n[kafka.consumer_options]\n\"isolation.level\" = \"read_uncommitted\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("isolation.level"), "{e}");
+        let e = load(
+            "[kafka]\ninput_topics = [\"a\"]\ninstance_id = \" \"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("kafka.instance_id"), "{e}");
     }
 
     #[test]
