@@ -591,7 +591,8 @@ mod tests {
         // Each variable with a value no other key has, and where the value
         // must land; a variable the table lists and this test does not
         // fails it, so that the two stay together.
-        let cases: [(&str, &str, fn(&KafkaSettings) -> String); 7] = [
+        type Field = fn(&KafkaSettings) -> String;
+        let cases: [(&str, &str, Field); 7] = [
             ("CES_KAFKA_BROKERS", "b:1", |k| k.brokers.clone()),
             ("CES_KAFKA_GROUP_ID", "g-env", |k| k.group_id.clone()),
             ("CES_KAFKA_INPUT_TOPICS", "in-env", |k| {
