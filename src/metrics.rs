@@ -45,6 +45,9 @@ pub fn record_statistics(metrics: &Metrics, client: &str, stats: &rdkafka::Stati
     }
 }
 
+/// The `cause` label values of `ces_transactions_aborted_total`.
+pub const TRANSACTION_ABORT_CAUSES: [&str; 3] = ["error", "fatal", "lost"];
+
 /// Every metric of the process.
 #[derive(Clone)]
 pub struct Metrics {
@@ -85,6 +88,13 @@ pub struct Metrics {
     pub ignored_by_reason: Vec<IntCounter>,
     /// Per kind, in `SignalKind::NAMES` order.
     pub outputs_by_kind: [IntCounter; 4],
+    /// exactly_once: transactions committed.
+    pub transactions_committed: IntCounter,
+    /// exactly_once: transactions aborted, per cause in
+    /// [`TRANSACTION_ABORT_CAUSES`] order.
+    pub transactions_aborted: Vec<IntCounter>,
+    /// exactly_once: from a transaction's begin to its commit.
+    pub transaction_seconds: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -298,13 +308,41 @@ impl Metrics {
         for t in &model.tiers {
             tier_customers.with_label_values(&[&t.name]).set(0);
         }
-        for kind in ["assign", "revoke", "error"] {
+        for kind in ["assign", "revoke", "lost", "error"] {
             rebalances.with_label_values(&[kind]);
         }
+        let transactions_committed = IntCounter::new(
+            "ces_transactions_committed_total",
+            "Kafka transactions committed (guarantee = exactly_once).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(transactions_committed.clone()))
+            .expect("unique metric");
+        let aborted = counter(
+            r,
+            "ces_transactions_aborted_total",
+            "Kafka transactions aborted (guarantee = exactly_once), by cause: error (a send or the commit failed), fatal (the producer was fenced or failed, and replaced), lost (the partitions were lost with the group session).",
+            &["cause"],
+        );
+        let transactions_aborted = TRANSACTION_ABORT_CAUSES
+            .iter()
+            .map(|c| aborted.with_label_values(&[c]))
+            .collect();
+        let transaction_seconds = histogram(
+            "ces_transaction_duration_seconds",
+            "From a Kafka transaction's begin to its commit (guarantee = exactly_once).",
+            prometheus::exponential_buckets(0.005, 2.0, 12).expect("valid buckets"),
+        );
         for range in SCORE_RANGES {
             score_customers.with_label_values(&[range]).set(0);
         }
-        for kind in ["write", "corrupt", "incompatible", "compacted"] {
+        for kind in [
+            "write",
+            "corrupt",
+            "incompatible",
+            "compacted",
+            "uncommitted",
+        ] {
             snapshot_failures.with_label_values(&[kind]);
         }
         for error in [
@@ -351,6 +389,9 @@ impl Metrics {
             erasures,
             customers_forgotten,
             api_routed,
+            transactions_committed,
+            transactions_aborted,
+            transaction_seconds,
         }
     }
 

@@ -37,14 +37,22 @@ pub enum Clock {
 /// batches of a partition it holds (snapshots).
 pub trait PartitionHooks: Send + Sync {
     /// The state to start `partition` with, and for each input topic the
-    /// offset to resume from (`None`: the group's committed offset). Gives
-    /// up early (an empty state) when `cancel` is set.
+    /// offset to resume from (`None`: rebuild from the log). `committed`
+    /// holds, per topic, the group's committed offset: in exactly_once
+    /// mode a saved state past it covers outputs that were never committed
+    /// and is not used. Gives up early (an empty state) when `cancel` is
+    /// set.
     fn restore(
         &self,
         partition: i32,
         topics: &[String],
+        committed: &[Option<i64>],
         cancel: &AtomicBool,
     ) -> (PartitionState, Vec<Option<i64>>);
+
+    /// exactly_once: the store's records of `partition` go through `sink`,
+    /// in the transaction of the worker that owns it, until `forget`.
+    fn attach(&self, _partition: i32, _sink: Arc<dyn RecordSink>) {}
 
     /// Called with a partition's final state before it is dropped (revoke
     /// or shutdown), after its outputs are acknowledged. `next` holds, per
@@ -63,6 +71,22 @@ pub trait PartitionHooks: Send + Sync {
 
     /// The partition left this instance: work in progress for it stops.
     fn forget(&self, _partition: i32) {}
+}
+
+/// Where a state store's records go when they must be part of the
+/// transaction that holds the outputs of the same events (exactly_once):
+/// the transport sends them.
+pub trait RecordSink: Send + Sync {
+    /// Sends one record to `topic`'s `partition`; `value` `None` is a
+    /// tombstone.
+    fn send(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), String>;
 }
 
 /// How far a partition's processing, and the acknowledgement of what it

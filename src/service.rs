@@ -69,7 +69,7 @@ pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, S
                 dir: store.root().to_path_buf(),
                 source,
             })?;
-            Ok(hooks_for(Store::Local(store), s.interval, shared))
+            Ok(hooks_for(Store::Local(store), s.interval, shared, kafka))
         }
         StoreKind::Kafka => {
             let kafka = settings.kafka()?;
@@ -79,7 +79,12 @@ pub fn state_store(settings: &Settings, shared: &Shared) -> Result<StateStore, S
                 .unwrap_or_else(|| format!("{}-state", kafka.group_id));
             let store = ChangelogStore::open(&connection(kafka), s, &topic)?;
             tracing::info!(topic = %topic, "snapshots go to the changelog topic");
-            Ok(hooks_for(Store::Kafka(Arc::new(store)), s.interval, shared))
+            Ok(hooks_for(
+                Store::Kafka(Arc::new(store)),
+                s.interval,
+                shared,
+                kafka,
+            ))
         }
     }
 }
@@ -108,12 +113,18 @@ pub fn open_store(settings: &Settings) -> Result<Option<Store>, ServiceError> {
     })
 }
 
-fn hooks_for(store: Store, interval: std::time::Duration, shared: &Shared) -> StateStore {
+fn hooks_for(
+    store: Store,
+    interval: std::time::Duration,
+    shared: &Shared,
+    kafka: &KafkaSettings,
+) -> StateStore {
     Some(Arc::new(StoreHooks::new(
         store,
         Arc::clone(&shared.model),
         shared.metrics.clone(),
         interval,
+        kafka.exactly_once(),
     )))
 }
 

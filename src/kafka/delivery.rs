@@ -44,6 +44,12 @@ pub struct SourceCodec {
 }
 
 const OVERFLOW: usize = 1 << 63;
+
+impl SourceCodec {
+    /// The opaque of a message no input caused (a changelog record sent in
+    /// a worker's transaction): its acknowledgement counts for nothing.
+    pub const NO_SOURCE: usize = OVERFLOW;
+}
 const OFFSET_BITS: u32 = 40;
 const PARTITION_BITS: u32 = 16;
 
@@ -135,6 +141,9 @@ impl PartitionOffsets {
 pub struct OffsetTracker {
     parts: HashMap<(Arc<str>, i32), PartitionOffsets>,
     in_flight: u64,
+    /// exactly_once: outputs are durable once their transaction commits,
+    /// not once acknowledged.
+    transactional: bool,
 }
 
 /// One processed input message of a batch with outputs: (offset, outputs,
@@ -142,6 +151,36 @@ pub struct OffsetTracker {
 pub type Produced = (i64, u32, Option<Millis>);
 
 impl OffsetTracker {
+    /// The tracker of exactly_once mode: what a snapshot may cover is what
+    /// a committed transaction covers ([`OffsetTracker::mark_committed`]).
+    pub fn transactional() -> OffsetTracker {
+        OffsetTracker {
+            transactional: true,
+            ..OffsetTracker::default()
+        }
+    }
+
+    /// The offset below which every output of a partition is durable:
+    /// acknowledged (at_least_once), or committed in a transaction
+    /// (exactly_once).
+    pub fn durable(&self, topic: &str, partition: i32) -> Option<i64> {
+        if !self.transactional {
+            return self.safe(topic, partition);
+        }
+        self.parts
+            .iter()
+            .find(|((t, p), _)| &**t == topic && *p == partition)
+            .map(|(_, o)| o.committed.unwrap_or(0))
+    }
+
+    /// The committed offset of a partition, if any.
+    pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.parts
+            .iter()
+            .find(|((t, p), _)| &**t == topic && *p == partition)
+            .and_then(|(_, o)| o.committed)
+    }
+
     /// Records a batch of `topic`'s `partition`: the messages with outputs
     /// (in offset order, none acknowledged yet) and the last offset
     /// processed. Must be called before the outputs are sent.
@@ -309,7 +348,7 @@ impl Progress for Mutex<OffsetTracker> {
     }
 
     fn acknowledged(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.lock().safe(topic, partition)
+        self.lock().durable(topic, partition)
     }
 }
 
@@ -330,6 +369,15 @@ pub struct Delivery {
     pub retries: Mutex<Vec<Retry>>,
     pub fatal: Mutex<Option<String>>,
     pub metrics: Metrics,
+    /// A worker's transactional producer (exactly_once): a failed delivery
+    /// is not sent again but dooms the open transaction, and a fatal
+    /// producer error replaces the producer instead of stopping the
+    /// pipeline.
+    transactional: bool,
+    /// Why the open transaction must be aborted (a delivery failed).
+    doomed: Mutex<Option<String>>,
+    /// Why the producer cannot go on (librdkafka's fatal error).
+    unusable: Mutex<Option<String>>,
 }
 
 impl Delivery {
@@ -344,7 +392,33 @@ impl Delivery {
             retries: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             metrics,
+            transactional: false,
+            doomed: Mutex::new(None),
+            unusable: Mutex::new(None),
         }
+    }
+
+    /// The context of a worker's transactional producer.
+    pub fn transactional(
+        tracker: Arc<Mutex<OffsetTracker>>,
+        codec: Arc<SourceCodec>,
+        metrics: Metrics,
+    ) -> Delivery {
+        Delivery {
+            transactional: true,
+            ..Delivery::new(tracker, codec, metrics)
+        }
+    }
+
+    /// Why the open transaction must be aborted, once: a delivery in it
+    /// failed. Taken, so that the next transaction starts clean.
+    pub fn transaction_failed(&self) -> Option<String> {
+        self.doomed.lock().take()
+    }
+
+    /// Why the producer cannot go on (librdkafka reported a fatal error).
+    pub fn unusable(&self) -> Option<String> {
+        self.unusable.lock().clone()
     }
 
     /// Takes the failed deliveries to send again.
@@ -386,10 +460,32 @@ pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Permanent errors about the message itself (no retry, no new producer
+/// and no abort can deliver it): the pipeline stops on them in either
+/// mode, rather than process the same event forever.
+fn is_about_the_message(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::UnsupportedForMessageFormat
+    )
+}
+
 impl ClientContext for Delivery {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            self.set_fatal(format!("{error}: {reason}"));
+            if self.transactional {
+                tracing::error!("transactional producer: {error}: {reason}");
+                *self.unusable.lock() = Some(format!("{error}: {reason}"));
+            } else {
+                self.set_fatal(format!("{error}: {reason}"));
+            }
         } else {
             tracing::warn!("producer: {error}: {reason}");
         }
@@ -425,6 +521,15 @@ impl ProducerContext for Delivery {
                     .delivery_errors
                     .with_label_values(&[code.map_or("unknown", error_name)])
                     .inc();
+                if self.transactional && !code.is_some_and(is_about_the_message) {
+                    // The transaction cannot commit: the worker aborts it and
+                    // processes its events again; nothing is resent here.
+                    let mut doomed = self.doomed.lock();
+                    if doomed.is_none() {
+                        *doomed = Some(format!("delivery to {} failed: {e}", msg.topic()));
+                    }
+                    return;
+                }
                 if code.is_some_and(is_permanent) {
                     let source = self.codec.decode(opaque);
                     self.set_fatal(format!(

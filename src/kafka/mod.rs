@@ -6,6 +6,8 @@ pub mod members;
 pub mod partitioner;
 pub mod pipeline;
 pub mod rebalance;
+pub mod restore;
 pub mod settings;
 pub mod shared;
+pub mod transaction;
 pub mod worker;

@@ -23,6 +23,7 @@ use rdkafka::ClientContext;
 
 use crate::engine::Engine;
 use crate::kafka::delivery::{drain, Delivery, OffsetTracker, SourceCodec};
+use crate::kafka::restore;
 use crate::kafka::worker::{Feed, Pool, Unit};
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -222,10 +223,16 @@ impl GroupContext {
                 .iter()
                 .map(|(p, topics)| {
                     s.spawn(move || {
-                        let (state, offsets) = match &self.hooks {
-                            Some(h) => h.restore(*p, topics, &self.stop),
-                            None => (self.new_state(), vec![None; topics.len()]),
-                        };
+                        let committed: Vec<Option<i64>> =
+                            topics.iter().map(|t| committed_of(t, *p)).collect();
+                        let (state, offsets) = restore::restore(
+                            self.hooks.as_ref(),
+                            || self.new_state(),
+                            *p,
+                            topics,
+                            &committed,
+                            &self.stop,
+                        );
                         (*p, topics.clone(), state, offsets)
                     })
                 })
@@ -234,34 +241,18 @@ impl GroupContext {
         });
         let mut started = Vec::new();
         for (p, topics, mut state, offsets) in restored {
-            for (topic, offset) in topics.iter().zip(offsets) {
-                let start = match offset {
-                    Some(o) => Offset::Offset(o),
-                    None if self.reset_to_end => Offset::End,
-                    None => Offset::Beginning,
-                };
+            let committed: Vec<Option<i64>> = topics.iter().map(|t| committed_of(t, p)).collect();
+            let starts = restore::start(
+                &mut state,
+                p,
+                &topics,
+                offsets,
+                &committed,
+                self.reset_to_end,
+                &self.tracker,
+            );
+            for (topic, start) in topics.iter().zip(starts) {
                 let _ = tpl.set_partition_offset(topic, p, start);
-                let from = match start {
-                    Offset::Offset(o) => Some(o),
-                    Offset::Beginning => Some(0),
-                    _ => None,
-                };
-                if let Some(from) = from {
-                    state.started_at.push((topic.clone(), from));
-                }
-                if let (Some(from), Some(c)) = (from, committed_of(topic, p)) {
-                    if from < c {
-                        state.silent_below.push((topic.clone(), c));
-                    }
-                }
-                {
-                    let mut tracker = self.tracker.lock();
-                    tracker.assigned(topic, p, committed_of(topic, p));
-                    if let Offset::Offset(o) = start {
-                        tracker.restored(topic, p, o);
-                    }
-                }
-                tracing::info!(topic = %topic, partition = p, start = ?start, committed = ?committed_of(topic, p), "partition starts");
             }
             self.partitions.insert(p, state);
             started.push(p);

@@ -48,6 +48,7 @@ use crate::customers::{flags, CustomerTable, Layout, Removed};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::Model;
+use crate::partition::RecordSink;
 use crate::snapshot::format::{self, Encoder, Header};
 use crate::snapshot::{Restored, SnapshotSettings};
 
@@ -370,6 +371,10 @@ pub struct ChangelogStore {
     producer: ThreadedProducer<Acks>,
     /// Per partition; the lock is held while a checkpoint is written.
     writers: Mutex<HashMap<i32, Arc<Mutex<Writer>>>>,
+    /// exactly_once: per partition, the transaction its records go in (its
+    /// worker's): no acknowledgement is awaited, the commit makes them
+    /// durable together with the outputs of the events they cover.
+    sinks: Mutex<HashMap<i32, Arc<dyn RecordSink>>>,
 }
 
 impl std::fmt::Debug for ChangelogStore {
@@ -458,7 +463,40 @@ impl ChangelogStore {
             client,
             producer,
             writers: Mutex::new(HashMap::new()),
+            sinks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// exactly_once: partition `p`'s records go through `sink` from now on.
+    pub fn attach(&self, p: i32, sink: Arc<dyn RecordSink>) {
+        self.sinks.lock().insert(p, sink);
+    }
+
+    /// `p` left this instance: its sink goes.
+    pub fn detach(&self, p: i32) {
+        self.sinks.lock().remove(&p);
+    }
+
+    /// Whether `p`'s records go in a transaction.
+    pub fn transactional(&self, p: i32) -> bool {
+        self.sinks.lock().contains_key(&p)
+    }
+
+    fn sink(&self, p: i32) -> Option<Arc<dyn RecordSink>> {
+        self.sinks.lock().get(&p).cloned()
+    }
+
+    /// Turns a restore into a rebuild from the log (exactly_once: its
+    /// checkpoint is past the group's committed offsets): a new
+    /// generation, and every key it held deleted by the next snapshot.
+    pub fn discard(&self, p: i32, loaded: Loaded) -> Loaded {
+        let mut delete = loaded.delete;
+        delete.extend(loaded.rewrite);
+        if let Some(r) = &loaded.restored {
+            let table = r.engine.customers();
+            delete.extend((0..table.len() as u32).map(|slot| table.id(slot).to_string()));
+        }
+        self.rebuild(p, delete)
     }
 
     /// Partitions of the changelog.
@@ -638,16 +676,7 @@ impl ChangelogStore {
     /// Writes tombstones for removed customers to changelog partition `p`.
     pub fn write_tombstones(&self, p: i32, removed: &[Removed]) -> Result<(), KafkaError> {
         for r in removed {
-            let headers = OwnedHeaders::new().insert(KafkaHeader {
-                key: PERSISTED_HEADER,
-                value: Some(if r.persisted { "1" } else { "0" }),
-            });
-            let record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(&self.topic, p as usize)
-                    .partition(p)
-                    .key(r.id.as_bytes())
-                    .headers(headers);
-            self.send(p, record)?;
+            self.send(p, r.id.as_bytes(), None, Some(r.persisted))?;
         }
         Ok(())
     }
@@ -668,23 +697,49 @@ impl ChangelogStore {
             for w in words {
                 value.extend_from_slice(&w.to_le_bytes());
             }
-            self.send(
-                p,
-                BaseRecord::with_opaque_to(&self.topic, p as usize)
-                    .partition(p)
-                    .key(id.as_bytes())
-                    .payload(&value[..]),
-            )?;
+            self.send(p, id.as_bytes(), Some(&value), None)?;
             n += 1;
         }
         Ok(n)
     }
 
-    fn send<'a>(
+    /// Sends one record to partition `p`: a customer's record or a
+    /// checkpoint (`value`), or a tombstone (`persisted`: whether an
+    /// earlier record of the customer exists).
+    fn send(
         &self,
         p: i32,
-        mut record: BaseRecord<'a, [u8], [u8], usize>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        persisted: Option<bool>,
     ) -> Result<(), KafkaError> {
+        let flag: &[u8] = if persisted == Some(true) { b"1" } else { b"0" };
+        if let Some(sink) = self.sink(p) {
+            let headers: &[(&str, &[u8])] = match persisted {
+                Some(_) => &[(PERSISTED_HEADER, flag)],
+                None => &[],
+            };
+            return sink.send(&self.topic, p, key, value, headers).map_err(|e| {
+                tracing::warn!(
+                    partition = p,
+                    "changelog record not sent in the transaction: {e}"
+                );
+                KafkaError::MessageProduction(RDKafkaErrorCode::State)
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topic, p as usize)
+                .partition(p)
+                .key(key);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if persisted.is_some() {
+            record = record.headers(OwnedHeaders::new().insert(KafkaHeader {
+                key: PERSISTED_HEADER,
+                value: Some(flag),
+            }));
+        }
         let acks = self.producer.context();
         acks.sent(p);
         loop {
@@ -738,8 +793,12 @@ impl ChangelogStore {
         let deadline = Instant::now() + timeout;
         let p = header.partition;
         let acks = self.producer.context();
-        // Every record of the snapshot acknowledged before the checkpoint.
-        acks.wait(p, deadline)?;
+        // Every record of the snapshot acknowledged before the checkpoint
+        // (in a transaction, its commit makes them durable together).
+        let transactional = self.transactional(p);
+        if !transactional {
+            acks.wait(p, deadline)?;
+        }
         let mut h = header.clone();
         h.customers = 0;
         h.ids_len = 0;
@@ -753,14 +812,10 @@ impl ChangelogStore {
         value.push(CHECKPOINT_TAG);
         value.extend_from_slice(&generation.to_le_bytes());
         value.extend_from_slice(&encoded);
-        self.send(
-            p,
-            BaseRecord::with_opaque_to(&self.topic, p as usize)
-                .partition(p)
-                .key(CHECKPOINT_KEY)
-                .payload(&value[..]),
-        )?;
-        acks.wait(p, deadline)?;
+        self.send(p, CHECKPOINT_KEY, Some(&value), None)?;
+        if !transactional {
+            acks.wait(p, deadline)?;
+        }
         Ok(value.len() as u64)
     }
 

@@ -94,10 +94,33 @@ impl LocalStore {
     /// The newest snapshot of `partition` that reads back whole and fits
     /// the model. Bad files are reported and skipped.
     pub fn load(&self, partition: i32, model: &Arc<Model>, metrics: &Metrics) -> Option<Restored> {
+        self.load_where(partition, model, metrics, |_| true)
+    }
+
+    /// As [`LocalStore::load`], skipping snapshots whose header `usable`
+    /// refuses (exactly_once: those past the group's committed offsets).
+    pub fn load_where(
+        &self,
+        partition: i32,
+        model: &Arc<Model>,
+        metrics: &Metrics,
+        usable: impl Fn(&Header) -> bool,
+    ) -> Option<Restored> {
         self.remove_temporaries(partition);
         let expected = super::fingerprint(model);
         for (_, path) in self.files(partition) {
             match self.read(&path, model, expected) {
+                Ok(r) if !usable(&r.header) => {
+                    metrics
+                        .snapshot_failures
+                        .with_label_values(&["uncommitted"])
+                        .inc();
+                    tracing::warn!(
+                        path = %path.display(),
+                        offsets = ?r.header.offsets,
+                        "skipping snapshot past the group's committed offsets: the transaction of its outputs never committed"
+                    );
+                }
                 Ok(r) => return Some(r),
                 Err(e @ SnapshotError::Model { .. }) => {
                     // Not damage: another model or an older version of the

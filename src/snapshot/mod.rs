@@ -27,7 +27,7 @@ use crate::customers::{CustomerTable, Layout};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::partition::{PartitionHooks, PartitionState, Progress};
+use crate::partition::{PartitionHooks, PartitionState, Progress, RecordSink};
 use crate::timestamp::{now_millis, Millis};
 
 pub use format::Header;
@@ -243,6 +243,9 @@ pub struct StoreHooks {
     pub model: Arc<Model>,
     pub metrics: Metrics,
     pub periodic: periodic::Periodic,
+    /// `[kafka] guarantee = "exactly_once"`: a saved state is only used up
+    /// to the group's committed offsets.
+    pub exactly_once: bool,
 }
 
 impl StoreHooks {
@@ -251,6 +254,7 @@ impl StoreHooks {
         model: Arc<Model>,
         metrics: Metrics,
         interval: std::time::Duration,
+        exactly_once: bool,
     ) -> StoreHooks {
         let periodic = periodic::Periodic::new(
             store.clone(),
@@ -263,6 +267,7 @@ impl StoreHooks {
             model,
             metrics,
             periodic,
+            exactly_once,
         }
     }
 }
@@ -274,20 +279,60 @@ impl PartitionHooks for StoreHooks {
 
     fn forget(&self, partition: i32) {
         self.periodic.forget(partition);
+        if let Store::Kafka(c) = &self.store {
+            c.detach(partition);
+        }
+    }
+
+    fn attach(&self, partition: i32, sink: Arc<dyn RecordSink>) {
+        if let Store::Kafka(c) = &self.store {
+            c.attach(partition, sink);
+        }
     }
 
     fn restore(
         &self,
         partition: i32,
         topics: &[String],
+        committed: &[Option<i64>],
         cancel: &AtomicBool,
     ) -> (PartitionState, Vec<Option<i64>>) {
         let started = std::time::Instant::now();
+        // exactly_once: a saved state past the group's committed offsets
+        // covers events whose outputs were aborted; it is never used.
+        let committed_of = |topic: &str| {
+            topics
+                .iter()
+                .zip(committed)
+                .find(|(t, _)| *t == topic)
+                .and_then(|(_, c)| *c)
+        };
+        let within = |header: &Header| {
+            !self.exactly_once
+                || header
+                    .offsets
+                    .iter()
+                    .all(|(t, o)| committed_of(t).is_some_and(|c| *o <= c))
+        };
         // The changelog store also says what its next snapshot must clean.
         let (restored, loaded) = match &self.store {
-            Store::Local(s) => (s.load(partition, &self.model, &self.metrics), None),
+            Store::Local(s) => (
+                s.load_where(partition, &self.model, &self.metrics, within),
+                None,
+            ),
             Store::Kafka(c) => {
                 let mut loaded = c.load_until(partition, &self.model, &self.metrics, cancel);
+                if loaded.restored.as_ref().is_some_and(|r| !within(&r.header)) {
+                    self.metrics
+                        .snapshot_failures
+                        .with_label_values(&["uncommitted"])
+                        .inc();
+                    tracing::warn!(
+                        partition,
+                        "the changelog's last checkpoint is past the group's committed offsets: rebuilding from the log"
+                    );
+                    loaded = c.discard(partition, loaded);
+                }
                 (loaded.restored.take(), Some(loaded))
             }
         };

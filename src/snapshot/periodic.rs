@@ -257,6 +257,36 @@ impl Periodic {
             },
         };
         let written = started.elapsed();
+        // In a transaction (exactly_once), the checkpoint goes in it now:
+        // the commit that makes it durable makes the outputs of the events
+        // it covers visible too.
+        if let Finish::Changelog(c, header, records, ticket) = pending {
+            if c.transactional(p) {
+                let result = Finish::Changelog(Arc::clone(&c), header, records, ticket).commit();
+                self.finished(p, result, written);
+                return None;
+            }
+            return self.await_outputs(
+                p,
+                Finish::Changelog(c, header, records, ticket),
+                offsets,
+                written,
+                progress,
+            );
+        }
+        self.await_outputs(p, pending, offsets, written, progress)
+    }
+
+    /// Makes `pending` current on a thread of its own once every output of
+    /// the events it covers is durable.
+    fn await_outputs(
+        &self,
+        p: i32,
+        pending: Finish,
+        offsets: Vec<(String, i64)>,
+        written: Duration,
+        progress: &Arc<dyn Progress>,
+    ) -> Option<Active> {
         // Current only once every output of the events it covers is
         // acknowledged.
         let progress = Arc::clone(progress);
@@ -291,29 +321,21 @@ impl Periodic {
                     Some(false) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
-            match pending.commit() {
-                Ok(bytes) => {
-                    metrics.snapshot_seconds.observe(written.as_secs_f64());
-                    metrics.snapshot_bytes.set(bytes as i64);
-                    last_done.lock().insert(p, Instant::now());
-                    tracing::debug!(
-                        partition = p,
-                        bytes,
-                        written_ms = written.as_millis() as u64,
-                        "snapshot current"
-                    );
-                }
-                Err(e) => {
-                    rewrite.lock().insert(p);
-                    metrics
-                        .snapshot_failures
-                        .with_label_values(&["write"])
-                        .inc();
-                    tracing::error!(partition = p, "cannot make a snapshot current: {e}");
-                }
-            }
+            made_current(p, pending.commit(), written, &metrics, &last_done, &rewrite);
         });
         None
+    }
+
+    /// Records the end of `p`'s snapshot.
+    fn finished(&self, p: i32, result: Result<u64, String>, written: Duration) {
+        made_current(
+            p,
+            result,
+            written,
+            &self.metrics,
+            &self.last_done,
+            &self.rewrite,
+        );
     }
 
     fn fail(&self, p: i32, st: &mut PartitionState, active: Active, e: String) {
@@ -337,6 +359,38 @@ impl Periodic {
             .map(|t| t.elapsed().as_secs_f64())
             .fold(0.0, f64::max);
         self.metrics.snapshot_age_seconds.set(oldest);
+    }
+}
+
+/// Records a snapshot made current (or why it could not be).
+fn made_current(
+    p: i32,
+    result: Result<u64, String>,
+    written: Duration,
+    metrics: &Metrics,
+    last_done: &Mutex<HashMap<i32, Instant>>,
+    rewrite: &Mutex<std::collections::HashSet<i32>>,
+) {
+    match result {
+        Ok(bytes) => {
+            metrics.snapshot_seconds.observe(written.as_secs_f64());
+            metrics.snapshot_bytes.set(bytes as i64);
+            last_done.lock().insert(p, Instant::now());
+            tracing::debug!(
+                partition = p,
+                bytes,
+                written_ms = written.as_millis() as u64,
+                "snapshot current"
+            );
+        }
+        Err(e) => {
+            rewrite.lock().insert(p);
+            metrics
+                .snapshot_failures
+                .with_label_values(&["write"])
+                .inc();
+            tracing::error!(partition = p, "cannot make a snapshot current: {e}");
+        }
     }
 }
 

@@ -1,0 +1,263 @@
+//! A worker's Kafka transactions (`[kafka] guarantee = "exactly_once"`),
+//! kept as Kafka Streams' `StreamsProducer` keeps them (KIP-447).
+//!
+//! Each worker has a transactional producer of its own, its
+//! `transactional.id` stable per group, instance and worker, so that a
+//! restarted instance fences its previous incarnation and aborts what that
+//! one left open. A transaction begins with the first message a worker
+//! sends after a commit, and holds every output, dead letter, erasure
+//! tombstone and changelog record of the worker's partitions until the
+//! next commit, which adds their input offsets with the consumer group's
+//! metadata (`send_offsets_to_transaction`): a member of an older
+//! generation cannot commit, so a zombie's work is never visible.
+//!
+//! Errors are classified as librdkafka classifies them: retriable (the
+//! same call again, until the deadline), abortable (abort; the worker
+//! rewinds its partitions to the last committed state) and fatal (the
+//! producer is dropped and a new one initialised, which also rewinds).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::producer::{Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::TopicPartitionList;
+
+use crate::kafka::delivery::Delivery;
+use crate::kafka::error::PipelineError;
+use crate::kafka::settings::KafkaSettings;
+use crate::metrics::{Metrics, TRANSACTION_ABORT_CAUSES};
+
+/// How long one transactional call may take before it is tried again.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a transaction did not commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Aborted: the producer goes on; the worker rewinds.
+    Aborted(String),
+    /// The producer cannot go on (fenced, or a fatal error): it was dropped
+    /// and a new one initialised; the worker rewinds.
+    Fatal(String),
+}
+
+/// What a transaction's failure is counted as (`cause` of
+/// `ces_transactions_aborted_total`, in [`TRANSACTION_ABORT_CAUSES`]
+/// order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortCause {
+    /// A send or the commit failed in a way that requires an abort.
+    Error,
+    /// The producer was fenced or failed fatally.
+    Fatal,
+    /// The partitions were lost with the group session.
+    Lost,
+}
+
+impl AbortCause {
+    pub fn name(self) -> &'static str {
+        TRANSACTION_ABORT_CAUSES[self as usize]
+    }
+}
+
+/// A worker's transactional producer and its open transaction.
+pub struct Transactions {
+    settings: Arc<KafkaSettings>,
+    worker: usize,
+    /// Builds the producer's context (acknowledgements and errors).
+    context: Box<dyn Fn() -> Delivery + Send>,
+    producer: Arc<ThreadedProducer<Delivery>>,
+    /// When the open transaction began.
+    open: Option<Instant>,
+    metrics: Metrics,
+}
+
+impl Transactions {
+    /// Creates worker `worker`'s producer and initialises its transactions
+    /// (fencing an earlier producer with the same id), within `deadline`.
+    pub fn start(
+        settings: Arc<KafkaSettings>,
+        worker: usize,
+        context: Box<dyn Fn() -> Delivery + Send>,
+        metrics: Metrics,
+        deadline: Instant,
+    ) -> Result<Transactions, PipelineError> {
+        let producer = new_producer(&settings, worker, &context, deadline)?;
+        Ok(Transactions {
+            settings,
+            worker,
+            context,
+            producer,
+            open: None,
+            metrics,
+        })
+    }
+
+    /// The producer everything of this worker goes through.
+    pub fn producer(&self) -> &Arc<ThreadedProducer<Delivery>> {
+        &self.producer
+    }
+
+    /// When the open transaction began, if one is open.
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.open
+    }
+
+    /// Begins a transaction unless one is open.
+    pub fn ensure_open(&mut self) -> Result<(), Failure> {
+        if self.open.is_some() {
+            return Ok(());
+        }
+        match self.producer.begin_transaction() {
+            Ok(()) => {
+                self.open = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e, AbortCause::Error)),
+        }
+    }
+
+    /// Commits the open transaction with `offsets` (the next offset to
+    /// process of each input partition it covers) in the group of `group`.
+    /// On failure the transaction is aborted (or the producer replaced)
+    /// before this returns.
+    pub fn commit(
+        &mut self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), Failure> {
+        let Some(began) = self.open else {
+            return Ok(());
+        };
+        if let Some(why) = self.producer.context().transaction_failed() {
+            return Err(self.abort_with(why, AbortCause::Error));
+        }
+        let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
+        let sent = if offsets.count() > 0 {
+            retrying(deadline, || {
+                self.producer
+                    .send_offsets_to_transaction(offsets, group, CALL_TIMEOUT)
+            })
+        } else {
+            Ok(())
+        };
+        let result = sent
+            .and_then(|()| retrying(deadline, || self.producer.commit_transaction(CALL_TIMEOUT)));
+        match result {
+            Ok(()) => {
+                self.open = None;
+                self.metrics.transactions_committed.inc();
+                self.metrics
+                    .transaction_seconds
+                    .observe(began.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e, AbortCause::Error)),
+        }
+    }
+
+    /// Aborts the open transaction, if any (the partitions were lost, or
+    /// the worker gives up on it).
+    pub fn abort(&mut self, cause: AbortCause) -> Failure {
+        self.abort_with("aborted".into(), cause)
+    }
+
+    /// Classifies a failed transactional call: aborts what can be aborted,
+    /// replaces the producer when it cannot go on.
+    fn fail(&mut self, e: KafkaError, cause: AbortCause) -> Failure {
+        if is_fatal(&e) || self.producer.context().unusable().is_some() {
+            return self.replace(e.to_string());
+        }
+        self.abort_with(e.to_string(), cause)
+    }
+
+    fn abort_with(&mut self, why: String, cause: AbortCause) -> Failure {
+        if self.open.take().is_none() {
+            return Failure::Aborted(why);
+        }
+        let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
+        match retrying(deadline, || self.producer.abort_transaction(CALL_TIMEOUT)) {
+            Ok(()) => {
+                self.count_abort(cause);
+                tracing::warn!(
+                    worker = self.worker,
+                    cause = cause.name(),
+                    "transaction aborted: {why}"
+                );
+                Failure::Aborted(why)
+            }
+            Err(e) => self.replace(format!("{why}; the abort failed too: {e}")),
+        }
+    }
+
+    /// Drops the producer and initialises a new one with the same
+    /// transactional id (which aborts whatever the old one left open).
+    fn replace(&mut self, why: String) -> Failure {
+        self.open = None;
+        self.count_abort(AbortCause::Fatal);
+        tracing::error!(
+            worker = self.worker,
+            transactional_id = %self.settings.transactional_id(self.worker),
+            "transactional producer unusable, replacing it: {why} (a producer fenced again and again means another live instance has the same kafka.instance_id)"
+        );
+        let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
+        match new_producer(&self.settings, self.worker, &self.context, deadline) {
+            Ok(p) => self.producer = p,
+            Err(e) => tracing::error!(worker = self.worker, "cannot replace the producer: {e}"),
+        }
+        Failure::Fatal(why)
+    }
+
+    fn count_abort(&self, cause: AbortCause) {
+        self.metrics.transactions_aborted[cause as usize].inc();
+    }
+}
+
+/// A new transactional producer for `worker`, its transactions initialised.
+fn new_producer(
+    settings: &KafkaSettings,
+    worker: usize,
+    context: &(dyn Fn() -> Delivery + Send),
+    deadline: Instant,
+) -> Result<Arc<ThreadedProducer<Delivery>>, PipelineError> {
+    let producer: ThreadedProducer<Delivery> = settings
+        .transactional_producer_config(worker)
+        .create_with_context(context())
+        .map_err(|source| PipelineError::Client {
+            client: "transactional producer",
+            source,
+        })?;
+    retrying(deadline, || producer.init_transactions(CALL_TIMEOUT)).map_err(|e| {
+        PipelineError::Producer(format!(
+            "cannot initialise transactions ({}): {e}",
+            settings.transactional_id(worker)
+        ))
+    })?;
+    Ok(Arc::new(producer))
+}
+
+/// Runs a transactional call again while it fails with a retriable error
+/// and `deadline` is ahead.
+fn retrying(deadline: Instant, mut call: impl FnMut() -> KafkaResult<()>) -> KafkaResult<()> {
+    loop {
+        match call() {
+            Err(e) if is_retriable(&e) && Instant::now() < deadline => {
+                tracing::debug!("transactional call failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    }
+}
