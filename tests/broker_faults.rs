@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::kafka::*;
@@ -22,35 +21,6 @@ const PARTITIONS: i32 = 4;
 /// The soak streams span 12 days from START: the state is compared at
 /// the end of the 13th.
 const AT: &str = "2026-10-14T00:00:00Z";
-
-/// Produces each partition's messages in `rounds` slices, a pause between
-/// slices, with an idempotent producer (in order, no duplicates, also
-/// across a broker restart), until all are acknowledged.
-fn produce_in_rounds(
-    bootstrap: &str,
-    topic: &str,
-    per_partition: &[Vec<(String, Option<String>)>],
-    rounds: usize,
-    pause: Duration,
-) -> JoinHandle<()> {
-    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-    let per_partition = per_partition.to_vec();
-    std::thread::spawn(move || {
-        let producer = producer(&bootstrap);
-        for k in 0..rounds {
-            for (p, evs) in per_partition.iter().enumerate() {
-                let size = evs.len().div_ceil(rounds);
-                let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
-                produce_messages(&producer, &topic, p as i32, part);
-            }
-            std::thread::sleep(pause);
-        }
-    })
-}
-
-fn ends(per_partition: &[Vec<(String, Option<String>)>]) -> Vec<i64> {
-    per_partition.iter().map(|evs| evs.len() as i64).collect()
-}
 
 /// Waits until the instance has consumed `more` events beyond what it had
 /// consumed when called: it works (again).

@@ -27,7 +27,7 @@ use crate::kafka::error::PipelineError;
 use crate::kafka::rebalance::GroupContext;
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
-use crate::kafka::worker::{Context, Pool};
+use crate::kafka::worker::{Context, GroupHandle, Pool};
 use crate::metrics::SCORE_RANGES;
 use crate::partition::{Clock, PartitionHooks};
 use crate::timestamp::now_millis;
@@ -89,7 +89,11 @@ pub fn run_blocking(
     hooks: Option<Arc<dyn PartitionHooks>>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
-    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let tracker = Arc::new(Mutex::new(if kafka.exactly_once() {
+        OffsetTracker::transactional()
+    } else {
+        OffsetTracker::default()
+    }));
     let codec = Arc::new(SourceCodec::default());
     for t in kafka.input_topics.iter().filter(|t| !t.starts_with('^')) {
         codec.topic_index(t);
@@ -120,6 +124,11 @@ pub fn run_blocking(
     check_co_partitioned(kafka, &metadata)?;
     drop(metadata);
 
+    let consumer_config = kafka.consumer_config();
+    let reset_to_end = matches!(
+        consumer_config.get("auto.offset.reset"),
+        Some("latest" | "largest" | "end")
+    );
     // Workers stop with the pipeline, but also stop it when one fails.
     let workers_stop = Arc::new(AtomicBool::new(false));
     let ctx = Arc::new(Context {
@@ -132,14 +141,10 @@ pub fn run_blocking(
         hooks: hooks.clone(),
         stop: Arc::clone(&workers_stop),
         failed: Mutex::new(None),
+        group: OnceLock::new(),
+        reset_to_end,
     });
-    let pool = Arc::new(Mutex::new(Pool::start(kafka.workers, Arc::clone(&ctx))));
-
-    let consumer_config = kafka.consumer_config();
-    let reset_to_end = matches!(
-        consumer_config.get("auto.offset.reset"),
-        Some("latest" | "largest" | "end")
-    );
+    let pool = Arc::new(Mutex::new(Pool::start(kafka.workers, Arc::clone(&ctx))?));
     let context = GroupContext {
         model: Arc::clone(&shared.model),
         partitions: shared.partitions.clone(),
@@ -157,6 +162,7 @@ pub fn run_blocking(
         consumer: OnceLock::new(),
         track_removals: shared.track_removals,
         commit_sent: Mutex::new(None),
+        exactly_once: kafka.exactly_once(),
         sweep_every: Duration::from_millis(shared.model.signals.sweep_interval.max(1) as u64),
     };
     let consumer: Arc<BaseConsumer<GroupContext>> = Arc::new(
@@ -168,6 +174,9 @@ pub fn run_blocking(
             })?,
     );
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    let _ = ctx
+        .group
+        .set(Arc::new(ConsumerHandle(Arc::downgrade(&consumer))));
     let topics: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -180,6 +189,7 @@ pub fn run_blocking(
         group = %kafka.group_id,
         topics = ?kafka.input_topics,
         assignor = kafka.assignment_strategy(),
+        guarantee = kafka.guarantee.name(),
         workers = pool.lock().len(),
         "consuming"
     );
@@ -230,6 +240,53 @@ pub fn run_blocking(
         Err(_) => tracing::warn!("the consumer did not leave the group by the shutdown deadline"),
     }
     result
+}
+
+/// What the workers need of the consumer (exactly_once).
+struct ConsumerHandle(std::sync::Weak<BaseConsumer<GroupContext>>);
+
+impl GroupHandle for ConsumerHandle {
+    fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        self.0.upgrade()?.group_metadata()
+    }
+
+    fn seek(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: rdkafka::topic_partition_list::Offset,
+    ) -> Result<(), String> {
+        let consumer = self.0.upgrade().ok_or("the consumer is gone")?;
+        consumer
+            .seek(topic, partition, offset, Duration::from_secs(10))
+            .map_err(|e| e.to_string())
+    }
+
+    fn committed(&self, topics: &[String], partition: i32) -> Result<Vec<Option<i64>>, String> {
+        let consumer = self.0.upgrade().ok_or("the consumer is gone")?;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for t in topics {
+            tpl.add_partition(t, partition);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        topics
+            .iter()
+            .map(|t| {
+                let e = committed
+                    .find_partition(t, partition)
+                    .ok_or("no answer for the partition")?;
+                // A pending transaction's offsets answer with an error
+                // (unstable) until it ends: no guess then.
+                e.error().map_err(|e| e.to_string())?;
+                Ok(match e.offset() {
+                    rdkafka::topic_partition_list::Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The consumer's thread until `stop`: serves callbacks, commits, resends

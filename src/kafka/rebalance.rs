@@ -24,20 +24,10 @@ use rdkafka::ClientContext;
 use crate::engine::Engine;
 use crate::kafka::delivery::{drain, Delivery, OffsetTracker, SourceCodec};
 use crate::kafka::restore;
-use crate::kafka::worker::{Feed, Pool, Unit};
+use crate::kafka::worker::{Feed, Pool, Revocation, Unit};
 use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::partition::{PartitionHooks, PartitionState, Partitions};
-
-/// How partitions are given up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Release {
-    /// Revoked, or this member stops: outputs flushed, offsets committed,
-    /// state snapshotted.
-    Clean,
-    /// Lost with the group session: nothing more is written for them.
-    Lost,
-}
 
 /// How long an asynchronous commit may stay unanswered before the next is
 /// sent anyway: librdkafka can hold a commit's answer back for as long as
@@ -80,6 +70,9 @@ pub struct GroupContext {
     /// waits for its answer, so that commits do not pile up while the
     /// coordinator is away (each would fail on its return, all at once).
     pub commit_sent: Mutex<Option<Instant>>,
+    /// exactly_once: offsets are committed in the workers' transactions,
+    /// never by the consumer.
+    pub exactly_once: bool,
     pub sweep_every: Duration,
 }
 
@@ -130,6 +123,9 @@ impl GroupContext {
     /// an earlier commit is unanswered (for up to [`COMMIT_ANSWER`]), none
     /// is sent.
     pub fn commit_async(&self, consumer: &BaseConsumer<GroupContext>) {
+        if self.exactly_once {
+            return;
+        }
         let mut sent = self.commit_sent.lock();
         if sent.is_some_and(|at| at.elapsed() < COMMIT_ANSWER) {
             return;
@@ -145,6 +141,9 @@ impl GroupContext {
 
     /// Commits the safe offsets of `pairs` synchronously.
     pub fn commit(&self, consumer: &BaseConsumer<GroupContext>, pairs: &[(String, i32)]) {
+        if self.exactly_once {
+            return;
+        }
         let tpl = self.committable(Some(pairs));
         if tpl.count() == 0 {
             return;
@@ -184,25 +183,7 @@ impl GroupContext {
         // The group's committed offsets say which outputs were already
         // published; they do not say where to resume, because the state
         // lives in memory (and in snapshots), not in Kafka.
-        let timeout = self
-            .bounded(Instant::now() + Duration::from_secs(30))
-            .saturating_duration_since(Instant::now());
-        let committed: Vec<((String, i32), i64)> = match consumer
-            .committed_offsets(tpl.clone(), timeout)
-        {
-            Ok(c) => c
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                    _ => None,
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!("cannot read committed offsets: {e}; outputs of rebuilt events may be published again");
-                Vec::new()
-            }
-        };
+        let committed = self.committed_offsets(consumer, tpl);
         let committed_of = |t: &str, p: i32| {
             committed
                 .iter()
@@ -263,6 +244,47 @@ impl GroupContext {
         started
     }
 
+    /// The group's committed offsets of `tpl`. An offset a transaction
+    /// still holds answers with an error until the transaction ends (the
+    /// previous owner's, exactly_once): it is asked again, for up to 30 s,
+    /// rather than taken as nothing committed, which would publish the
+    /// outputs of the events before it again.
+    fn committed_offsets(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        tpl: &TopicPartitionList,
+    ) -> Vec<((String, i32), i64)> {
+        let deadline = self.bounded(Instant::now() + Duration::from_secs(30));
+        loop {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match consumer.committed_offsets(tpl.clone(), timeout) {
+                Ok(c) => {
+                    let pending = c.elements().iter().any(|e| e.error().is_err());
+                    if !pending || Instant::now() >= deadline {
+                        if pending {
+                            tracing::warn!("some committed offsets are still unknown (a transaction in progress): outputs of rebuilt events may be published again");
+                        }
+                        return c
+                            .elements()
+                            .iter()
+                            .filter_map(|e| match (e.error(), e.offset()) {
+                                (Ok(()), Offset::Offset(o)) => {
+                                    Some(((e.topic().to_string(), e.partition()), o))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read committed offsets: {e}; outputs of rebuilt events may be published again");
+                    return Vec::new();
+                }
+            }
+        }
+    }
+
     /// A new, empty partition state (no state store).
     fn new_state(&self) -> PartitionState {
         let mut engine = Engine::new(Arc::clone(&self.model));
@@ -313,25 +335,25 @@ impl GroupContext {
             // snapshot and replays from there.
             tracing::warn!(partitions = ?list, "partitions lost (the group session expired): dropped without a commit or a snapshot");
             self.metrics.rebalances.with_label_values(&["lost"]).inc();
-            self.release_as(consumer, &list, Release::Lost);
+            self.release_as(consumer, &list, Revocation::Lost);
         } else {
             tracing::info!(partitions = ?list, "partitions revoked");
             self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-            self.release_as(consumer, &list, Release::Clean);
+            self.release_as(consumer, &list, Revocation::Clean);
         }
     }
 
     /// Takes back, finishes, commits, hands over and drops the state of
     /// `list`.
     pub fn release(&self, consumer: &BaseConsumer<GroupContext>, list: &[(String, i32)]) {
-        self.release_as(consumer, list, Release::Clean);
+        self.release_as(consumer, list, Revocation::Clean);
     }
 
     fn release_as(
         &self,
         consumer: &BaseConsumer<GroupContext>,
         list: &[(String, i32)],
-        how: Release,
+        how: Revocation,
     ) {
         // Only what is still held (a close after a shutdown revokes again).
         let list: Vec<(String, i32)> = {
@@ -348,13 +370,14 @@ impl GroupContext {
         let started = Instant::now();
         let deadline = self.bounded(started + self.flush_timeout);
         let numbers: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
-        {
-            let pool = self.pool.lock();
-            for &p in &numbers {
-                pool.revoke(p, deadline.saturating_duration_since(Instant::now()));
-            }
-        }
-        if how == Release::Clean {
+        // exactly_once: each worker writes the release snapshots of its
+        // partitions into its transaction and commits it (or aborts it when
+        // they were lost) before it answers.
+        let ps: Vec<i32> = numbers.iter().copied().collect();
+        self.pool
+            .lock()
+            .revoke(&ps, how, deadline.saturating_duration_since(Instant::now()));
+        if how == Revocation::Clean && !self.exactly_once {
             if !drain(&self.producer, deadline) {
                 tracing::warn!(
                     "outputs still unacknowledged after {:?}: their events will be processed again by the next owner",
@@ -389,8 +412,9 @@ impl GroupContext {
             if let Some(state) = self.partitions.remove(p) {
                 if let Some(h) = &self.hooks {
                     h.forget(p);
-                    if how == Release::Lost {
-                        // Dropped dirty (see on_revoke).
+                    if how == Revocation::Lost || self.exactly_once {
+                        // Lost: dropped dirty (see on_revoke). exactly_once:
+                        // the worker wrote it in its last transaction.
                     } else if acknowledged {
                         h.release(p, &mut state.lock(), &next, deadline);
                     } else {

@@ -70,6 +70,10 @@ pub struct Transactions {
     producer: Arc<ThreadedProducer<Delivery>>,
     /// When the open transaction began.
     open: Option<Instant>,
+    /// A failure the worker has not rewound for yet: one can happen while
+    /// the state store sends through this producer, out of the worker's
+    /// sight.
+    unhandled: Option<Failure>,
     metrics: Metrics,
 }
 
@@ -90,6 +94,7 @@ impl Transactions {
             context,
             producer,
             open: None,
+            unhandled: None,
             metrics,
         })
     }
@@ -160,7 +165,21 @@ impl Transactions {
     /// Aborts the open transaction, if any (the partitions were lost, or
     /// the worker gives up on it).
     pub fn abort(&mut self, cause: AbortCause) -> Failure {
+        if let Some(why) = self.producer.context().unusable() {
+            return self.replace(why);
+        }
         self.abort_with("aborted".into(), cause)
+    }
+
+    /// A send into the open transaction failed with `e` (not a full
+    /// queue): the transaction is aborted, or the producer replaced.
+    pub fn send_failed(&mut self, e: KafkaError) -> Failure {
+        self.fail(e, AbortCause::Error)
+    }
+
+    /// Takes the failure the worker has not rewound for, if any.
+    pub fn take_unhandled(&mut self) -> Option<Failure> {
+        self.unhandled.take()
     }
 
     /// Classifies a failed transactional call: aborts what can be aborted,
@@ -174,7 +193,7 @@ impl Transactions {
 
     fn abort_with(&mut self, why: String, cause: AbortCause) -> Failure {
         if self.open.take().is_none() {
-            return Failure::Aborted(why);
+            return self.unhandled(Failure::Aborted(why));
         }
         let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
         match retrying(deadline, || self.producer.abort_transaction(CALL_TIMEOUT)) {
@@ -185,7 +204,7 @@ impl Transactions {
                     cause = cause.name(),
                     "transaction aborted: {why}"
                 );
-                Failure::Aborted(why)
+                self.unhandled(Failure::Aborted(why))
             }
             Err(e) => self.replace(format!("{why}; the abort failed too: {e}")),
         }
@@ -206,7 +225,12 @@ impl Transactions {
             Ok(p) => self.producer = p,
             Err(e) => tracing::error!(worker = self.worker, "cannot replace the producer: {e}"),
         }
-        Failure::Fatal(why)
+        self.unhandled(Failure::Fatal(why))
+    }
+
+    fn unhandled(&mut self, failure: Failure) -> Failure {
+        self.unhandled = Some(failure.clone());
+        failure
     }
 
     fn count_abort(&self, cause: AbortCause) {

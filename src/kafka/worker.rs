@@ -14,21 +14,22 @@
 //! The consumer's own thread only serves callbacks (rebalances, statistics)
 //! and commits; see `pipeline` and `rebalance`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use prometheus::IntCounter;
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::ConsumerContext;
+use rdkafka::consumer::{ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::customers::Slot;
 use crate::engine::{Outcome, Signal, SignalKind};
@@ -37,12 +38,16 @@ use crate::kafka::delivery::{
     copy_headers, headers, is_permanent, Delivery, OffsetTracker, Produced, SourceCodec,
 };
 use crate::kafka::error::PipelineError;
+use crate::kafka::restore;
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
+use crate::kafka::transaction::{AbortCause, Failure, Transactions};
 use crate::metrics::SCORE_RANGES;
 use crate::model::Model;
 use crate::output::Encoder;
-use crate::partition::{Clock, PartitionHooks, PartitionState, Progress, SharedPartition};
+use crate::partition::{
+    Clock, PartitionHooks, PartitionState, Progress, RecordSink, SharedPartition,
+};
 use crate::timestamp::{now_millis, Millis};
 
 /// Messages taken from a partition before the worker turns to the next.
@@ -69,6 +74,52 @@ pub(crate) struct Context {
     pub stop: Arc<AtomicBool>,
     /// Why a worker stopped the pipeline.
     pub failed: Mutex<Option<PipelineError>>,
+    /// The consumer, as far as workers need it (exactly_once: the group's
+    /// metadata for commits, seeks for rewinds); set once it exists.
+    pub group: OnceLock<Arc<dyn GroupHandle>>,
+    /// `auto.offset.reset` is latest: a partition rebuilt without saved
+    /// state starts at the end of its log.
+    pub reset_to_end: bool,
+}
+
+/// What a worker needs of the consumer in exactly_once mode.
+pub(crate) trait GroupHandle: Send + Sync {
+    /// The group's current metadata (member, generation): a transaction
+    /// commits its offsets with it, so that a member of an older
+    /// generation cannot.
+    fn group_metadata(&self) -> Option<ConsumerGroupMetadata>;
+    /// Moves the consumer's position of an assigned partition.
+    fn seek(&self, topic: &str, partition: i32, offset: Offset) -> Result<(), String>;
+    /// The group's committed offsets of `topics`' `partition`, as the
+    /// broker has them (a transaction whose commit answer was lost may
+    /// have committed all the same).
+    fn committed(&self, topics: &[String], partition: i32) -> Result<Vec<Option<i64>>, String>;
+}
+
+/// How a worker gives partitions back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Revocation {
+    /// Revoked, or this member stops: in exactly_once mode the worker
+    /// writes their release snapshots and commits its transaction first.
+    Clean,
+    /// Lost with the group session: in exactly_once mode the worker aborts
+    /// its transaction.
+    Lost,
+}
+
+/// Why a worker's step did not finish.
+enum Halt {
+    /// The pipeline must stop.
+    Stop(PipelineError),
+    /// exactly_once: the open transaction failed; the worker's partitions
+    /// go back to their last committed state.
+    Rewind(Failure),
+}
+
+impl From<PipelineError> for Halt {
+    fn from(e: PipelineError) -> Halt {
+        Halt::Stop(e)
+    }
 }
 
 impl Context {
@@ -118,9 +169,9 @@ impl<C: ConsumerContext + 'static> Unit<C> {
 /// What the consumer's thread asks of a worker.
 pub(crate) enum Command<C: ConsumerContext + 'static> {
     Assign(Unit<C>),
-    /// Give the partition back (its state stays in the registry); answer
-    /// when no batch of it runs any more.
-    Revoke(i32, mpsc::SyncSender<()>),
+    /// Give the partitions back (their state stays in the registry);
+    /// answer when no batch of them runs any more.
+    Revoke(Vec<i32>, Revocation, mpsc::SyncSender<()>),
     /// A message that came through the consumer's own queue (fetched before
     /// its partition's queue was split off).
     Message(OwnedMessage),
@@ -162,29 +213,53 @@ pub(crate) struct Pool<C: ConsumerContext + 'static> {
 }
 
 impl<C: ConsumerContext + 'static> Pool<C> {
-    /// Starts `n` workers (at least one).
-    pub fn start(n: usize, ctx: Arc<Context>) -> Pool<C> {
-        let workers = (0..n.max(1))
-            .map(|i| {
-                let (commands, rx) = mpsc::channel();
-                let wake = Arc::new(Wake::default());
-                let worker = Worker::new(Arc::clone(&ctx), rx, Arc::clone(&wake));
-                let thread = std::thread::Builder::new()
-                    .name(format!("ces-worker-{i}"))
-                    .spawn(move || worker.run())
-                    .expect("a worker thread starts");
-                Handle {
-                    commands,
-                    wake,
-                    thread: Some(thread),
-                }
-            })
-            .collect();
-        Pool {
+    /// Starts `n` workers (at least one); in exactly_once mode each with
+    /// its transactional producer, initialised before this returns.
+    pub fn start(n: usize, ctx: Arc<Context>) -> Result<Pool<C>, PipelineError> {
+        let mut workers = Vec::with_capacity(n.max(1));
+        for i in 0..n.max(1) {
+            let txn = if ctx.kafka.exactly_once() {
+                let (tracker, codec, metrics) = (
+                    Arc::clone(&ctx.tracker),
+                    Arc::clone(&ctx.codec),
+                    ctx.shared.metrics.clone(),
+                );
+                let context = Box::new(move || {
+                    Delivery::transactional(
+                        Arc::clone(&tracker),
+                        Arc::clone(&codec),
+                        metrics.clone(),
+                    )
+                });
+                let deadline = Instant::now() + Duration::from_secs(60);
+                Some(Arc::new(Mutex::new(Transactions::start(
+                    Arc::clone(&ctx.kafka),
+                    i,
+                    context,
+                    ctx.shared.metrics.clone(),
+                    deadline,
+                )?)))
+            } else {
+                None
+            };
+            let (commands, rx) = mpsc::channel();
+            let wake = Arc::new(Wake::default());
+            let worker = Worker::new(i, Arc::clone(&ctx), rx, Arc::clone(&wake), txn);
+            let thread = std::thread::Builder::new()
+                .name(format!("ces-worker-{i}"))
+                .spawn(move || worker.run())
+                .expect("a worker thread starts");
+            workers.push(Handle {
+                commands,
+                wake,
+                thread: Some(thread),
+            });
+        }
+        Ok(Pool {
             workers,
             owners: Mutex::new(HashMap::new()),
             ctx,
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -209,20 +284,34 @@ impl<C: ConsumerContext + 'static> Pool<C> {
         self.workers[w].wake.notify();
     }
 
-    /// Takes a partition back from its worker; waits (up to `timeout`)
-    /// until no batch of it runs.
-    pub fn revoke(&self, partition: i32, timeout: Duration) {
-        let Some(w) = self.owners.lock().remove(&partition) else {
-            return;
-        };
-        let (done, wait) = mpsc::sync_channel(1);
-        if self.workers[w]
-            .commands
-            .send(Command::Revoke(partition, done))
-            .is_ok()
+    /// Takes partitions back from their workers; waits (up to `timeout`)
+    /// until no batch of them runs (and, in exactly_once mode, until each
+    /// worker has committed or aborted its transaction).
+    pub fn revoke(&self, partitions: &[i32], how: Revocation, timeout: Duration) {
+        let mut per_worker: HashMap<usize, Vec<i32>> = HashMap::new();
         {
-            self.workers[w].wake.notify();
-            let _ = wait.recv_timeout(timeout);
+            let mut owners = self.owners.lock();
+            for p in partitions {
+                if let Some(w) = owners.remove(p) {
+                    per_worker.entry(w).or_default().push(*p);
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut waits = Vec::new();
+        for (w, ps) in per_worker {
+            let (done, wait) = mpsc::sync_channel(1);
+            if self.workers[w]
+                .commands
+                .send(Command::Revoke(ps, how, done))
+                .is_ok()
+            {
+                self.workers[w].wake.notify();
+                waits.push(wait);
+            }
+        }
+        for wait in waits {
+            let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         }
     }
 
@@ -346,6 +435,8 @@ impl Outbox {
 
 /// A worker thread's state.
 struct Worker<C: ConsumerContext + 'static> {
+    /// Its number in the pool (part of its transactional id).
+    index: usize,
     ctx: Arc<Context>,
     commands: mpsc::Receiver<Command<C>>,
     wake: Arc<Wake>,
@@ -355,10 +446,23 @@ struct Worker<C: ConsumerContext + 'static> {
     /// A `ces-kind` header per output kind, built once.
     kind_headers: Vec<OwnedHeaders>,
     sweep_every: Duration,
+    /// exactly_once: the worker's transactions, and the sink that puts its
+    /// partitions' changelog records in them.
+    txn: Option<Arc<Mutex<Transactions>>>,
+    sink: Option<Arc<dyn RecordSink>>,
+    /// Commands taken while a rewind settled the worker's partitions, to
+    /// be handled next.
+    deferred: VecDeque<Command<C>>,
 }
 
 impl<C: ConsumerContext + 'static> Worker<C> {
-    fn new(ctx: Arc<Context>, commands: mpsc::Receiver<Command<C>>, wake: Arc<Wake>) -> Worker<C> {
+    fn new(
+        index: usize,
+        ctx: Arc<Context>,
+        commands: mpsc::Receiver<Command<C>>,
+        wake: Arc<Wake>,
+        txn: Option<Arc<Mutex<Transactions>>>,
+    ) -> Worker<C> {
         let model = Arc::clone(&ctx.shared.model);
         let kind_headers = SignalKind::NAMES
             .iter()
@@ -369,7 +473,13 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                 })
             })
             .collect();
+        let sink = txn.as_ref().map(|txn| {
+            Arc::new(TransactionSink {
+                txn: Arc::clone(txn),
+            }) as Arc<dyn RecordSink>
+        });
         Worker {
+            index,
             encoder: Encoder::new(&model),
             sweep_every: Duration::from_millis(model.signals.sweep_interval.max(1) as u64),
             ctx,
@@ -378,6 +488,9 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             units: Vec::new(),
             outbox: Outbox::default(),
             kind_headers,
+            txn,
+            sink,
+            deferred: VecDeque::new(),
         }
     }
 
@@ -391,26 +504,77 @@ impl<C: ConsumerContext + 'static> Worker<C> {
 
     fn work(&mut self) -> Result<(), PipelineError> {
         while !self.ctx.stop.load(Ordering::SeqCst) {
-            self.commands()?;
-            let mut busy = false;
-            for i in 0..self.units.len() {
-                busy |= self.batch(i)?;
-                self.between_batches(i)?;
+            match self.turn() {
+                Ok(()) => {}
+                Err(Halt::Rewind(why)) => self.rewind(&why),
+                Err(Halt::Stop(e)) => return Err(e),
             }
-            if !busy {
-                self.wake.wait(IDLE);
-            }
+        }
+        // Stopping: the partitions' last state and the open transaction
+        // (exactly_once; at_least_once hands them to the consumer's
+        // thread).
+        if let Err(Halt::Stop(e)) = self.hand_back(&self.partitions(), Revocation::Clean) {
+            return Err(e);
         }
         Ok(())
     }
 
-    fn commands(&mut self) -> Result<(), PipelineError> {
-        while let Ok(cmd) = self.commands.try_recv() {
+    /// One turn of the loop: commands, a batch of each partition, what
+    /// runs between batches, a commit when due; then a wait when idle.
+    fn turn(&mut self) -> Result<(), Halt> {
+        self.commands()?;
+        let mut busy = false;
+        for i in 0..self.units.len() {
+            busy |= self.batch(i)?;
+            self.between_batches(i)?;
+        }
+        self.commit_when_due()?;
+        if !busy {
+            self.wake.wait(self.idle_wait());
+        }
+        Ok(())
+    }
+
+    /// How long an idle worker waits for messages: no longer than until
+    /// its open transaction is due to commit.
+    fn idle_wait(&self) -> Duration {
+        let opened = self.txn.as_ref().and_then(|t| t.lock().opened_at());
+        match opened {
+            Some(at) => (at + self.ctx.kafka.commit_interval)
+                .saturating_duration_since(Instant::now())
+                .min(IDLE),
+            None => IDLE,
+        }
+    }
+
+    fn partitions(&self) -> Vec<i32> {
+        self.units.iter().map(|u| u.partition).collect()
+    }
+
+    fn commands(&mut self) -> Result<(), Halt> {
+        while let Some(cmd) = self
+            .deferred
+            .pop_front()
+            .or_else(|| self.commands.try_recv().ok())
+        {
             match cmd {
-                Command::Assign(unit) => self.units.push(unit),
-                Command::Revoke(p, done) => {
-                    self.units.retain(|u| u.partition != p);
+                Command::Assign(unit) => {
+                    if let (Some(hooks), Some(sink)) = (&self.ctx.hooks, &self.sink) {
+                        hooks.attach(unit.partition, Arc::clone(sink));
+                    }
+                    self.units.push(unit);
+                }
+                Command::Revoke(ps, how, done) => {
+                    let result = self.hand_back(&ps, how);
+                    self.units.retain(|u| !ps.contains(&u.partition));
                     let _ = done.send(());
+                    match result {
+                        Err(Halt::Rewind(why)) if !self.units.is_empty() => {
+                            return Err(Halt::Rewind(why))
+                        }
+                        Err(Halt::Stop(e)) => return Err(Halt::Stop(e)),
+                        _ => {}
+                    }
                 }
                 Command::Message(m) => {
                     let Some(i) = self.units.iter().position(|u| u.partition == m.partition())
@@ -459,7 +623,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// events ahead is prefetched. With 100k customers a partition's table
     /// does not fit in the cache, and the lookup of an event's customer was
     /// a sixth of a worker's time before the prefetch.
-    fn batch(&mut self, i: usize) -> Result<bool, PipelineError> {
+    fn batch(&mut self, i: usize) -> Result<bool, Halt> {
         let feeds = self.units[i].feeds.len();
         self.outbox.clear(feeds);
         let started = Instant::now();
@@ -558,7 +722,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
 
     /// Records the batch's offsets (one tracker update), then sends its
     /// outputs, waiting while the producer's queue is full.
-    fn flush(&mut self, i: usize) -> Result<(), PipelineError> {
+    fn flush(&mut self, i: usize) -> Result<(), Halt> {
         let unit = &self.units[i];
         {
             let mut tracker = self.ctx.tracker.lock();
@@ -571,17 +735,34 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         self.send_outbox()
     }
 
-    fn send_outbox(&mut self) -> Result<(), PipelineError> {
+    fn send_outbox(&mut self) -> Result<(), Halt> {
+        if self.outbox.out.is_empty() {
+            return Ok(());
+        }
+        // exactly_once: into the worker's transaction, begun if need be.
+        let producer = match &self.txn {
+            Some(txn) => {
+                let mut txn = txn.lock();
+                txn.ensure_open().map_err(Halt::Rewind)?;
+                Arc::clone(txn.producer())
+            }
+            None => Arc::clone(&self.ctx.producer),
+        };
         let outbox = std::mem::take(&mut self.outbox);
         let result = outbox
             .out
             .iter()
-            .try_for_each(|out| self.send(&outbox.bytes, out));
+            .try_for_each(|out| self.send(&producer, &outbox.bytes, out));
         self.outbox = outbox;
         result
     }
 
-    fn send(&self, bytes: &[u8], out: &Out) -> Result<(), PipelineError> {
+    fn send(
+        &self,
+        producer: &ThreadedProducer<Delivery>,
+        bytes: &[u8],
+        out: &Out,
+    ) -> Result<(), Halt> {
         let kafka = &self.ctx.kafka;
         let topic = match out.dest {
             Dest::Output => &kafka.output_topic,
@@ -597,7 +778,6 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         if let Some(p) = &out.payload {
             record = record.payload(&bytes[p.clone()]);
         }
-        let producer = &self.ctx.producer;
         let mut waited = false;
         loop {
             match producer.send(record) {
@@ -611,7 +791,10 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                     // A stop does not end the wait: the broker still takes
                     // what is queued, and shutdown_timeout bounds the rest.
                     if let Some(why) = producer.context().fatal() {
-                        return Err(PipelineError::Producer(why));
+                        return Err(PipelineError::Producer(why).into());
+                    }
+                    if let (Some(txn), Some(_)) = (&self.txn, producer.context().unusable()) {
+                        return Err(Halt::Rewind(txn.lock().abort(AbortCause::Fatal)));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                     record = back;
@@ -641,14 +824,19 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                         headers: Err(headers),
                         opaque: back.delivery_opaque,
                     };
-                    return self.send(bytes, &smaller);
+                    return self.send(producer, bytes, &smaller);
+                }
+                Err((e, _)) if self.txn.is_some() && !is_about_the_message(&e) => {
+                    let txn = self.txn.as_ref().expect("checked");
+                    return Err(Halt::Rewind(txn.lock().send_failed(e)));
                 }
                 Err((e, _)) => {
                     let permanent = e.rdkafka_error_code().is_some_and(is_permanent);
                     return Err(PipelineError::Producer(format!(
                         "cannot produce to {topic}{}: {e}",
                         if permanent { "" } else { " (unexpected)" }
-                    )));
+                    ))
+                    .into());
                 }
             }
         }
@@ -656,7 +844,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
 
     /// Work on unit `i` that must not hold up its batches: a part of a
     /// wall-clock sweep, a step of a snapshot, a gauge scan.
-    fn between_batches(&mut self, i: usize) -> Result<(), PipelineError> {
+    fn between_batches(&mut self, i: usize) -> Result<(), Halt> {
         let now = Instant::now();
         if self.ctx.clock == Clock::Wall {
             self.sweep_step(i, now)?;
@@ -665,6 +853,8 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         if let Some(hooks) = &self.ctx.hooks {
             hooks.tick(unit.partition, &mut unit.state.lock(), &self.ctx.progress());
         }
+        // A snapshot step may have sent into the transaction, and failed.
+        self.unhandled_failure()?;
         if now >= unit.next_scan {
             let mut st = unit.state.lock();
             scan_gauges(&mut st, &self.ctx.shared);
@@ -674,9 +864,211 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         Ok(())
     }
 
+    /// exactly_once: a failure of the transaction that happened out of the
+    /// worker's sight (in the state store's sends) is rewound for now.
+    fn unhandled_failure(&self) -> Result<(), Halt> {
+        match self.txn.as_ref().and_then(|t| t.lock().take_unhandled()) {
+            Some(why) => Err(Halt::Rewind(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// exactly_once: commits the open transaction once it has been open for
+    /// `commit_interval`.
+    fn commit_when_due(&mut self) -> Result<(), Halt> {
+        let due = self.txn.as_ref().is_some_and(|t| {
+            t.lock()
+                .opened_at()
+                .is_some_and(|at| at.elapsed() >= self.ctx.kafka.commit_interval)
+        });
+        if due {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// exactly_once: commits the open transaction with the next offset of
+    /// every partition of the worker that moved past its committed one;
+    /// they count as committed once the broker says so.
+    fn commit(&mut self) -> Result<(), Halt> {
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        let mut offsets = TopicPartitionList::new();
+        let mut moved = Vec::new();
+        {
+            let tracker = self.ctx.tracker.lock();
+            for unit in &self.units {
+                for feed in &unit.feeds {
+                    let (topic, p) = (&*feed.topic, unit.partition);
+                    if let Some(next) = tracker.next(topic, p) {
+                        // Never back below the committed offset (a partition
+                        // still rebuilding its state is behind it).
+                        if tracker.committed(topic, p).is_none_or(|c| next > c) {
+                            let _ = offsets.add_partition_offset(topic, p, Offset::Offset(next));
+                            moved.push((Arc::clone(&feed.topic), p, next));
+                        }
+                    }
+                }
+            }
+        }
+        let group = self.ctx.group.get().and_then(|g| g.group_metadata());
+        let mut txn = txn.lock();
+        if txn.opened_at().is_none() {
+            return Ok(());
+        }
+        let Some(group) = group else {
+            return Err(Halt::Rewind(txn.abort(AbortCause::Error)));
+        };
+        txn.commit(&offsets, &group).map_err(Halt::Rewind)?;
+        drop(txn);
+        let mut tracker = self.ctx.tracker.lock();
+        for (topic, p, next) in moved {
+            tracker.mark_committed(&topic, p, next);
+        }
+        Ok(())
+    }
+
+    /// Gives partitions `ps` back. exactly_once: a clean revocation writes
+    /// their release snapshots (into the transaction with the changelog
+    /// store) and commits the transaction, which holds every partition of
+    /// the worker; a lost one aborts it. at_least_once: nothing here (the
+    /// consumer's thread flushes, commits and snapshots).
+    fn hand_back(&mut self, ps: &[i32], how: Revocation) -> Result<(), Halt> {
+        let Some(txn) = self.txn.clone() else {
+            return Ok(());
+        };
+        if how == Revocation::Lost {
+            return Err(Halt::Rewind(txn.lock().abort(AbortCause::Lost)));
+        }
+        if let Some(hooks) = &self.ctx.hooks {
+            let deadline = Instant::now() + self.ctx.kafka.shutdown_timeout;
+            for unit in self.units.iter().filter(|u| ps.contains(&u.partition)) {
+                let p = unit.partition;
+                let next: Vec<(String, Option<i64>)> = {
+                    let tracker = self.ctx.tracker.lock();
+                    unit.feeds
+                        .iter()
+                        .map(|f| (f.topic.to_string(), tracker.next(&f.topic, p)))
+                        .collect()
+                };
+                let mut st = unit.state.lock();
+                // Only a state past the group's committed offset is news;
+                // one still rebuilding below it has nothing to save.
+                if st.caught_up() {
+                    hooks.release(p, &mut st, &next, deadline);
+                }
+            }
+            self.unhandled_failure()?;
+        }
+        self.commit()
+    }
+
+    /// exactly_once: after a failed transaction, every partition of the
+    /// worker goes back to its last committed state: restored from the
+    /// state store as of the group's committed offsets (or rebuilt from the
+    /// log), the consumer moved back to where that state ends; events up to
+    /// the committed offset only rebuild, the later ones are processed (and
+    /// their outputs sent) again.
+    fn rewind(&mut self, why: &Failure) {
+        if let Some(txn) = &self.txn {
+            txn.lock().take_unhandled();
+        }
+        self.outbox.clear(0);
+        let failed = self.partitions();
+        // Partitions revoked meanwhile go first: rewinding one that the
+        // group has given to another member, or to this one anew, would
+        // move a position that is no longer this unit's.
+        self.settle(&failed);
+        tracing::warn!(worker = self.index, partitions = ?failed, "rewinding to the last committed state: {why:?}");
+        let ctx = Arc::clone(&self.ctx);
+        let group = ctx.group.get().cloned();
+        for unit in self
+            .units
+            .iter_mut()
+            .filter(|u| failed.contains(&u.partition))
+        {
+            let p = unit.partition;
+            let topics: Vec<String> = unit.feeds.iter().map(|f| f.topic.to_string()).collect();
+            // The broker's word on what is committed, not the tracker's: a
+            // commit whose answer was lost may have gone through.
+            let from_broker = group
+                .as_ref()
+                .map(|g| committed_by_broker(&**g, &topics, p));
+            let committed: Vec<Option<i64>> = {
+                let mut tracker = ctx.tracker.lock();
+                let committed = match from_broker {
+                    Some(Some(c)) => c,
+                    _ => topics.iter().map(|t| tracker.committed(t, p)).collect(),
+                };
+                for t in &topics {
+                    tracker.forget(t, p);
+                }
+                committed
+            };
+            if let Some(hooks) = &ctx.hooks {
+                hooks.forget(p);
+            }
+            let (mut state, offsets) = restore::restore(
+                ctx.hooks.as_ref(),
+                || ctx.shared.new_state(),
+                p,
+                &topics,
+                &committed,
+                &ctx.stop,
+            );
+            let starts = restore::start(
+                &mut state,
+                p,
+                &topics,
+                offsets,
+                &committed,
+                ctx.reset_to_end,
+                &ctx.tracker,
+            );
+            if let Some(group) = &group {
+                for (topic, start) in topics.iter().zip(starts) {
+                    if let Err(e) = group.seek(topic, p, start) {
+                        tracing::warn!(topic = %topic, partition = p, "cannot rewind the consumer: {e}");
+                    }
+                }
+            }
+            *unit.state.lock() = state;
+            unit.sweep = None;
+            if let (Some(hooks), Some(sink)) = (&ctx.hooks, &self.sink) {
+                hooks.attach(p, Arc::clone(sink));
+            }
+        }
+    }
+
+    /// Before a rewind: revocations that came meanwhile are done (the
+    /// transaction that held their work is gone already) and answered,
+    /// assignments taken; messages forwarded for a partition that is
+    /// rewound are dropped (the rewind fetches them again), others wait.
+    fn settle(&mut self, failed: &[i32]) {
+        let forwarded_for_failed = |cmd: &Command<C>| matches!(cmd, Command::Message(m) if failed.contains(&m.partition()));
+        self.deferred.retain(|cmd| !forwarded_for_failed(cmd));
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                Command::Assign(unit) => {
+                    if let (Some(hooks), Some(sink)) = (&self.ctx.hooks, &self.sink) {
+                        hooks.attach(unit.partition, Arc::clone(sink));
+                    }
+                    self.units.push(unit);
+                }
+                Command::Revoke(ps, _, done) => {
+                    self.units.retain(|u| !ps.contains(&u.partition));
+                    let _ = done.send(());
+                }
+                cmd if forwarded_for_failed(&cmd) => {}
+                cmd => self.deferred.push_back(cmd),
+            }
+        }
+    }
+
     /// Every `sweep_interval` of wall time, evaluates every customer of a
     /// caught-up partition, a part between each batch.
-    fn sweep_step(&mut self, i: usize, now: Instant) -> Result<(), PipelineError> {
+    fn sweep_step(&mut self, i: usize, now: Instant) -> Result<(), Halt> {
         let unit = &mut self.units[i];
         if unit.sweep.is_none() {
             if now < unit.next_sweep {
@@ -736,6 +1128,99 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             .add_outputs(&topic, p, offset, self.outbox.out.len() as u32);
         self.send_outbox()
     }
+}
+
+/// The group's committed offsets of `topics`' `partition` from the broker,
+/// tried for up to a minute (it may be coming back); `None` when it never
+/// answered.
+fn committed_by_broker(
+    group: &dyn GroupHandle,
+    topics: &[String],
+    partition: i32,
+) -> Option<Vec<Option<i64>>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match group.committed(topics, partition) {
+            Ok(c) => return Some(c),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(partition, "cannot read the committed offsets yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                tracing::warn!(partition, "cannot read the committed offsets: {e}; the last ones this worker committed are used");
+                return None;
+            }
+        }
+    }
+}
+
+/// Puts a partition's changelog records in its worker's transaction
+/// (exactly_once), beginning one if none is open.
+struct TransactionSink {
+    txn: Arc<Mutex<Transactions>>,
+}
+
+impl RecordSink for TransactionSink {
+    fn send(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(), String> {
+        let producer = {
+            let mut txn = self.txn.lock();
+            txn.ensure_open().map_err(|f| format!("{f:?}"))?;
+            Arc::clone(txn.producer())
+        };
+        let mut kafka_headers = OwnedHeaders::new();
+        for (k, v) in headers {
+            kafka_headers = kafka_headers.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, SourceCodec::NO_SOURCE)
+                .partition(partition)
+                .key(key)
+                .headers(kafka_headers);
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    let failure = self.txn.lock().send_failed(e);
+                    return Err(format!("{failure:?}"));
+                }
+            }
+        }
+    }
+}
+
+/// Whether a produce error is about the message itself (too large, not
+/// allowed): no abort can deliver it.
+fn is_about_the_message(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessage
+                | C::InvalidMessageSize
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidRecord
+                | C::UnsupportedForMessageFormat
+        )
+    )
 }
 
 /// Parses an input message: an event, an erasure request (a tombstone), or

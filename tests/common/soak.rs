@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
@@ -115,6 +116,29 @@ impl Soak {
         let (group, output) = (soak.group.clone(), soak.output.clone());
         soak.config = soak.config_for("config", &group, &output, snapshot);
         soak
+    }
+
+    /// The soak in exactly_once mode (`[kafka] guarantee`); its instances
+    /// start with [`Soak::start_as`], each with an instance id of its own.
+    pub fn exactly_once(self) -> Soak {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            text.replace("[kafka]\n", "[kafka]\nguarantee = \"exactly_once\"\n"),
+        )
+        .unwrap();
+        self
+    }
+
+    /// Starts an instance logging to `NAME.log` with `instance_id` (kept
+    /// by its restarts, so that each fences its predecessor).
+    pub fn start_as(&self, name: &str, instance_id: &str) -> Instance {
+        Instance::start_with(
+            &self.config,
+            &self.log(name),
+            "info,librdkafka=warn",
+            &[("CES_KAFKA_INSTANCE_ID", instance_id)],
+        )
     }
 
     /// Writes `NAME.toml`: the soak's model, input and dead-letter topic,
@@ -538,4 +562,33 @@ pub fn as_replay_line(m: &rdkafka::message::OwnedMessage) -> String {
         Some(p) => String::from_utf8(p.to_vec()).unwrap(),
         None => format!("customer_erased {}", key(m)),
     }
+}
+
+/// Produces each partition's messages in `rounds` slices, a pause between
+/// slices, with an idempotent producer (in order, no duplicates, also
+/// across a broker restart), until all are acknowledged.
+pub fn produce_in_rounds(
+    bootstrap: &str,
+    topic: &str,
+    per_partition: &[Vec<(String, Option<String>)>],
+    rounds: usize,
+    pause: Duration,
+) -> JoinHandle<()> {
+    let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+    let per_partition = per_partition.to_vec();
+    std::thread::spawn(move || {
+        let producer = producer(&bootstrap);
+        for k in 0..rounds {
+            for (p, evs) in per_partition.iter().enumerate() {
+                let size = evs.len().div_ceil(rounds);
+                let part = &evs[(k * size).min(evs.len())..((k + 1) * size).min(evs.len())];
+                produce_messages(&producer, &topic, p as i32, part);
+            }
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+pub fn ends(per_partition: &[Vec<(String, Option<String>)>]) -> Vec<i64> {
+    per_partition.iter().map(|evs| evs.len() as i64).collect()
 }

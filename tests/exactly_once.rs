@@ -1,0 +1,203 @@
+//! `[kafka] guarantee = "exactly_once"` against Apache Kafka's transaction
+//! coordinator (the test binary's shared broker, or one of the test's own
+//! when the broker itself is killed). Each test ends as the crash soaks do,
+//! but stricter: what a restart restores equals one uninterrupted replay
+//! per partition, and a `read_committed` reader of the output and
+//! dead-letter topics finds every message of those replays **exactly
+//! once**, none missing, none extra, no duplicate.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::kafka::*;
+use common::soak::*;
+
+const PARTITIONS: i32 = 4;
+/// The soak streams span 12 days from START: the state is compared at
+/// the end of the 13th.
+const AT: &str = "2026-10-14T00:00:00Z";
+
+/// Waits until the group's committed offsets reach the end of every input
+/// partition (in exactly_once mode, offsets are committed by the
+/// transaction that holds the outputs of the events before them).
+fn wait_committed(soak: &Soak, per_partition: &[Vec<(String, Option<String>)>]) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for (p, end) in ends(per_partition).into_iter().enumerate() {
+        while committed(&soak.bootstrap, &soak.group, &soak.input, p as i32) != Some(end) {
+            assert!(
+                Instant::now() < deadline,
+                "partition {p} not committed to {end}:\n{}",
+                soak.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Stops every instance with SIGTERM, then compares: the state exact, every
+/// expected message exactly once.
+fn finish(
+    soak: &Soak,
+    instances: &mut [Instance],
+    per_partition: &[Vec<(String, Option<String>)>],
+) {
+    wait_committed(soak, per_partition);
+    let committed: f64 = instances
+        .iter()
+        .map(|i| i.metric("ces_transactions_committed_total"))
+        .sum();
+    assert!(committed > 0.0, "no transaction was committed");
+    for instance in instances.iter_mut() {
+        let status = instance.terminate(Duration::from_secs(60)).expect("stops");
+        assert!(status.success(), "{}", instance.log_text());
+    }
+    if std::env::var_os("CES_TEST_LOGS").is_some() {
+        eprintln!("{}", soak.logs());
+    }
+    let found = soak.compare_with_replays(per_partition, AT);
+    eprintln!("{found:?}");
+    assert_eq!(
+        (found.duplicates, found.dead_duplicates),
+        (0, 0),
+        "duplicates on the output and dead-letter topics"
+    );
+}
+
+/// Two instances, ten kill -9s of either while events (with retries and
+/// erasure requests) flow, then SIGTERM.
+fn kill_soak(snapshot: &str, seed: u64) {
+    let soak = Soak::build(PARTITIONS, snapshot).exactly_once();
+    let per_partition = soak_stream(16_000, 300, 12, seed, PARTITIONS);
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        200,
+        Duration::from_millis(200),
+    );
+    let ids = ["a", "b"];
+    let mut instances = [soak.start_as("a-0", "a"), soak.start_as("b-0", "b")];
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ seed;
+    for round in 1..=10 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // Kill an instance that owns partitions and works on them.
+        let victim = (rng >> 8) as usize % 2;
+        instances[victim].wait_assigned(Duration::from_secs(90));
+        std::thread::sleep(Duration::from_millis(200 + rng % 2000));
+        instances[victim].signal("KILL");
+        let _ = instances[victim].child.wait();
+        instances[victim] = soak.start_as(&format!("{}-{round}", ids[victim]), ids[victim]);
+    }
+    producer.join().expect("the producer");
+    finish(&soak, &mut instances, &per_partition);
+}
+
+#[test]
+fn kill_9_soak_with_the_kafka_store_publishes_everything_exactly_once() {
+    kill_soak("store = \"kafka\"\ninterval = \"300ms\"\n", 29);
+}
+
+#[test]
+fn kill_9_soak_with_the_local_store_publishes_everything_exactly_once() {
+    kill_soak("interval = \"300ms\"\nkeep = 3\n", 31);
+}
+
+#[test]
+fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
+    // a is frozen (SIGSTOP) for longer than session.timeout.ms while it has
+    // a transaction open; b takes its partitions over; a comes back with
+    // its old generation: whatever it still sends or commits is fenced.
+    let soak = Soak::build(PARTITIONS, "store = \"kafka\"\ninterval = \"300ms\"\n").exactly_once();
+    let per_partition = soak_stream(12_000, 300, 12, 37, PARTITIONS);
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        150,
+        Duration::from_millis(150),
+    );
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let mut b = soak.start_as("b", "b");
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a works", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_committed_total") > 0.0
+    });
+    a.signal("STOP");
+    b.wait_until("b owns every partition", Duration::from_secs(60), |b| {
+        b.metric("ces_assigned_partitions") == PARTITIONS as f64
+    });
+    a.signal("CONT");
+    a.wait_until("a aborts what it had open", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_aborted_total") > 0.0
+    });
+    producer.join().expect("the producer");
+    finish(&soak, &mut [a, b], &per_partition);
+}
+
+#[test]
+fn the_broker_killed_in_the_middle_of_open_transactions() {
+    let mut broker = Broker::apache_kafka(&[]);
+    let soak = Soak::on(
+        &broker.bootstrap,
+        PARTITIONS,
+        "store = \"kafka\"\ninterval = \"300ms\"\n",
+        |m| m,
+    )
+    .exactly_once();
+    let per_partition = soak_stream(12_000, 300, 12, 41, PARTITIONS);
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        150,
+        Duration::from_millis(100),
+    );
+    a.wait_until("transactions commit", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_committed_total") > 5.0
+    });
+    broker.kill();
+    broker.restart();
+    let before = a.metric("ces_transactions_committed_total");
+    a.wait_until(
+        "transactions commit after the broker's restart",
+        Duration::from_secs(120),
+        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
+    );
+    producer
+        .join()
+        .expect("the producer survives the broker's restart");
+    finish(&soak, &mut [a], &per_partition);
+}
+
+#[test]
+fn a_member_joining_and_leaving_with_transactions_open() {
+    let soak = Soak::build(PARTITIONS, "interval = \"300ms\"\nkeep = 3\n").exactly_once();
+    let per_partition = soak_stream(12_000, 300, 12, 43, PARTITIONS);
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        150,
+        Duration::from_millis(150),
+    );
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let mut b = soak.start_as("b", "b");
+    b.wait_assigned(Duration::from_secs(60));
+    let mut c = soak.start_as("c", "c");
+    c.wait_until(
+        "c commits its partitions' work",
+        Duration::from_secs(90),
+        |c| c.metric("ces_transactions_committed_total") > 0.0,
+    );
+    let status = c.terminate(Duration::from_secs(60)).expect("c stops");
+    assert!(status.success(), "{}", c.log_text());
+    producer.join().expect("the producer");
+    finish(&soak, &mut [a, b], &per_partition);
+}
