@@ -228,6 +228,34 @@ struct Run {
     log: PathBuf,
 }
 
+/// How a `run` is set up: its worker threads and its guarantee.
+#[derive(Clone, Copy)]
+struct Shape {
+    workers: usize,
+    exactly_once: bool,
+}
+
+impl Shape {
+    const AT_LEAST_ONCE: Shape = Shape {
+        workers: 2,
+        exactly_once: false,
+    };
+    const EXACTLY_ONCE: Shape = Shape {
+        workers: 2,
+        exactly_once: true,
+    };
+
+    /// The `[kafka]` lines of this shape: exactly_once commits every 100
+    /// ms (its default), at_least_once every 200 ms.
+    fn kafka_lines(self) -> String {
+        if self.exactly_once {
+            format!("workers = {}\nguarantee = \"exactly_once\"\n", self.workers)
+        } else {
+            format!("workers = {}\ncommit_interval = \"200ms\"\n", self.workers)
+        }
+    }
+}
+
 impl Run {
     fn start(
         dir: &Path,
@@ -235,7 +263,7 @@ impl Run {
         input: &str,
         output: &str,
         group: &str,
-        workers: usize,
+        shape: Shape,
         bin: &Path,
     ) -> Run {
         let model =
@@ -244,7 +272,8 @@ impl Run {
         std::fs::write(
             &config,
             format!(
-                "{model}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"dead\"\nworkers = {workers}\ncommit_interval = \"200ms\"\n[kafka.consumer_options]\n\"fetch.wait.max.ms\" = 10\n[http]\nlisten = \"127.0.0.1:0\"\n[snapshot]\nstore = \"none\"\n"
+                "{model}\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{group}\"\ninput_topics = [\"{input}\"]\noutput_topic = \"{output}\"\ndead_letter_topic = \"dead\"\n{}[kafka.consumer_options]\n\"fetch.wait.max.ms\" = 10\n[http]\nlisten = \"127.0.0.1:0\"\n[snapshot]\nstore = \"none\"\n",
+                shape.kafka_lines()
             ),
         )
         .unwrap();
@@ -308,11 +337,11 @@ fn drain_with_run(
     bootstrap: &str,
     topic: &str,
     ends: &[i64],
-    workers: usize,
+    shape: Shape,
     group: &str,
     bin: &Path,
 ) -> (f64, f64) {
-    let run = Run::start(dir, bootstrap, topic, "out", group, workers, bin);
+    let run = Run::start(dir, bootstrap, topic, "out", group, shape, bin);
     run.wait_for("partition starts", PARTITIONS as usize);
     let (started, cpu0) = (Instant::now(), child_cpu(run.child.id()));
     let watcher: BaseConsumer = client(bootstrap)
@@ -546,7 +575,15 @@ fn main() {
         for round in 0..rounds {
             for (label, bin) in [("A", &a), ("B", &b)] {
                 let group = format!("ab-{round}-{label}");
-                let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, 2, &group, bin);
+                let (t, cpu) = drain_with_run(
+                    dir.path(),
+                    &bootstrap,
+                    "in",
+                    &ends,
+                    Shape::AT_LEAST_ONCE,
+                    &group,
+                    bin,
+                );
                 println!(
                     "{label} ({}): {:>9.0} msg/s   {:.2} CPU s per million",
                     bin.display(),
@@ -577,20 +614,34 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
-    let (mut relay, mut run, mut replay) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut relay, mut run, mut replay, mut eos) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let (t, cpu) = bare_relay(&bootstrap, "in", "relayed", events);
         relay.push((events as f64 / t, cpu));
-        let group = format!("drain-2-{round}");
-        let (t, cpu) = drain_with_run(dir.path(), &bootstrap, "in", &ends, 2, &group, &ces_bin());
-        run.push((events as f64 / t, cpu));
+        let drain = |shape: Shape, group: String| {
+            let (t, cpu) = drain_with_run(
+                dir.path(),
+                &bootstrap,
+                "in",
+                &ends,
+                shape,
+                &group,
+                &ces_bin(),
+            );
+            (events as f64 / t, cpu)
+        };
+        run.push(drain(Shape::AT_LEAST_ONCE, format!("drain-2-{round}")));
+        eos.push(drain(Shape::EXACTLY_ONCE, format!("drain-eos-{round}")));
         replay.push(replay_cpu(&file));
         println!(
-            "round {round}: relay {:>8.0} msg/s {:.2} CPU s/M; run {:>8.0} msg/s {:.2} CPU s/M; replay {:.2} CPU s/M",
+            "round {round}: relay {:>8.0} msg/s {:.2} CPU s/M; run {:>8.0} msg/s {:.2} CPU s/M; exactly_once {:>8.0} msg/s {:.2} CPU s/M; replay {:.2} CPU s/M",
             relay[round].0,
             per_m(relay[round].1),
             run[round].0,
             per_m(run[round].1),
+            eos[round].0,
+            per_m(eos[round].1),
             per_m(replay[round])
         );
     }
@@ -604,6 +655,8 @@ fn main() {
     let run_rate = median(run.iter().map(|r| r.0).collect());
     let run_cpu = median(run.iter().map(|r| r.1).collect());
     let replay = median(replay);
+    let eos_rate = median(eos.iter().map(|r| r.0).collect());
+    let eos_cpu = median(eos.iter().map(|r| r.1).collect());
     println!(
         "bare relay:        {relay_rate:>9.0} msg/s   {:.2} CPU s per million (medians of {rounds})",
         per_m(relay_cpu)
@@ -614,12 +667,21 @@ fn main() {
         run_rate / relay_rate,
         run_rate / consumer_rate
     );
+    println!(
+        "run, exactly_once: {eos_rate:>9.0} msg/s   {:.2} CPU s per million   CPU {:.2}x at_least_once's (goal <= 1.25x), rate {:.2}x (goal >= 0.8x)",
+        per_m(eos_cpu),
+        eos_cpu / run_cpu,
+        eos_rate / run_rate
+    );
     let (t, cpu) = drain_with_run(
         dir.path(),
         &bootstrap,
         "in",
         &ends,
-        1,
+        Shape {
+            workers: 1,
+            exactly_once: false,
+        },
         "drain-1",
         &ces_bin(),
     );
@@ -669,7 +731,7 @@ fn main() {
             &lin,
             &lout,
             &format!("latency-{phase}"),
-            2,
+            Shape::AT_LEAST_ONCE,
             &ces_bin(),
         );
         run.wait_for("partition starts", PARTITIONS as usize);
@@ -685,6 +747,27 @@ fn main() {
             "latency at {rate} events/s: run p50 {p50:.1} ms p99 {p99:.1} ms ({n} samples); relay p50 {r50:.1} ms p99 {r99:.1} ms ({rn} samples); p99 run / relay {:.2}x ({goal})",
             p99 / r99
         );
+        if phase == 0 {
+            // exactly_once, seen by a read_committed reader (the bench's
+            // reader is librdkafka's default, read_committed).
+            let (ein, eout) = ("elat-in", "elat-out");
+            create_topics(&bootstrap, &[(ein, PARTITIONS), (eout, PARTITIONS)]);
+            let run = Run::start(
+                dir.path(),
+                &bootstrap,
+                ein,
+                eout,
+                "latency-eos",
+                Shape::EXACTLY_ONCE,
+                &ces_bin(),
+            );
+            run.wait_for("partition starts", PARTITIONS as usize);
+            let (e50, e99, en) = latency(&bootstrap, ein, eout, rate, customers, false);
+            run.stop();
+            println!(
+                "latency at {rate} events/s, exactly_once (read_committed): p50 {e50:.1} ms p99 {e99:.1} ms ({en} samples) (goal: p99 <= commit_interval 100 ms + 50 ms)"
+            );
+        }
     }
     drop(broker);
 }

@@ -123,6 +123,8 @@ struct PartitionOffsets {
     next: Option<i64>,
     /// The last offset the broker confirmed committed.
     committed: Option<i64>,
+    /// The last offset handed to the consumer to commit.
+    sent: Option<i64>,
 }
 
 impl PartitionOffsets {
@@ -271,15 +273,29 @@ impl OffsetTracker {
         done
     }
 
-    /// Offsets that moved past the last commit: (topic, partition, offset).
-    pub fn committable(&self) -> Vec<(Arc<str>, i32, i64)> {
+    /// Offsets that moved past the last commit: (topic, partition, offset);
+    /// unless `again`, not those already sent to commit.
+    pub fn committable(&self, again: bool) -> Vec<(Arc<str>, i32, i64)> {
         self.parts
             .iter()
             .filter_map(|((t, p), o)| {
                 let safe = o.safe().filter(|&s| s >= 0)?;
-                (o.committed < Some(safe)).then(|| (Arc::clone(t), *p, safe))
+                (o.committed < Some(safe) && (again || o.sent != Some(safe)))
+                    .then(|| (Arc::clone(t), *p, safe))
             })
             .collect()
+    }
+
+    /// An offset handed to the consumer to commit.
+    pub fn mark_sent(&mut self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self
+            .parts
+            .iter_mut()
+            .find(|((t, q), _)| &**t == topic && *q == partition)
+            .map(|(_, o)| o)
+        {
+            p.sent = Some(offset);
+        }
     }
 
     /// The offset safe to commit for one partition, if anything was processed.
@@ -656,11 +672,18 @@ mod tests {
         assert_eq!(tr.acknowledged(&t, 0, 10), Some(5));
         assert_eq!(tr.safe("in", 0), Some(13));
         assert_eq!(tr.in_flight(), 0);
-        assert_eq!(tr.committable(), vec![(Arc::clone(&t), 0, 13)]);
+        assert_eq!(tr.committable(false), vec![(Arc::clone(&t), 0, 13)]);
         tr.mark_committed("in", 0, 13);
-        assert!(tr.committable().is_empty());
+        assert!(tr.committable(false).is_empty());
         tr.processed(&t, 0, 13, 0);
-        assert_eq!(tr.committable(), vec![(Arc::clone(&t), 0, 14)]);
+        assert_eq!(tr.committable(false), vec![(Arc::clone(&t), 0, 14)]);
+        // Sent to commit: not again each interval (a coordinator that is
+        // away would answer them all at once), only when asked to.
+        tr.mark_sent("in", 0, 14);
+        assert!(tr.committable(false).is_empty());
+        assert_eq!(tr.committable(true), vec![(Arc::clone(&t), 0, 14)]);
+        tr.processed(&t, 0, 14, 0);
+        assert_eq!(tr.committable(false), vec![(Arc::clone(&t), 0, 15)]);
     }
 
     #[test]

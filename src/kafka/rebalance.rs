@@ -29,11 +29,12 @@ use crate::metrics::Metrics;
 use crate::model::Model;
 use crate::partition::{PartitionHooks, PartitionState, Partitions};
 
-/// How long an asynchronous commit may stay unanswered before the next is
-/// sent anyway: librdkafka can hold a commit's answer back for as long as
-/// the coordinator is away, and drops it when a rebalance comes between
-/// (a rebalance also clears the wait).
-const COMMIT_ANSWER: Duration = Duration::from_secs(5);
+/// How often offsets already sent are sent again (in case that commit
+/// failed: its answer, the commit callback, does not reach a BaseConsumer
+/// here). Offsets that moved are sent every `commit_interval`; the same
+/// ones again each interval piled up ~45 commits during a 10 s outage of
+/// the coordinator, all failing at once on its return.
+const COMMIT_AGAIN: Duration = Duration::from_secs(5);
 
 /// A partition restored on assignment: its number, topics, state, and the
 /// offset each topic resumes from.
@@ -66,9 +67,7 @@ pub struct GroupContext {
     pub consumer: OnceLock<Weak<BaseConsumer<GroupContext>>>,
     /// New states keep the customers they remove (the changelog store).
     pub track_removals: bool,
-    /// When the asynchronous commit not yet answered was sent: the next
-    /// waits for its answer, so that commits do not pile up while the
-    /// coordinator is away (each would fail on its return, all at once).
+    /// When offsets already sent were last sent again ([`COMMIT_AGAIN`]).
     pub commit_sent: Mutex<Option<Instant>>,
     /// exactly_once: offsets are committed in the workers' transactions,
     /// never by the consumer.
@@ -106,11 +105,12 @@ impl GroupContext {
         }
     }
 
-    /// The committable offsets of `pairs` (all of them when `None`).
-    fn committable(&self, only: Option<&[(String, i32)]>) -> TopicPartitionList {
+    /// The committable offsets of `pairs` (all of them when `None`); with
+    /// `again`, also those equal to the last ones sent.
+    fn committable(&self, only: Option<&[(String, i32)]>, again: bool) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         let tracker = self.tracker.lock();
-        for (topic, partition, offset) in tracker.committable() {
+        for (topic, partition, offset) in tracker.committable(again) {
             if only.is_none_or(|l| l.iter().any(|(t, p)| **t == *topic && *p == partition)) {
                 let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
             }
@@ -118,23 +118,34 @@ impl GroupContext {
         tpl
     }
 
-    /// Commits what moved past the last commit, without waiting; the
-    /// broker's confirmation (`commit_callback`) marks it committed. While
-    /// an earlier commit is unanswered (for up to [`COMMIT_ANSWER`]), none
-    /// is sent.
+    /// Commits, without waiting, the offsets that moved since the last
+    /// commit sent; every [`COMMIT_AGAIN`] also those sent before.
     pub fn commit_async(&self, consumer: &BaseConsumer<GroupContext>) {
         if self.exactly_once {
             return;
         }
-        let mut sent = self.commit_sent.lock();
-        if sent.is_some_and(|at| at.elapsed() < COMMIT_ANSWER) {
-            return;
-        }
-        let tpl = self.committable(None);
+        let mut last = self.commit_sent.lock();
+        let again = last.is_none_or(|at| at.elapsed() >= COMMIT_AGAIN);
+        let tpl = self.committable(None, again);
         if tpl.count() > 0 {
             match consumer.commit(&tpl, CommitMode::Async) {
-                Ok(()) => *sent = Some(Instant::now()),
+                Ok(()) => {
+                    self.sent(&tpl);
+                    if again {
+                        *last = Some(Instant::now());
+                    }
+                }
                 Err(e) => tracing::warn!("cannot commit offsets: {e}"),
+            }
+        }
+    }
+
+    /// Offsets handed to the consumer to commit.
+    fn sent(&self, tpl: &TopicPartitionList) {
+        let mut tracker = self.tracker.lock();
+        for e in tpl.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                tracker.mark_sent(e.topic(), e.partition(), o);
             }
         }
     }
@@ -144,7 +155,7 @@ impl GroupContext {
         if self.exactly_once {
             return;
         }
-        let tpl = self.committable(Some(pairs));
+        let tpl = self.committable(Some(pairs), true);
         if tpl.count() == 0 {
             return;
         }
@@ -445,8 +456,6 @@ impl ConsumerContext for GroupContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        // A commit sent before the rebalance may never be answered.
-        *self.commit_sent.lock() = None;
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
@@ -489,7 +498,6 @@ impl ConsumerContext for GroupContext {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
-        *self.commit_sent.lock() = None;
         match result {
             // An offset counts as committed once the broker says so.
             Ok(()) => self.confirmed(offsets),
