@@ -453,6 +453,8 @@ struct Worker<C: ConsumerContext + 'static> {
     /// Commands taken while a rewind settled the worker's partitions, to
     /// be handled next.
     deferred: VecDeque<Command<C>>,
+    /// exactly_once: when the worker last committed.
+    last_commit: Instant,
 }
 
 impl<C: ConsumerContext + 'static> Worker<C> {
@@ -491,6 +493,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             txn,
             sink,
             deferred: VecDeque::new(),
+            last_commit: Instant::now(),
         }
     }
 
@@ -875,21 +878,45 @@ impl<C: ConsumerContext + 'static> Worker<C> {
 
     /// exactly_once: commits the open transaction once it has been open for
     /// `commit_interval`.
+    ///
+    /// Events that produce no output open no transaction; their offsets
+    /// still need one to be committed in: once the interval has passed
+    /// since the last commit, a transaction is opened for them alone.
     fn commit_when_due(&mut self) -> Result<(), Halt> {
-        let due = self.txn.as_ref().is_some_and(|t| {
-            t.lock()
-                .opened_at()
-                .is_some_and(|at| at.elapsed() >= self.ctx.kafka.commit_interval)
-        });
+        let Some(txn) = &self.txn else {
+            return Ok(());
+        };
+        let interval = self.ctx.kafka.commit_interval;
+        let opened = txn.lock().opened_at();
+        let due = match opened {
+            Some(at) => at.elapsed() >= interval,
+            None => self.last_commit.elapsed() >= interval && self.offsets_moved(),
+        };
         if due {
             self.commit()?;
         }
         Ok(())
     }
 
-    /// exactly_once: commits the open transaction with the next offset of
-    /// every partition of the worker that moved past its committed one;
-    /// they count as committed once the broker says so.
+    /// Whether an offset of the worker's partitions moved past the
+    /// committed one.
+    fn offsets_moved(&self) -> bool {
+        let tracker = self.ctx.tracker.lock();
+        self.units.iter().any(|u| {
+            u.feeds.iter().any(|f| {
+                tracker.next(&f.topic, u.partition).is_some_and(|n| {
+                    tracker
+                        .committed(&f.topic, u.partition)
+                        .is_none_or(|c| n > c)
+                })
+            })
+        })
+    }
+
+    /// exactly_once: commits the open transaction (or one opened for them)
+    /// with the next offset of every partition of the worker that moved
+    /// past its committed one; they count as committed once the broker
+    /// says so.
     fn commit(&mut self) -> Result<(), Halt> {
         let Some(txn) = &self.txn else {
             return Ok(());
@@ -915,13 +942,18 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         let group = self.ctx.group.get().and_then(|g| g.group_metadata());
         let mut txn = txn.lock();
         if txn.opened_at().is_none() {
-            return Ok(());
+            if moved.is_empty() {
+                return Ok(());
+            }
+            // Offsets of events without outputs: a transaction for them.
+            txn.ensure_open().map_err(Halt::Rewind)?;
         }
         let Some(group) = group else {
             return Err(Halt::Rewind(txn.abort(AbortCause::Error)));
         };
         txn.commit(&offsets, &group).map_err(Halt::Rewind)?;
         drop(txn);
+        self.last_commit = Instant::now();
         let mut tracker = self.ctx.tracker.lock();
         for (topic, p, next) in moved {
             tracker.mark_committed(&topic, p, next);
