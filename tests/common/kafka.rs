@@ -219,6 +219,16 @@ impl Instance {
         if let Some(config) = config {
             command.arg("--config").arg(config);
         }
+        // Killed with the test thread that started it, should the test
+        // process die without unwinding (a kill).
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let http = format!("127.0.0.1:{}", super::broker::free_port());
         let child = command
             .env("RUST_LOG", filter)
