@@ -112,12 +112,13 @@ pub fn flush_sent<C: rdkafka::producer::ProducerContext>(
 }
 
 /// Sends a record, waiting while the producer's queue is full.
-pub fn send_waiting<K, P>(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    mut record: BaseRecord<'_, K, P>,
+pub fn send_waiting<K, P, C>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
 ) where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
 {
     loop {
         match producer.send(record) {
@@ -295,15 +296,29 @@ impl Instance {
     /// Waits until `check` holds for this instance; panics with its log
     /// (and `what`) otherwise, or when the process exits first.
     pub fn wait_until(&mut self, what: &str, timeout: Duration, check: impl Fn(&Instance) -> bool) {
+        self.wait_until_described(what, timeout, check, |_| String::new());
+    }
+
+    /// As [`Instance::wait_until`]; on a timeout, the panic ends with
+    /// `describe`'s account of the state the wait was watching (after the
+    /// log, so that a truncated CI log still shows it).
+    pub fn wait_until_described(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Instance) -> bool,
+        describe: impl Fn(&Instance) -> String,
+    ) {
         let deadline = Instant::now() + timeout;
         while !check(self) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("exited ({status}) before {what}:\n{}", self.log_text());
+                panic!("{}\nexited ({status}) before {what}", self.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "not within {timeout:?}: {what}\n{}",
-                self.log_text()
+                "{}\nnot within {timeout:?}: {what}\n{}",
+                self.log_text(),
+                describe(self)
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -230,7 +230,7 @@ dir = "{}"
         let kafka = settings.kafka.expect("a [kafka] section");
         let (group, topic) = (kafka.group_id, &kafka.input_topics[0]);
         let bootstrap = self.bootstrap.clone();
-        instance.wait_until(
+        instance.wait_until_described(
             &format!("drained to {ends:?}"),
             Duration::from_secs(240),
             |i| {
@@ -238,6 +238,20 @@ dir = "{}"
                     && ends.iter().enumerate().all(|(p, end)| {
                         *end == 0 || committed(&bootstrap, &group, topic, p as i32) == Some(*end)
                     })
+            },
+            |i| {
+                let offsets: Vec<_> = (0..ends.len())
+                    .map(|p| committed(&bootstrap, &group, topic, p as i32))
+                    .collect();
+                let log_ends: Vec<_> = (0..ends.len())
+                    .map(|p| end_offset(&bootstrap, topic, p as i32))
+                    .collect();
+                format!(
+                    "ready: {}, committed: {offsets:?}, log ends: {log_ends:?}, readyz: {:?}, consumed: {}",
+                    i.is_ready(),
+                    try_http_get(&i.http, "/readyz"),
+                    i.metric("ces_events_consumed_total")
+                )
             },
         );
     }
@@ -456,7 +470,35 @@ pub fn as_jsonl(messages: &[(String, Option<String>)]) -> Vec<(String, String)> 
         .collect()
 }
 
-pub type Producer = rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>;
+pub type Producer = rdkafka::producer::ThreadedProducer<DeliveryCheck>;
+
+/// Remembers the first message the broker did not take: a soak's input
+/// that silently lost a message would read as ces-stream's fault (its
+/// committed offsets never reaching the expected ends).
+#[derive(Default)]
+pub struct DeliveryCheck {
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::client::ClientContext for DeliveryCheck {}
+
+impl rdkafka::producer::ProducerContext for DeliveryCheck {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            use rdkafka::message::Message;
+            let mut failed = self.failed.lock().unwrap();
+            failed.get_or_insert_with(|| {
+                format!(
+                    "{error} (partition {}, {} bytes)",
+                    message.partition(),
+                    message.payload_len()
+                )
+            });
+        }
+    }
+}
 
 /// An idempotent producer: messages to one partition stay in order.
 pub fn producer(bootstrap: &str) -> Producer {
@@ -464,7 +506,7 @@ pub fn producer(bootstrap: &str) -> Producer {
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .create()
+        .create_with_context(DeliveryCheck::default())
         .unwrap()
 }
 
@@ -486,6 +528,10 @@ pub fn produce_messages(
         send_waiting(producer, record);
     }
     flush_sent(producer, Duration::from_secs(60));
+    use rdkafka::producer::Producer as _;
+    if let Some(failed) = producer.context().failed.lock().unwrap().as_ref() {
+        panic!("the test's own input lost a message: {failed}");
+    }
 }
 
 /// A multiset of lines.
