@@ -171,9 +171,26 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// A panic on any thread ends the process. A thread that dies alone leaves
+/// a service that looks alive and is not: a panicked delivery thread
+/// acknowledges nothing more, so no offset is committed again while
+/// `/readyz` still answers 200. Exiting hands the partitions to the group
+/// and the restart to the supervisor; the state comes back from the last
+/// snapshot, and nothing is lost (at_least_once) or sent twice
+/// (exactly_once).
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("a thread panicked ({info}): exiting");
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    exit_on_panic();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

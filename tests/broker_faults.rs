@@ -76,8 +76,18 @@ fn the_broker_stopped_then_killed_mid_stream_ces_stream_reconnects_and_loses_not
     );
     wait_consuming(&mut instance, 1_000.0, "events flow");
 
-    // A clean stop (controlled shutdown) and a start on the same log dirs.
+    // A clean stop (controlled shutdown), down for longer than the
+    // session timeout (ces-stream drops its partitions as lost, with
+    // outputs still unacknowledged), and a start on the same log dirs. The
+    // partitions come back restored from earlier snapshots and process
+    // the same offsets again while the first outputs are acknowledged.
+    let lost = instance.losses();
     broker.stop();
+    instance.wait_until(
+        "partitions lost while the broker is down",
+        Duration::from_secs(60),
+        |i| i.losses() > lost,
+    );
     broker.restart();
     wait_consuming(
         &mut instance,

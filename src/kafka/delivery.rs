@@ -142,6 +142,12 @@ impl PartitionOffsets {
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     parts: HashMap<(Arc<str>, i32), PartitionOffsets>,
+    /// Outputs of partitions forgotten before they were acknowledged, by
+    /// (topic, partition, offset): their acknowledgements still come, and
+    /// must not count for the same offsets processed again after the
+    /// partition comes back (a lost partition restored from an earlier
+    /// snapshot), which they would complete early, or drive below zero.
+    unacknowledged_before: HashMap<(Arc<str>, i32, i64), u32>,
     in_flight: u64,
     /// exactly_once: outputs are durable once their transaction commits,
     /// not once acknowledged.
@@ -262,8 +268,24 @@ impl OffsetTracker {
         partition: i32,
         offset: i64,
     ) -> Option<Millis> {
+        let earlier = (Arc::clone(topic), partition, offset);
+        if let Some(left) = self.unacknowledged_before.get_mut(&earlier) {
+            // Counted against the earlier assignment first: an offset
+            // processed again completes only once every output of both
+            // assignments is acknowledged, never earlier.
+            *left -= 1;
+            if *left == 0 {
+                self.unacknowledged_before.remove(&earlier);
+            }
+            return None;
+        }
         let p = self.parts.get_mut(&(Arc::clone(topic), partition))?;
         let i = p.pending.binary_search_by_key(&offset, |e| e.0).ok()?;
+        if p.pending[i].1 == 0 {
+            // Already complete: an acknowledgement this tracker did not
+            // count on must not wrap the count around.
+            return None;
+        }
         p.pending[i].1 -= 1;
         self.in_flight = self.in_flight.saturating_sub(1);
         let done = (p.pending[i].1 == 0).then_some(p.pending[i].2).flatten();
@@ -338,17 +360,32 @@ impl OffsetTracker {
         }
     }
 
-    /// Forgets a revoked partition.
+    /// Forgets a revoked or lost partition; at_least_once, the
+    /// acknowledgements of its outputs still on their way are set aside
+    /// ([`OffsetTracker::acknowledged`]).
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        let before: u64 = self
+        let Some(key) = self
             .parts
-            .iter()
-            .filter(|((t, p), _)| &**t == topic && *p == partition)
-            .flat_map(|(_, o)| o.pending.iter().map(|e| u64::from(e.1)))
-            .sum();
-        self.parts
-            .retain(|(t, p), _| !(&**t == topic && *p == partition));
-        self.in_flight = self.in_flight.saturating_sub(before);
+            .keys()
+            .find(|(t, p)| &**t == topic && *p == partition)
+            .cloned()
+        else {
+            return;
+        };
+        let Some(forgotten) = self.parts.remove(&key) else {
+            return;
+        };
+        for (offset, left, _) in forgotten.pending {
+            self.in_flight = self.in_flight.saturating_sub(u64::from(left));
+            // exactly_once: what a lost partition's transaction still had in
+            // flight is aborted, and fails instead of being acknowledged.
+            if left > 0 && !self.transactional {
+                *self
+                    .unacknowledged_before
+                    .entry((Arc::clone(&key.0), partition, offset))
+                    .or_default() += left;
+            }
+        }
     }
 
     /// Produced messages not yet acknowledged, over all partitions.
@@ -700,6 +737,41 @@ mod tests {
         // A late acknowledgement for a forgotten partition is ignored.
         tr.acknowledged(&t, 0, 5);
         assert_eq!(tr.safe("in", 0), None);
+    }
+
+    /// A lost partition comes back, restored from an earlier snapshot, and
+    /// processes the same offsets again while the first assignment's
+    /// outputs are still being acknowledged (the broker was away): those
+    /// late acknowledgements never complete an offset of the second
+    /// assignment early, and never drive a count below zero (which killed
+    /// the producer's polling thread, and with it every later commit).
+    #[test]
+    fn late_acknowledgements_of_a_forgotten_assignment_do_not_count_for_the_next() {
+        let t: Arc<str> = Arc::from("in");
+        let mut tr = OffsetTracker::default();
+        tr.batch(&t, 0, &[(5, 2, None), (6, 1, None)], 6);
+        assert_eq!(tr.acknowledged(&t, 0, 6), None);
+        tr.forget("in", 0);
+        assert_eq!(tr.in_flight(), 0);
+
+        tr.assigned("in", 0, Some(5));
+        tr.restored("in", 0, 5);
+        tr.batch(&t, 0, &[(5, 2, Some(50)), (6, 1, Some(60))], 6);
+        assert_eq!(tr.safe("in", 0), Some(5));
+        // The second assignment's output of 6 first: 6 is done.
+        assert_eq!(tr.acknowledged(&t, 0, 6), Some(60));
+        // Two late ones of the first assignment's 5, then a third
+        // acknowledgement for 6 that nobody counts on: nothing moves.
+        assert_eq!(tr.acknowledged(&t, 0, 5), None);
+        assert_eq!(tr.acknowledged(&t, 0, 5), None);
+        assert_eq!(tr.acknowledged(&t, 0, 6), None);
+        assert_eq!(tr.safe("in", 0), Some(5), "5's own outputs are not in yet");
+        assert_eq!(tr.in_flight(), 2);
+        assert_eq!(tr.acknowledged(&t, 0, 5), None);
+        assert_eq!(tr.acknowledged(&t, 0, 5), Some(50));
+        assert_eq!(tr.safe("in", 0), Some(7));
+        assert_eq!(tr.in_flight(), 0);
+        assert!(tr.unacknowledged_before.is_empty());
     }
 
     #[test]
