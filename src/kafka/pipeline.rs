@@ -340,8 +340,14 @@ fn serve(
     Ok(())
 }
 
+/// How long a gauge refresh waits for one partition's state.
+const GAUGE_LOCK_WAIT: Duration = Duration::from_millis(5);
+
 /// Gauges summed over the partitions (each worker keeps its partitions'
-/// counts current between batches).
+/// counts current between batches). Runs on the consumer's polling
+/// thread, which must never wait on a worker: while a partition's state
+/// is busy, the gauges keep their last complete figures until the next
+/// refresh.
 fn refresh_gauges(shared: &Shared, producer: &ThreadedProducer<Delivery>) {
     let m = &shared.metrics;
     let model = &shared.model;
@@ -352,7 +358,9 @@ fn refresh_gauges(shared: &Shared, producer: &ThreadedProducer<Delivery>) {
     let mut segments = vec![0i64; shared.segments.len() * model.tiers.len()];
     for p in shared.partitions.numbers() {
         if let Some(state) = shared.partitions.get(p) {
-            let st = state.lock();
+            let Some(st) = state.try_lock_for(GAUGE_LOCK_WAIT) else {
+                return;
+            };
             customers += st.engine.customers().len() as u64;
             at_risk += st.engine.at_risk_count();
             for (t, c) in tiers.iter_mut().zip(st.engine.tier_counts()) {

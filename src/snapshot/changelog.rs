@@ -64,6 +64,10 @@ const CHECKPOINT_TAG: u8 = b'K';
 pub const PERSISTED_HEADER: &str = "ces-persisted";
 /// How long a restore may read one changelog partition.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a periodic snapshot's checkpoint waits for its records to be
+/// acknowledged (on a thread of its own) before the snapshot is given up
+/// and written again later.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the changelog cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -768,18 +772,42 @@ impl ChangelogStore {
 
     /// Writes the checkpoint of a periodic snapshot unless a newer
     /// snapshot was written meanwhile (`Ok(None)`).
+    ///
+    /// The acknowledgements are awaited without the partition's writer
+    /// lock: the worker takes that lock for its next snapshot's ticket, and
+    /// must not stop with it while the broker is away (it did, for the
+    /// whole timeout, and the consumer's polling thread behind it).
     pub fn commit_ticket(
         &self,
         ticket: Ticket,
         header: &Header,
     ) -> Result<Option<u64>, KafkaError> {
-        let w = self.writer(ticket.partition);
-        let mut w = w.lock();
-        if w.awaited != Some(ticket.id) {
-            return Ok(None);
+        let p = ticket.partition;
+        let deadline = Instant::now() + CHECKPOINT_TIMEOUT;
+        let acks = self.producer.context();
+        let transactional = self.transactional(p);
+        // Every record of the snapshot (all sent before this call)
+        // acknowledged before the checkpoint; in a transaction, its commit
+        // makes them durable together.
+        if !transactional {
+            acks.wait(p, deadline)?;
         }
-        let bytes = self.checkpoint_locked(header, w.generation, Duration::from_secs(60))?;
-        w.awaited = None;
+        let writer = self.writer(p);
+        let bytes = {
+            let w = writer.lock();
+            if w.awaited != Some(ticket.id) {
+                // A newer snapshot started: its own checkpoint comes.
+                return Ok(None);
+            }
+            self.send_checkpoint(header, w.generation)?
+        };
+        if !transactional {
+            acks.wait(p, deadline)?;
+        }
+        let mut w = writer.lock();
+        if w.awaited == Some(ticket.id) {
+            w.awaited = None;
+        }
         Ok(Some(bytes))
     }
 
@@ -799,6 +827,16 @@ impl ChangelogStore {
         if !transactional {
             acks.wait(p, deadline)?;
         }
+        let bytes = self.send_checkpoint(header, generation)?;
+        if !transactional {
+            acks.wait(p, deadline)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Sends the checkpoint record of `header` (its partition's writer lock
+    /// held, so that it follows the snapshot's records); its size.
+    fn send_checkpoint(&self, header: &Header, generation: u64) -> Result<u64, KafkaError> {
         let mut h = header.clone();
         h.customers = 0;
         h.ids_len = 0;
@@ -812,10 +850,7 @@ impl ChangelogStore {
         value.push(CHECKPOINT_TAG);
         value.extend_from_slice(&generation.to_le_bytes());
         value.extend_from_slice(&encoded);
-        self.send(p, CHECKPOINT_KEY, Some(&value), None)?;
-        if !transactional {
-            acks.wait(p, deadline)?;
-        }
+        self.send(header.partition, CHECKPOINT_KEY, Some(&value), None)?;
         Ok(value.len() as u64)
     }
 
