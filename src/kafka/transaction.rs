@@ -31,6 +31,8 @@ use crate::metrics::{Metrics, TRANSACTION_ABORT_CAUSES};
 
 /// How long one transactional call may take before it is tried again.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an abort waits for the delivery reports of what it purged.
+const PURGE_REPORTS_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a transaction did not commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +216,7 @@ impl Transactions {
         let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
         match retrying(deadline, || self.producer.abort_transaction(CALL_TIMEOUT)) {
             Ok(()) => {
+                self.settle_purged();
                 self.count_abort(cause);
                 tracing::warn!(
                     worker = self.worker,
@@ -242,6 +245,19 @@ impl Transactions {
             Err(e) => tracing::error!(worker = self.worker, "cannot replace the producer: {e}"),
         }
         self.unhandled(Failure::Fatal(why))
+    }
+
+    /// The delivery reports of what an abort purged reach the producer's
+    /// context a moment after the abort, through its polling thread: waits
+    /// for them and forgets the failures they report, which would otherwise
+    /// doom the next transaction (it did: aborts on `PurgeQueue`, one after
+    /// the other, each followed by a rewind).
+    fn settle_purged(&self) {
+        let deadline = Instant::now() + PURGE_REPORTS_WAIT;
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = self.producer.context().transaction_failed();
     }
 
     fn unhandled(&mut self, failure: Failure) -> Failure {
