@@ -282,7 +282,12 @@ impl Run {
             .arg("run")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "warn,ces_stream=info")
+            // CES_BENCH_LOG: another filter for the runs' logs (in the
+            // bench's temp dir, which the bench names then).
+            .env(
+                "RUST_LOG",
+                std::env::var("CES_BENCH_LOG").unwrap_or_else(|_| "warn,ces_stream=info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -541,6 +546,9 @@ fn main() {
         .unwrap_or(1_000_000);
     let customers: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("CES_BENCH_LOG").is_some() {
+        eprintln!("runs' logs in {}", dir.path().display());
+    }
     let broker = Broker::start();
     let bootstrap = broker.bootstrap.clone();
     create_topics(

@@ -268,16 +268,20 @@ impl OffsetTracker {
         partition: i32,
         offset: i64,
     ) -> Option<Millis> {
-        let earlier = (Arc::clone(topic), partition, offset);
-        if let Some(left) = self.unacknowledged_before.get_mut(&earlier) {
-            // Counted against the earlier assignment first: an offset
-            // processed again completes only once every output of both
-            // assignments is acknowledged, never earlier.
-            *left -= 1;
-            if *left == 0 {
-                self.unacknowledged_before.remove(&earlier);
+        // Empty but for a moment after a partition was lost: the common
+        // path pays one test, not a hash.
+        if !self.unacknowledged_before.is_empty() {
+            let earlier = (Arc::clone(topic), partition, offset);
+            if let Some(left) = self.unacknowledged_before.get_mut(&earlier) {
+                // Counted against the earlier assignment first: an offset
+                // processed again completes only once every output of both
+                // assignments is acknowledged, never earlier.
+                *left -= 1;
+                if *left == 0 {
+                    self.unacknowledged_before.remove(&earlier);
+                }
+                return None;
             }
-            return None;
         }
         let p = self.parts.get_mut(&(Arc::clone(topic), partition))?;
         let i = p.pending.binary_search_by_key(&offset, |e| e.0).ok()?;
