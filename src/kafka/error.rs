@@ -32,6 +32,11 @@ pub enum PipelineError {
         partition: i32,
         source: crate::engine::EngineError,
     },
+    #[error("a worker did not hand back partitions {partitions:?} within {waited:?} (exactly_once cannot give the group a partition whose offsets a worker may still commit)")]
+    HandBack {
+        partitions: Vec<i32>,
+        waited: std::time::Duration,
+    },
     #[error("the pipeline thread stopped unexpectedly")]
     Panicked,
 }

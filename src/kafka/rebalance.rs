@@ -23,6 +23,7 @@ use rdkafka::ClientContext;
 
 use crate::engine::Engine;
 use crate::kafka::delivery::{drain, Delivery, OffsetTracker, SourceCodec};
+use crate::kafka::error::PipelineError;
 use crate::kafka::restore;
 use crate::kafka::worker::{Feed, Pool, Revocation, Unit};
 use crate::metrics::Metrics;
@@ -35,6 +36,11 @@ use crate::partition::{PartitionHooks, PartitionState, Partitions};
 /// ones again each interval piled up ~45 commits during a 10 s outage of
 /// the coordinator, all failing at once on its return.
 const COMMIT_AGAIN: Duration = Duration::from_secs(5);
+
+/// exactly_once: how long a revocation waits for the workers to hand the
+/// partitions back (librdkafka's default max.poll.interval.ms, the group's
+/// own patience with a member busy in a rebalance).
+const EXACTLY_ONCE_HAND_BACK: Duration = Duration::from_secs(300);
 
 /// A partition restored on assignment: its number, topics, state, and the
 /// offset each topic resumes from.
@@ -385,9 +391,29 @@ impl GroupContext {
         // partitions into its transaction and commits it (or aborts it when
         // they were lost) before it answers.
         let ps: Vec<i32> = numbers.iter().copied().collect();
-        self.pool
-            .lock()
-            .revoke(&ps, how, deadline.saturating_duration_since(Instant::now()));
+        // exactly_once: a worker blocked in a transactional call (the broker
+        // away) answers late, but it must answer before the partitions go:
+        // a worker still holding one after the group gave it to another
+        // would commit that partition's offsets from the other owner's
+        // progress in its own transaction, without the outputs (they were
+        // lost on the next rewind). The group waits for its members up to
+        // max.poll.interval.ms, so may the handover.
+        let wait = if self.exactly_once {
+            self.bounded(started + EXACTLY_ONCE_HAND_BACK)
+        } else {
+            deadline
+        };
+        let answered =
+            self.pool
+                .lock()
+                .revoke(&ps, how, wait.saturating_duration_since(Instant::now()));
+        if !answered && self.exactly_once && !self.stop.load(Ordering::SeqCst) {
+            tracing::error!(partitions = ?ps, "a worker did not hand back its partitions: stopping");
+            self.pool.lock().fail(PipelineError::HandBack {
+                partitions: ps.clone(),
+                waited: started.elapsed(),
+            });
+        }
         if how == Revocation::Clean && !self.exactly_once {
             if !drain(&self.producer, deadline) {
                 tracing::warn!(

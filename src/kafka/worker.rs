@@ -286,8 +286,9 @@ impl<C: ConsumerContext + 'static> Pool<C> {
 
     /// Takes partitions back from their workers; waits (up to `timeout`)
     /// until no batch of them runs (and, in exactly_once mode, until each
-    /// worker has committed or aborted its transaction).
-    pub fn revoke(&self, partitions: &[i32], how: Revocation, timeout: Duration) {
+    /// worker has committed or aborted its transaction). False when a
+    /// worker did not answer in time: it may still hold them.
+    pub fn revoke(&self, partitions: &[i32], how: Revocation, timeout: Duration) -> bool {
         let mut per_worker: HashMap<usize, Vec<i32>> = HashMap::new();
         {
             let mut owners = self.owners.lock();
@@ -310,8 +311,20 @@ impl<C: ConsumerContext + 'static> Pool<C> {
                 waits.push(wait);
             }
         }
+        let mut answered = true;
         for wait in waits {
-            let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            answered &= wait
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_ok();
+        }
+        answered
+    }
+
+    /// Stops the pipeline with `error` (seen by the consumer's thread).
+    pub fn fail(&self, error: PipelineError) {
+        let mut failed = self.ctx.failed.lock();
+        if failed.is_none() {
+            *failed = Some(error);
         }
     }
 
