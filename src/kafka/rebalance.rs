@@ -200,7 +200,10 @@ impl GroupContext {
         // The group's committed offsets say which outputs were already
         // published; they do not say where to resume, because the state
         // lives in memory (and in snapshots), not in Kafka.
-        let committed = self.committed_offsets(consumer, tpl);
+        let Some(committed) = self.committed_offsets(consumer, tpl) else {
+            tracing::info!(partitions = ?list, "partitions assigned during the shutdown: not taken");
+            return Vec::new();
+        };
         let committed_of = |t: &str, p: i32| {
             committed
                 .iter()
@@ -261,44 +264,69 @@ impl GroupContext {
         started
     }
 
-    /// The group's committed offsets of `tpl`. An offset a transaction
-    /// still holds answers with an error until the transaction ends (the
-    /// previous owner's, exactly_once): it is asked again, for up to 30 s,
-    /// rather than taken as nothing committed, which would publish the
-    /// outputs of the events before it again.
+    /// The group's committed offsets of `tpl`, as the broker has them.
+    ///
+    /// at_least_once: asked for up to 30 s; past that, a partition without
+    /// an answer (or with a transaction still deciding it) restores
+    /// without one, and outputs of rebuilt events may be published again.
+    /// exactly_once: asked for until every one is known, since a guess
+    /// either way publishes twice or loses outputs (the coordinator is
+    /// loading after a broker restart, say); `None` if the pipeline stops
+    /// meanwhile.
     fn committed_offsets(
         &self,
         consumer: &BaseConsumer<GroupContext>,
         tpl: &TopicPartitionList,
-    ) -> Vec<((String, i32), i64)> {
-        let deadline = self.bounded(Instant::now() + Duration::from_secs(30));
+    ) -> Option<Vec<((String, i32), i64)>> {
+        let started = Instant::now();
+        let deadline = self.bounded(started + Duration::from_secs(30));
+        let mut said = None::<Instant>;
         loop {
-            let timeout = deadline.saturating_duration_since(Instant::now());
-            match consumer.committed_offsets(tpl.clone(), timeout) {
+            if self.exactly_once && self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            let timeout = if self.exactly_once {
+                Duration::from_secs(10)
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            let answer = consumer.committed_offsets(tpl.clone(), timeout);
+            let gave_up = !self.exactly_once && Instant::now() >= deadline;
+            let why = match answer {
                 Ok(c) => {
                     let pending = c.elements().iter().any(|e| e.error().is_err());
-                    if !pending || Instant::now() >= deadline {
+                    if !pending || gave_up {
                         if pending {
                             tracing::warn!("some committed offsets are still unknown (a transaction in progress): outputs of rebuilt events may be published again");
                         }
-                        return c
-                            .elements()
-                            .iter()
-                            .filter_map(|e| match (e.error(), e.offset()) {
-                                (Ok(()), Offset::Offset(o)) => {
-                                    Some(((e.topic().to_string(), e.partition()), o))
-                                }
-                                _ => None,
-                            })
-                            .collect();
+                        return Some(
+                            c.elements()
+                                .iter()
+                                .filter_map(|e| match (e.error(), e.offset()) {
+                                    (Ok(()), Offset::Offset(o)) => {
+                                        Some(((e.topic().to_string(), e.partition()), o))
+                                    }
+                                    _ => None,
+                                })
+                                .collect(),
+                        );
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    "a transaction still deciding them".to_string()
                 }
-                Err(e) => {
+                Err(e) if gave_up => {
                     tracing::warn!("cannot read committed offsets: {e}; outputs of rebuilt events may be published again");
-                    return Vec::new();
+                    return Some(Vec::new());
                 }
+                Err(e) => e.to_string(),
+            };
+            if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                said = Some(Instant::now());
+                tracing::warn!(
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "the group's committed offsets are not known yet ({why}): the assigned partitions wait for them"
+                );
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

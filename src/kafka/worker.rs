@@ -1039,7 +1039,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             // commit whose answer was lost may have gone through.
             let from_broker = group
                 .as_ref()
-                .map(|g| committed_by_broker(&**g, &topics, p));
+                .map(|g| committed_by_broker(&**g, &topics, p, &ctx.stop));
             let committed: Vec<Option<i64>> = {
                 let mut tracker = ctx.tracker.lock();
                 let committed = match from_broker {
@@ -1182,18 +1182,27 @@ fn committed_by_broker(
     group: &dyn GroupHandle,
     topics: &[String],
     partition: i32,
+    stop: &AtomicBool,
 ) -> Option<Vec<Option<i64>>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Asked for until known: the last ones this worker committed may be
+    // behind the broker's (a commit whose answer was lost), and restoring
+    // below them publishes twice. A pipeline that stops gives up.
+    let started = Instant::now();
+    let mut said = None::<Instant>;
     loop {
         match group.committed(topics, partition) {
             Ok(c) => return Some(c),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(partition, "cannot read the committed offsets yet: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            Err(_) if stop.load(Ordering::SeqCst) => return None,
             Err(e) => {
-                tracing::warn!(partition, "cannot read the committed offsets: {e}; the last ones this worker committed are used");
-                return None;
+                if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    said = Some(Instant::now());
+                    tracing::warn!(
+                        partition,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "cannot read the committed offsets yet ({e}): the partition waits for them"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
     }

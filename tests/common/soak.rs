@@ -6,7 +6,7 @@
 //! (nothing missing, nothing invented; duplicates counted).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::JoinHandle;
@@ -313,11 +313,12 @@ dir = "{}"
             }));
         }
         assert_same_state(&restored, &replayed);
-        let published: Vec<String> = read_all(&self.bootstrap, &self.output, self.partitions)
-            .iter()
-            .map(as_replay_line)
-            .collect();
+        let messages = read_all(&self.bootstrap, &self.output, self.partitions);
+        let published: Vec<String> = messages.iter().map(as_replay_line).collect();
         let duplicates = assert_published("outputs", &outputs, &published);
+        if duplicates > 0 {
+            eprintln!("{}", where_duplicated(&messages, &outputs));
+        }
         let dead_published: Vec<String> = read_all(&self.bootstrap, &self.dead, 1)
             .iter()
             .map(as_replay_line)
@@ -602,6 +603,27 @@ pub fn replay_outputs(config: &Path, events: &[(String, String)], dir: &Path) ->
 
 /// An output message as the replay writes it: the JSON payload, or the
 /// `customer_erased` line a tombstone stands for.
+/// Where the copies of each line published more often than expected sit
+/// (partition@offset), for the diagnosis of a failed exactly-once run.
+pub fn where_duplicated(
+    messages: &[rdkafka::message::OwnedMessage],
+    expected: &[String],
+) -> String {
+    use rdkafka::message::Message;
+    let want = counts(expected.iter());
+    let mut at: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in messages {
+        at.entry(as_replay_line(m))
+            .or_default()
+            .push(format!("{}@{}", m.partition(), m.offset()));
+    }
+    at.iter()
+        .filter(|(line, places)| places.len() > want.get(line.as_str()).copied().unwrap_or(0))
+        .map(|(line, places)| format!("{places:?} {}", &line[..line.len().min(160)]))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn as_replay_line(m: &rdkafka::message::OwnedMessage) -> String {
     use rdkafka::message::Message;
     match m.payload() {
