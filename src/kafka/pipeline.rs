@@ -164,6 +164,7 @@ pub fn run_blocking(
         commit_sent: Mutex::new(None),
         exactly_once: kafka.exactly_once(),
         sweep_every: Duration::from_millis(shared.model.signals.sweep_interval.max(1) as u64),
+        member: Mutex::new(None),
     };
     let consumer: Arc<BaseConsumer<GroupContext>> = Arc::new(
         consumer_config
@@ -246,8 +247,8 @@ pub fn run_blocking(
 struct ConsumerHandle(std::sync::Weak<BaseConsumer<GroupContext>>);
 
 impl GroupHandle for ConsumerHandle {
-    fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
-        self.0.upgrade()?.group_metadata()
+    fn group_metadata(&self) -> Option<Arc<rdkafka::consumer::ConsumerGroupMetadata>> {
+        self.0.upgrade()?.context().member.lock().clone()
     }
 
     fn seek(

@@ -15,7 +15,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, RebalanceProtocol,
+};
 use rdkafka::producer::ThreadedProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -79,6 +81,14 @@ pub struct GroupContext {
     /// never by the consumer.
     pub exactly_once: bool,
     pub sweep_every: Duration,
+    /// exactly_once: the group's metadata as of the last rebalance this
+    /// member went through (set after each assignment and revocation,
+    /// cleared when the partitions are lost). Not the consumer's current
+    /// metadata: after a lost session librdkafka resets its member and
+    /// generation while it rejoins, and offsets sent with that reset
+    /// metadata pass the group's generation check: a zombie's transaction,
+    /// committed so, published 46 outputs twice.
+    pub member: Mutex<Option<Arc<ConsumerGroupMetadata>>>,
 }
 
 impl ClientContext for GroupContext {
@@ -368,6 +378,11 @@ impl GroupContext {
         }
     }
 
+    /// The member's metadata of the generation this rebalance belongs to.
+    fn remember_member(&self, consumer: &BaseConsumer<GroupContext>) {
+        *self.member.lock() = consumer.group_metadata().map(Arc::new);
+    }
+
     fn on_revoke(&self, consumer: &BaseConsumer<GroupContext>, tpl: &TopicPartitionList) {
         let list = pairs(tpl);
         if consumer.assignment_lost() {
@@ -516,6 +531,7 @@ impl ConsumerContext for GroupContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.remember_member(consumer);
                 let started = self.on_assign(consumer, tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
@@ -529,6 +545,13 @@ impl ConsumerContext for GroupContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if consumer.assignment_lost() {
+                    // Before the workers hear of it: none commits again
+                    // until the next assignment.
+                    *self.member.lock() = None;
+                } else {
+                    self.remember_member(consumer);
+                }
                 self.on_revoke(consumer, tpl);
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)

@@ -84,10 +84,11 @@ pub(crate) struct Context {
 
 /// What a worker needs of the consumer in exactly_once mode.
 pub(crate) trait GroupHandle: Send + Sync {
-    /// The group's current metadata (member, generation): a transaction
-    /// commits its offsets with it, so that a member of an older
-    /// generation cannot.
-    fn group_metadata(&self) -> Option<ConsumerGroupMetadata>;
+    /// The group's metadata (member, generation) as of the last
+    /// rebalance this member went through, `None` once its partitions are
+    /// lost: a transaction commits its offsets with it, so that a member
+    /// of an older generation cannot.
+    fn group_metadata(&self) -> Option<Arc<ConsumerGroupMetadata>>;
     /// Moves the consumer's position of an assigned partition.
     fn seek(&self, topic: &str, partition: i32, offset: Offset) -> Result<(), String>;
     /// The group's committed offsets of `topics`' `partition`, as the
