@@ -159,6 +159,22 @@ pub struct OffsetTracker {
 pub type Produced = (i64, u32, Option<Millis>);
 
 impl OffsetTracker {
+    /// The offsets of one input partition, if tracked (looked up by `&str`
+    /// without building the `Arc<str>` key: a handful of partitions).
+    fn part(&self, topic: &str, partition: i32) -> Option<&PartitionOffsets> {
+        self.parts
+            .iter()
+            .find(|((t, p), _)| &**t == topic && *p == partition)
+            .map(|(_, o)| o)
+    }
+
+    fn part_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionOffsets> {
+        self.parts
+            .iter_mut()
+            .find(|((t, p), _)| &**t == topic && *p == partition)
+            .map(|(_, o)| o)
+    }
+
     /// The tracker of exactly_once mode: what a snapshot may cover is what
     /// a committed transaction covers ([`OffsetTracker::mark_committed`]).
     pub fn transactional() -> OffsetTracker {
@@ -175,18 +191,13 @@ impl OffsetTracker {
         if !self.transactional {
             return self.safe(topic, partition);
         }
-        self.parts
-            .iter()
-            .find(|((t, p), _)| &**t == topic && *p == partition)
-            .map(|(_, o)| o.committed.unwrap_or(0))
+        self.part(topic, partition)
+            .map(|o| o.committed.unwrap_or(0))
     }
 
     /// The committed offset of a partition, if any.
     pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.parts
-            .iter()
-            .find(|((t, p), _)| &**t == topic && *p == partition)
-            .and_then(|(_, o)| o.committed)
+        self.part(topic, partition).and_then(|o| o.committed)
     }
 
     /// Records a batch of `topic`'s `partition`: the messages with outputs
@@ -314,30 +325,19 @@ impl OffsetTracker {
 
     /// An offset handed to the consumer to commit.
     pub fn mark_sent(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self
-            .parts
-            .iter_mut()
-            .find(|((t, q), _)| &**t == topic && *q == partition)
-            .map(|(_, o)| o)
-        {
+        if let Some(p) = self.part_mut(topic, partition) {
             p.sent = Some(offset);
         }
     }
 
     /// The offset safe to commit for one partition, if anything was processed.
     pub fn safe(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.parts
-            .iter()
-            .find(|((t, p), _)| &**t == topic && *p == partition)
-            .and_then(|(_, o)| o.safe())
+        self.part(topic, partition).and_then(PartitionOffsets::safe)
     }
 
     /// One past the last processed offset of a partition.
     pub fn next(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.parts
-            .iter()
-            .find(|((t, p), _)| &**t == topic && *p == partition)
-            .and_then(|(_, o)| o.next)
+        self.part(topic, partition).and_then(|o| o.next)
     }
 
     /// Processed positions of every topic of a partition number.
@@ -354,12 +354,7 @@ impl OffsetTracker {
 
     /// The broker confirmed a commit.
     pub fn mark_committed(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self
-            .parts
-            .iter_mut()
-            .find(|((t, q), _)| &**t == topic && *q == partition)
-            .map(|(_, o)| o)
-        {
+        if let Some(p) = self.part_mut(topic, partition) {
             p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
         }
     }
@@ -501,26 +496,17 @@ impl Delivery {
 /// or lose the message.
 pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
-    matches!(
-        code,
-        C::Fatal
-            | C::MessageSizeTooLarge
-            | C::InvalidMessage
-            | C::InvalidMessageSize
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::InvalidRecord
-            | C::UnsupportedForMessageFormat
-            | C::OutOfOrderSequenceNumber
-            | C::InvalidProducerEpoch
-            | C::ProducerFenced
-    )
+    is_about_the_message(code)
+        || matches!(
+            code,
+            C::Fatal | C::OutOfOrderSequenceNumber | C::InvalidProducerEpoch | C::ProducerFenced
+        )
 }
 
 /// Permanent errors about the message itself (no retry, no new producer
 /// and no abort can deliver it): the pipeline stops on them in either
 /// mode, rather than process the same event forever.
-fn is_about_the_message(code: RDKafkaErrorCode) -> bool {
+pub(crate) fn is_about_the_message(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
         code,

@@ -35,7 +35,8 @@ use crate::customers::Slot;
 use crate::engine::{Outcome, Signal, SignalKind};
 use crate::event::{self, ParseContext, Parsed};
 use crate::kafka::delivery::{
-    copy_headers, headers, is_permanent, Delivery, OffsetTracker, Produced, SourceCodec,
+    copy_headers, headers, is_about_the_message, is_permanent, Delivery, OffsetTracker, Produced,
+    SourceCodec,
 };
 use crate::kafka::error::PipelineError;
 use crate::kafka::restore;
@@ -843,7 +844,10 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                     };
                     return self.send(producer, bytes, &smaller);
                 }
-                Err((e, _)) if self.txn.is_some() && !is_about_the_message(&e) => {
+                Err((e, _))
+                    if self.txn.is_some()
+                        && !e.rdkafka_error_code().is_some_and(is_about_the_message) =>
+                {
                     let txn = self.txn.as_ref().expect("checked");
                     return Err(Halt::Rewind(txn.lock().send_failed(e)));
                 }
@@ -1258,24 +1262,6 @@ impl RecordSink for TransactionSink {
             }
         }
     }
-}
-
-/// Whether a produce error is about the message itself (too large, not
-/// allowed): no abort can deliver it.
-fn is_about_the_message(e: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessage
-                | C::InvalidMessageSize
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidRecord
-                | C::UnsupportedForMessageFormat
-        )
-    )
 }
 
 /// Parses an input message: an event, an erasure request (a tombstone), or
