@@ -12,8 +12,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::config_blocks::{check, finite, millis, HumanDuration};
-use crate::kafka::settings::{KafkaSettings, RawKafka};
+use crate::config_blocks::{check, finite, millis, HumanDuration, OptionValue};
+use crate::config_secrets::{expand_table, Sources};
+use crate::kafka::settings::{is_secret_option, KafkaSettings, RawKafka, MASK};
 use crate::model::{
     quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
     Normalization, Signals, Tier,
@@ -336,8 +337,13 @@ impl Settings {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let (mut raw, built_in_model) = parse_raw(text, path)?;
-        apply_env(&mut raw, env);
+        let read_file = |p: &Path| std::fs::read_to_string(p);
+        let sources = Sources {
+            env: &env,
+            read_file: &read_file,
+        };
+        let (mut raw, built_in_model) = parse_raw(text, path, &sources)?;
+        apply_env(&mut raw, &env);
         let invalid = |e: ModelError| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: e.key,
@@ -373,7 +379,9 @@ impl Settings {
     }
 
     /// The configuration as it is in effect, every default filled in, as
-    /// TOML that loads back to the same settings.
+    /// TOML that loads back to the same settings, except that secret
+    /// values (passwords, SASL and OAuth secrets, inline private keys) are
+    /// masked: this is what `check-config` shows.
     pub fn effective_toml(&self) -> String {
         let raw = effective_raw(self);
         toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -444,7 +452,7 @@ fn advertised(text: &str) -> Result<String, String> {
 }
 
 /// Applies the `CES_KAFKA_*` overrides; any of them creates `[kafka]`.
-fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
+fn apply_env(raw: &mut RawConfig, env: &impl Fn(&str) -> Option<String>) {
     if let Some(listen) = env("CES_HTTP_LISTEN") {
         raw.http.get_or_insert_with(RawHttp::default).listen = Some(listen);
     }
@@ -461,9 +469,14 @@ fn apply_env(raw: &mut RawConfig, env: impl Fn(&str) -> Option<String>) {
     }
 }
 
-/// Parses the file; without `[scoring]`, the model sections it lacks come
-/// from [`BUILT_IN`] (then the second value is true).
-fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, bool), ConfigError> {
+/// Parses the file and expands its `${...}` references; without
+/// `[scoring]`, the model sections it lacks come from [`BUILT_IN`] (then
+/// the second value is true).
+fn parse_raw(
+    text: &str,
+    path: &Path,
+    sources: &Sources<'_>,
+) -> Result<(RawConfig, bool), ConfigError> {
     let syntax = |key: String, mut e: toml::de::Error| {
         e.set_input(Some(text));
         ConfigError::Syntax {
@@ -476,20 +489,27 @@ fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, bool), ConfigError> 
             message: e.to_string().trim_end().to_string(),
         }
     };
-    let table: toml::Table = text.parse().map_err(|e| syntax(String::new(), e))?;
-    if !table.contains_key("scoring") {
-        let mut table = table;
+    let mut table: toml::Table = text.parse().map_err(|e| syntax(String::new(), e))?;
+    let expanded = expand_table(&mut table, sources).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: e.key,
+        reason: e.reason,
+    })?;
+    let built_in_model = !table.contains_key("scoring");
+    if built_in_model {
         let built_in: toml::Table = BUILT_IN.parse().map_err(|e| syntax(String::new(), e))?;
         for (key, value) in built_in {
             if MODEL_SECTIONS.contains(&key.as_str()) && !table.contains_key(&key) {
                 table.insert(key, value);
             }
         }
+    }
+    if expanded || built_in_model {
         let raw = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             syntax(key, e.into_inner())
         })?;
-        return Ok((raw, true));
+        return Ok((raw, built_in_model));
     }
     // Deserialized from the text again, not from the table: errors then
     // point at a line.
@@ -822,6 +842,19 @@ fn effective_raw(settings: &Settings) -> RawConfig {
     }
     raw.snapshot = Some(s.to_raw());
     raw.kafka = settings.kafka.as_ref().map(KafkaSettings::to_raw);
+    if let Some(kafka) = &mut raw.kafka {
+        for options in [
+            &mut kafka.options,
+            &mut kafka.consumer_options,
+            &mut kafka.producer_options,
+        ] {
+            for (name, value) in options.iter_mut() {
+                if is_secret_option(name) {
+                    *value = OptionValue::Text(MASK.into());
+                }
+            }
+        }
+    }
     raw
 }
 
@@ -1222,5 +1255,126 @@ mod tests {
             first.model.input.segment_events,
             second.model.input.segment_events
         );
+    }
+
+    fn load_env(text: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_toml_with_env(text, Path::new("t.toml"), move |k| vars.get(k).cloned())
+    }
+
+    const KAFKA_WITH_REFERENCES: &str = r#"
+[kafka]
+brokers = "${BROKER_HOST}:9092"
+group_id = "scores-${ENVIRONMENT}"
+input_topics = ["${TOPIC_PREFIX}.events", "literal-$${not-a-variable}"]
+output_topic = "${TOPIC_PREFIX}.signals"
+[kafka.options]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "${KAFKA_USER}"
+"sasl.password" = "${KAFKA_PASSWORD}"
+[kafka.producer_options]
+"ssl.key.password" = "${KEY_PASSWORD}"
+"#;
+
+    #[test]
+    fn references_expand_in_every_kind_of_string_value() {
+        let vars = [
+            ("BROKER_HOST", "kafka-0.example"),
+            ("ENVIRONMENT", "prod"),
+            ("TOPIC_PREFIX", "shop"),
+            ("KAFKA_USER", "ces"),
+            ("KAFKA_PASSWORD", "pa$$w0rd\"quoted\""),
+            ("KEY_PASSWORD", ""),
+        ];
+        let settings = load_env(KAFKA_WITH_REFERENCES, &vars).unwrap();
+        let kafka = settings.kafka.as_ref().unwrap();
+        assert_eq!(kafka.brokers, "kafka-0.example:9092");
+        assert_eq!(kafka.group_id, "scores-prod");
+        assert_eq!(
+            kafka.input_topics,
+            ["shop.events", "literal-${not-a-variable}"]
+        );
+        assert_eq!(kafka.output_topic, "shop.signals");
+        let option = |name: &str| {
+            kafka
+                .options
+                .iter()
+                .chain(&kafka.producer_options)
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(option("sasl.username"), Some("ces"));
+        assert_eq!(
+            option("sasl.password"),
+            Some("pa$$w0rd\"quoted\""),
+            "a value is never parsed again: quotes and dollars in a secret are kept"
+        );
+        assert_eq!(option("ssl.key.password"), Some(""), "set but empty: empty");
+        // The model came from the built-in one, as without references.
+        assert!(settings.built_in_model);
+    }
+
+    #[test]
+    fn an_unset_variable_names_the_key_and_the_variable() {
+        let e = load_env(
+            KAFKA_WITH_REFERENCES,
+            &[
+                ("BROKER_HOST", "b"),
+                ("ENVIRONMENT", "e"),
+                ("TOPIC_PREFIX", "t"),
+                ("KAFKA_USER", "u"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kafka.options.\"sasl.password\"")
+                && e.contains("KAFKA_PASSWORD is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn references_expand_with_a_scoring_section_too_and_errors_keep_their_key() {
+        let text = "[scoring]\nhalf_life = \"${HALF_LIFE}\"\n[scoring.activities]\npage_view = { weight = 1.0 }\n";
+        let settings = load_env(text, &[("HALF_LIFE", "7d")]).unwrap();
+        assert_eq!(settings.model.half_life, 7 * 86_400_000);
+        assert!(!settings.built_in_model);
+        let e = load_env(text, &[("HALF_LIFE", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scoring.half_life"), "{e}");
+    }
+
+    #[test]
+    fn check_config_masks_secret_options() {
+        let vars = [
+            ("BROKER_HOST", "b"),
+            ("ENVIRONMENT", "e"),
+            ("TOPIC_PREFIX", "t"),
+            ("KAFKA_USER", "ces"),
+            ("KAFKA_PASSWORD", "hunter2-secret"),
+            ("KEY_PASSWORD", "key-secret"),
+        ];
+        let printed = load_env(KAFKA_WITH_REFERENCES, &vars)
+            .unwrap()
+            .effective_toml();
+        assert!(
+            !printed.contains("hunter2-secret") && !printed.contains("key-secret"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("\"sasl.password\" = \"********\""),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("\"ssl.key.password\" = \"********\""),
+            "{printed}"
+        );
+        assert!(printed.contains("\"sasl.username\" = \"ces\""), "{printed}");
     }
 }

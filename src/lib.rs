@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod config_blocks;
+pub mod config_secrets;
 pub mod customers;
 pub mod demo;
 pub mod engine;

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use indexmap::IndexMap;
+use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 
 use crate::config_blocks::{check, HumanDuration, OptionValue};
@@ -164,6 +165,21 @@ fn err(key: String, reason: impl Into<String>) -> ModelError {
     }
 }
 
+/// What secret values are shown as, wherever the configuration is shown.
+pub const MASK: &str = "********";
+
+/// Whether a librdkafka property holds a secret, to be masked wherever
+/// the configuration is shown: passwords, SASL secrets and JAAS texts,
+/// OAuth client secrets and configs, private keys inline.
+pub fn is_secret_option(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "jaas", "token", "oauthbearer.config"]
+        .iter()
+        .any(|word| name.contains(word))
+        || name == "ssl.key.pem"
+        || name == "ssl_key"
+}
+
 /// The options of one `[kafka.*options]` table, each checked by librdkafka.
 fn options_of(
     section: &str,
@@ -181,7 +197,17 @@ fn options_of(
         let mut probe = ClientConfig::new();
         probe.set(k, &value);
         if let Err(e) = probe.create_native_config() {
-            return Err(err(key, e.to_string()));
+            // librdkafka's message repeats the value: never a secret's.
+            let reason = match e {
+                KafkaError::ClientConfig(_, description, _, _) => description,
+                other => other.to_string(),
+            };
+            let reason = if is_secret_option(k) && !value.is_empty() {
+                reason.replace(&value, MASK)
+            } else {
+                reason
+            };
+            return Err(err(key, reason));
         }
         out.push((k.clone(), value));
     }
@@ -489,8 +515,47 @@ impl KafkaSettings {
 
 #[cfg(test)]
 mod tests {
+    use super::is_secret_option;
+
+    #[test]
+    fn secret_options_are_recognised() {
+        for name in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "sasl.jaas.config",
+            "ssl.key.pem",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret_option(name), "{name}");
+        }
+        for name in [
+            "sasl.username",
+            "ssl.ca.location",
+            "security.protocol",
+            "ssl.certificate.pem",
+        ] {
+            assert!(!is_secret_option(name), "{name}");
+        }
+    }
+
     use crate::config::Settings;
     use std::path::Path;
+
+    #[test]
+    fn a_refused_secret_option_does_not_show_its_value() {
+        // This build has no OAuth/OIDC: librdkafka refuses the property and
+        // its message repeats the value.
+        let e = load(
+            "[kafka]\nbrokers = \"b\"\ninput_topics = [\"t\"]\n[kafka.options]\n\"sasl.oauthbearer.client.secret\" = \"oauth-secret-value\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("sasl.oauthbearer.client.secret"), "{e}");
+        assert!(!e.contains("oauth-secret-value"), "{e}");
+    }
 
     const MODEL: &str = "[scoring.activities]\npage_view = { weight = 1.0 }\n";
 
