@@ -83,6 +83,9 @@ pub struct Metrics {
     /// `forwarded` (the owner answered), `failed` (it could not be
     /// reached), `unavailable` (no owner known: 503 Retry-After).
     pub api_routed: IntCounterVec,
+    /// Records of the members topic ignored, by reason: not signed by the
+    /// group's secret, malformed, or replayed (see `kafka::members`).
+    pub member_claims_rejected: IntCounterVec,
     /// Resolved children, in `InvalidReason::ALL` / `IgnoreReason::ALL` order.
     pub rejected_by_reason: Vec<IntCounter>,
     pub ignored_by_reason: Vec<IntCounter>,
@@ -305,6 +308,14 @@ impl Metrics {
         for outcome in ["forwarded", "failed", "unavailable"] {
             api_routed.with_label_values(&[outcome]);
         }
+        let member_claims_rejected = counter(
+            r,
+            "ces_member_claims_rejected_total",
+            "Records of the members topic ignored because the group did not sign them (or they replay an older one), by reason.",
+            &["reason"],
+        );
+        // Its reasons are registered by the service, which knows them
+        // (`kafka::members::Rejection`): this module sits below kafka.
         for t in &model.tiers {
             tier_customers.with_label_values(&[&t.name]).set(0);
         }
@@ -389,6 +400,7 @@ impl Metrics {
             erasures,
             customers_forgotten,
             api_routed,
+            member_claims_rejected,
             transactions_committed,
             transactions_aborted,
             transaction_seconds,

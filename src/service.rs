@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use crate::config::Settings;
 use crate::http::{ApiState, Routing};
+use crate::kafka::claim_signature::ClaimSignature;
 use crate::kafka::error::PipelineError;
-use crate::kafka::members::Members;
+use crate::kafka::members::{Members, MembersConfig, Rejection};
 use crate::kafka::pipeline;
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
@@ -175,12 +176,31 @@ pub async fn run_on(
         .unwrap_or_else(|| default_advertised_url(local));
     let leaving = Arc::new(AtomicBool::new(false));
     let members_topic = format!("{}-members", kafka.group_id);
+    if token.is_none() {
+        tracing::warn!(
+            topic = %members_topic,
+            "no [http] api_token_env: the customer API answers anyone who reaches it, and member claims are not signed, so any client allowed to write to the members topic can have requests forwarded to an address of its choosing (see the README's Security section)"
+        );
+    }
+    for reason in Rejection::ALL {
+        // At zero from the start, so that an alert can use `increase`.
+        shared
+            .metrics
+            .member_claims_rejected
+            .with_label_values(&[reason.label()]);
+    }
     let (members, members_thread) = Members::start(
-        kafka.common_config(),
-        members_topic.clone(),
-        kafka.input_topics.first().cloned().unwrap_or_default(),
-        url.clone(),
+        MembersConfig {
+            client: kafka.common_config(),
+            topic: members_topic.clone(),
+            input_topic: kafka.input_topics.first().cloned().unwrap_or_default(),
+            url: url.clone(),
+            signature: token
+                .as_deref()
+                .map(|t: &str| ClaimSignature::new(t.as_bytes())),
+        },
         shared.partitions.clone(),
+        shared.metrics.member_claims_rejected.clone(),
         Arc::clone(&leaving),
     )
     .map_err(ServiceError::Members)?;

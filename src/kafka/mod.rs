@@ -1,5 +1,6 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
+pub mod claim_signature;
 pub mod delivery;
 pub mod error;
 pub mod members;
