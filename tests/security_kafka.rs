@@ -1,0 +1,323 @@
+//! Security on a real cluster (Apache Kafka): member claims that prove
+//! their origin, forwarding over https verified against a CA, and
+//! `ces-stream run` over SASL_SSL with SCRAM. The first two share this
+//! binary's broker (topics and group of their own); SASL_SSL has a broker
+//! of its own, with a TLS listener and users made for it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::kafka::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+
+const MODEL: &str = r#"
+[scoring.activities]
+buy = { weight = 20.0, channel = "shop" }
+"#;
+
+const TOKEN: &str = "group-token-s3cret";
+
+/// Topics and a group of a test's own on the shared broker.
+struct Group {
+    bootstrap: String,
+    input: String,
+    output: String,
+    group: String,
+    dir: tempfile::TempDir,
+}
+
+impl Group {
+    fn new(partitions: i32) -> Group {
+        let broker = shared();
+        let g = Group {
+            bootstrap: broker.bootstrap.clone(),
+            input: unique("clicks"),
+            output: unique("signals"),
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        create_topic(&g.bootstrap, &g.input, partitions);
+        create_topic(&g.bootstrap, &g.output, partitions);
+        create_topic(&g.bootstrap, &format!("{}-dead", g.output), 1);
+        g
+    }
+
+    /// A config with the API token, plus `http` lines.
+    fn config(&self, http: &str) -> std::path::PathBuf {
+        let kafka = format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "{}"
+input_topics = ["{}"]
+output_topic = "{}"
+dead_letter_topic = "{}-dead"
+shutdown_timeout = "20s"
+
+[kafka.consumer_options]
+"fetch.wait.max.ms" = 10
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+
+[http]
+listen = "127.0.0.1:0"
+api_token_env = "CES_TEST_TOKEN"
+{http}
+
+[snapshot]
+dir = "{}"
+"#,
+            self.bootstrap,
+            self.group,
+            self.input,
+            self.output,
+            self.output,
+            self.dir.path().join("state").display()
+        );
+        write_config(self.dir.path(), MODEL, &kafka)
+    }
+
+    fn start(&self, config: &std::path::Path, name: &str, env: &[(&str, &str)]) -> Instance {
+        let mut vars = vec![("CES_TEST_TOKEN", TOKEN)];
+        vars.extend_from_slice(env);
+        Instance::start_with(
+            config,
+            &self.dir.path().join(format!("{name}.log")),
+            "info,librdkafka=warn",
+            &vars,
+        )
+    }
+
+    /// One `buy` per customer; waits until each has a signal out.
+    fn score(&self, customers: &[String]) {
+        let now = ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis());
+        let events: Vec<(String, String)> = customers
+            .iter()
+            .map(|c| {
+                let e = serde_json::json!({"customer_id": c, "type": "buy", "timestamp": now.to_string()});
+                (c.clone(), e.to_string())
+            })
+            .collect();
+        produce(&self.bootstrap, &self.input, &events);
+        consume_until(
+            &self.bootstrap,
+            &self.output,
+            2,
+            Duration::from_secs(60),
+            |m| {
+                m.iter()
+                    .map(key)
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+                    >= customers.len()
+            },
+        );
+    }
+}
+
+/// A server that counts whoever connects to it and what they send: the
+/// address a forger wants requests sent to.
+struct Trap {
+    addr: String,
+    connections: Arc<AtomicUsize>,
+    received: Arc<parking_lot::Mutex<String>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Trap {
+    fn start() -> Trap {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(parking_lot::Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, r, s) = (connections.clone(), received.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                        let mut buf = [0u8; 4096];
+                        if let Ok(n) = stream.read(&mut buf) {
+                            r.lock().push_str(&String::from_utf8_lossy(&buf[..n]));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Trap {
+            addr,
+            connections,
+            received,
+            stop,
+        }
+    }
+}
+
+impl Drop for Trap {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Asks `addr` for every customer; the statuses seen.
+fn ask_all(addr: &str, customers: &[String]) -> HashMap<u16, usize> {
+    let auth = [("Authorization", "Bearer group-token-s3cret")];
+    let mut statuses = HashMap::new();
+    for c in customers {
+        let (status, _, body) = http_get_with(addr, &format!("/v1/customers/{c}"), &auth);
+        if status == 200 {
+            assert!(body.contains(&format!("\"customer_id\":\"{c}\"")), "{body}");
+        }
+        *statuses.entry(status).or_default() += 1;
+    }
+    statuses
+}
+
+/// Waits until both instances answer 200 for every customer.
+fn wait_all_answer(addrs: &[&str], customers: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all: Vec<_> = addrs.iter().map(|a| ask_all(a, customers)).collect();
+        if all.iter().all(|s| s.get(&200) == Some(&customers.len())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every customer answers: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_forged_member_claim_never_receives_a_request_nor_the_token() {
+    let g = Group::new(2);
+    let config = g.config("");
+    let mut a = g.start(&config, "a", &[]);
+    a.wait_assigned(Duration::from_secs(30));
+    let mut b = g.start(&config, "b", &[]);
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a gives a partition up", Duration::from_secs(30), |a| {
+        a.revocations() >= 1.0
+    });
+    let customers: Vec<String> = (0..40).map(|c| format!("c-{c}")).collect();
+    g.score(&customers);
+    wait_all_answer(&[&a.http, &b.http], &customers);
+
+    // The forger can write to the members topic, and knows the protocol:
+    // a claim of every partition for its own address, unsigned or with a
+    // made-up signature, and tombstones (bare, or with a made-up
+    // signature) of the real instances' claims, again and again.
+    let trap = Trap::start();
+    let evil = format!("http://{}", trap.addr);
+    let members_topic = format!("{}-members", g.group);
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        client_config(&g.bootstrap).create().unwrap();
+    let forge = |round: u64| {
+        let claim = format!(
+            r#"{{"url":"{evil}","partitions":[0,1],"at":{}}}"#,
+            ces_stream::timestamp::now_millis()
+        );
+        let made_up = [round as u8; 32];
+        let at = ces_stream::timestamp::now_millis().to_string();
+        let signed = || {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "ces-signature",
+                    value: Some(&made_up[..]),
+                })
+                .insert(Header {
+                    key: "ces-withdrawn-at",
+                    value: Some(at.as_bytes()),
+                })
+        };
+        let mut record = BaseRecord::to(&members_topic).key(&evil).payload(&claim);
+        if round % 2 == 1 {
+            record = record.headers(signed());
+        }
+        send_waiting(&producer, record);
+        for real in [&a.http, &b.http] {
+            let key = format!("http://{real}");
+            let mut tombstone: BaseRecord<'_, str, [u8]> = BaseRecord::to(&members_topic).key(&key);
+            if round % 2 == 1 {
+                tombstone = tombstone.headers(signed());
+            }
+            send_waiting(&producer, tombstone);
+        }
+        flush_sent(&producer, Duration::from_secs(10));
+    };
+
+    // Under attack, every customer keeps answering 200 from either
+    // instance, until each has rejected a good many forged records and a
+    // few of the real claims' renewals (every 3 s) have come and gone.
+    let began = Instant::now();
+    let mut round = 0;
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    while began.elapsed() < Duration::from_secs(8)
+        || a.metric("ces_member_claims_rejected_total") < 30.0
+        || b.metric("ces_member_claims_rejected_total") < 30.0
+    {
+        forge(round);
+        round += 1;
+        for addr in [&a.http, &b.http] {
+            for (status, n) in ask_all(addr, &customers) {
+                *seen.entry(status).or_default() += n;
+            }
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "rejections not counted: {}\n{}",
+            a.metrics_text(),
+            a.log_text()
+        );
+    }
+    assert_eq!(
+        trap.connections.load(Ordering::SeqCst),
+        0,
+        "a request reached the forger's address: {}",
+        trap.received.lock()
+    );
+    assert!(!trap.received.lock().contains(TOKEN));
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "every answer a 200 all through the attack: {seen:?}"
+    );
+    for instance in [&a, &b] {
+        let metrics = instance.metrics_text();
+        for reason in ["unsigned", "bad_signature"] {
+            assert!(
+                metric_series(
+                    &metrics,
+                    "ces_member_claims_rejected_total",
+                    &format!("reason=\"{reason}\"")
+                ) > 0.0,
+                "{reason} not counted:\n{metrics}"
+            );
+        }
+        // Logged once per sender, not once per record.
+        let log = instance.log_text();
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("ignoring a member claim") && l.contains(&trap.addr))
+            .count();
+        assert_eq!(warnings, 1, "{log}");
+    }
+    eprintln!(
+        "{round} forging rounds; answers {seen:?}; rejected by a: {}, by b: {}",
+        a.metric("ces_member_claims_rejected_total"),
+        b.metric("ces_member_claims_rejected_total")
+    );
+    assert!(a.terminate(Duration::from_secs(30)).unwrap().success());
+    assert!(b.terminate(Duration::from_secs(30)).unwrap().success());
+}
