@@ -274,6 +274,12 @@ fn a_forged_member_claim_never_receives_a_request_nor_the_token() {
                 *seen.entry(status).or_default() += n;
             }
         }
+        assert_eq!(
+            trap.connections.load(Ordering::SeqCst),
+            0,
+            "a request reached the forger's address (answers {seen:?}): {}",
+            trap.received.lock()
+        );
         assert!(
             began.elapsed() < Duration::from_secs(60),
             "rejections not counted: {}\n{}",
