@@ -95,6 +95,12 @@ pub struct RawHttp {
     /// port the one listened on. Env: `CES_HTTP_ADVERTISED_URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertised_url: Option<String>,
+    /// PEM file of the certificate authorities that sign the other
+    /// instances' certificates, when their advertised URLs are `https://`:
+    /// forwarded requests trust these only. Unset: the system's trust
+    /// store. There is no way to skip the verification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_ca_file: Option<PathBuf>,
 }
 
 /// `[metrics]`.
@@ -114,6 +120,8 @@ pub struct HttpSettings {
     /// Checked: `http://` or `https://`, a host, no path, query or user.
     pub advertised_url: Option<String>,
     pub segments: Vec<String>,
+    /// `forward_ca_file` and its contents, read and checked once.
+    pub forward_ca: Option<(PathBuf, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -411,6 +419,22 @@ fn build_http(
             })
         })
         .transpose()?;
+    let forward_ca = http
+        .forward_ca_file
+        .as_ref()
+        .map(|path| {
+            let invalid = |reason: String| ModelError {
+                key: "http.forward_ca_file".into(),
+                reason: format!("{}: {reason}", path.display()),
+            };
+            let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certificates) if !certificates.is_empty() => Ok((path.clone(), pem)),
+                Ok(_) => Err(invalid("holds no PEM certificate".into())),
+                Err(e) => Err(invalid(format!("is not a PEM certificate bundle: {e}"))),
+            }
+        })
+        .transpose()?;
     let segments = metrics.map(|m| m.segments.clone()).unwrap_or_default();
     check(
         "metrics.segments",
@@ -429,6 +453,7 @@ fn build_http(
         api_token_env: http.api_token_env,
         advertised_url,
         segments,
+        forward_ca,
     })
 }
 
@@ -834,6 +859,11 @@ fn effective_raw(settings: &Settings) -> RawConfig {
         listen: Some(settings.http.listen.to_string()),
         api_token_env: settings.http.api_token_env.clone(),
         advertised_url: settings.http.advertised_url.clone(),
+        forward_ca_file: settings
+            .http
+            .forward_ca
+            .as_ref()
+            .map(|(path, _)| path.clone()),
     });
     if !settings.http.segments.is_empty() {
         raw.metrics = Some(RawMetrics {

@@ -78,17 +78,33 @@ pub struct Routing {
 }
 
 impl Routing {
-    pub fn new(members: Arc<Members>, partitioner: Partitioner) -> Routing {
-        let client = reqwest::Client::builder()
+    /// `forward_ca`: the PEM certificates an `https://` instance's
+    /// certificate must chain to; `None`: the system's trust store.
+    pub fn new(
+        members: Arc<Members>,
+        partitioner: Partitioner,
+        forward_ca: Option<&[u8]>,
+    ) -> Result<Routing, reqwest::Error> {
+        // One crypto provider for the process, which rustls needs chosen
+        // (librdkafka's TLS is OpenSSL's own); a second call finds it
+        // installed. ring, not aws-lc-rs: it builds in seconds without
+        // cmake; rustls deprecates it only for lacking post-quantum key
+        // exchange, which requests between a group's instances can go
+        // without.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
             .timeout(FORWARD_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default();
-        Routing {
+            .tls_backend_rustls();
+        if let Some(pem) = forward_ca {
+            builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem)?);
+        }
+        Ok(Routing {
             members,
             partitioner,
-            client,
-        }
+            client: builder.build()?,
+        })
     }
 
     /// The input partition of `id`, if the partition count is known.

@@ -42,6 +42,8 @@ pub enum ServiceError {
     Token { var: String },
     #[error("cannot start the members thread: {0}")]
     Members(std::io::Error),
+    #[error("cannot build the client that forwards requests to other instances (http.forward_ca_file): {0}")]
+    Forwarding(reqwest::Error),
 }
 
 /// What a snapshot store plugs into the pipeline: restore and release
@@ -214,7 +216,14 @@ pub async fn run_on(
         shared: shared.clone(),
         clock: settings.clock,
         token,
-        routing: Some(Routing::new(members, kafka.partitioner)),
+        routing: Some(
+            Routing::new(
+                members,
+                kafka.partitioner,
+                settings.http.forward_ca.as_ref().map(|(_, pem)| &pem[..]),
+            )
+            .map_err(ServiceError::Forwarding)?,
+        ),
     };
     tracing::info!(listen = %local, "HTTP server: /metrics /healthz /readyz /v1/customers/{{id}} /v1/tiers");
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();

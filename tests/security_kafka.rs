@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::tls::{TestCa, TlsFront};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -47,8 +49,8 @@ impl Group {
         g
     }
 
-    /// A config with the API token, plus `http` lines.
-    fn config(&self, http: &str) -> std::path::PathBuf {
+    /// A config with the API token, plus `http` lines, in `dir/<name>/`.
+    fn config(&self, name: &str, http: &str) -> std::path::PathBuf {
         let kafka = format!(
             r#"
 [kafka]
@@ -79,7 +81,9 @@ dir = "{}"
             self.output,
             self.dir.path().join("state").display()
         );
-        write_config(self.dir.path(), MODEL, &kafka)
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        write_config(&dir, MODEL, &kafka)
     }
 
     fn start(&self, config: &std::path::Path, name: &str, env: &[(&str, &str)]) -> Instance {
@@ -202,7 +206,7 @@ fn wait_all_answer(addrs: &[&str], customers: &[String]) {
 #[test]
 fn a_forged_member_claim_never_receives_a_request_nor_the_token() {
     let g = Group::new(2);
-    let config = g.config("");
+    let config = g.config("both", "");
     let mut a = g.start(&config, "a", &[]);
     a.wait_assigned(Duration::from_secs(30));
     let mut b = g.start(&config, "b", &[]);
@@ -323,6 +327,120 @@ fn a_forged_member_claim_never_receives_a_request_nor_the_token() {
         "{round} forging rounds; answers {seen:?}; rejected by a: {}, by b: {}",
         a.metric("ces_member_claims_rejected_total"),
         b.metric("ces_member_claims_rejected_total")
+    );
+    assert!(a.terminate(Duration::from_secs(30)).unwrap().success());
+    assert!(b.terminate(Duration::from_secs(30)).unwrap().success());
+}
+
+/// The owner named by an answer's `x-ces-instance` header.
+fn answered_by(head: &str) -> String {
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-ces-instance: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn forwarding_over_https_trusts_the_configured_ca_and_nothing_else() {
+    let g = Group::new(2);
+    // Both instances behind TLS fronts with certificates of the group's
+    // CA; a trusts that CA, b an unrelated one (a misconfiguration, or a
+    // man in the middle from b's point of view).
+    let group_ca = TestCa::new("ces-stream test group CA");
+    let other_ca = TestCa::new("some other CA");
+    let group_ca_file = group_ca.write(g.dir.path(), "group-ca.pem");
+    let other_ca_file = other_ca.write(g.dir.path(), "other-ca.pem");
+    let leaf = group_ca.leaf(&["localhost", "127.0.0.1"]);
+    let http_a = format!("127.0.0.1:{}", common::broker::free_port());
+    let http_b = format!("127.0.0.1:{}", common::broker::free_port());
+    let front_a = TlsFront::start(&leaf, http_a.clone());
+    let front_b = TlsFront::start(&leaf, http_b.clone());
+    let url_a = format!("https://localhost:{}", front_a.port);
+    let url_b = format!("https://localhost:{}", front_b.port);
+    let config_a = g.config(
+        "a",
+        &format!("forward_ca_file = \"{}\"", group_ca_file.display()),
+    );
+    let config_b = g.config(
+        "b",
+        &format!("forward_ca_file = \"{}\"", other_ca_file.display()),
+    );
+    let mut a = g.start(
+        &config_a,
+        "a",
+        &[
+            ("CES_HTTP_LISTEN", &http_a),
+            ("CES_HTTP_ADVERTISED_URL", &url_a),
+        ],
+    );
+    a.wait_assigned(Duration::from_secs(30));
+    let mut b = g.start(
+        &config_b,
+        "b",
+        &[
+            ("CES_HTTP_LISTEN", &http_b),
+            ("CES_HTTP_ADVERTISED_URL", &url_b),
+        ],
+    );
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a gives a partition up", Duration::from_secs(30), |a| {
+        a.revocations() >= 1.0
+    });
+    let customers: Vec<String> = (0..40).map(|c| format!("c-{c}")).collect();
+    g.score(&customers);
+
+    // a answers for everyone, b's customers through b's https front.
+    let auth = [("Authorization", "Bearer group-token-s3cret")];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let owners = loop {
+        let answers: Vec<(u16, String)> = customers
+            .iter()
+            .map(|c| {
+                let (status, head, _) =
+                    http_get_with(&a.http, &format!("/v1/customers/{c}"), &auth);
+                (status, answered_by(&head))
+            })
+            .collect();
+        if answers.iter().all(|(status, _)| *status == 200) {
+            break answers
+                .into_iter()
+                .map(|(_, owner)| owner)
+                .collect::<Vec<_>>();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a does not answer for everyone: {answers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let by_b = owners.iter().filter(|o| **o == url_b).count();
+    assert!(
+        by_b > 0 && owners.iter().all(|o| *o == url_a || *o == url_b),
+        "{owners:?}"
+    );
+    assert!(a.metric_with("ces_api_routed_requests_total", "outcome=\"forwarded\"") >= by_b as f64);
+
+    // b refuses a's certificate: b's own customers answer, a's are 503,
+    // counted as failed; never an answer over an unverified connection.
+    for (c, owner) in customers.iter().zip(&owners) {
+        let (status, head, body) = http_get_with(&b.http, &format!("/v1/customers/{c}"), &auth);
+        if *owner == url_b {
+            assert_eq!(status, 200, "{c}: {body}");
+        } else {
+            assert_eq!(status, 503, "{c}: {head} {body}");
+            assert!(body.contains("cannot be reached"), "{body}");
+        }
+    }
+    let failed = b.metric_with("ces_api_routed_requests_total", "outcome=\"failed\"");
+    assert_eq!(
+        failed as usize,
+        customers.len() - by_b,
+        "{}",
+        b.metrics_text()
+    );
+    assert_eq!(
+        b.metric_with("ces_api_routed_requests_total", "outcome=\"forwarded\""),
+        0.0
     );
     assert!(a.terminate(Duration::from_secs(30)).unwrap().success());
     assert!(b.terminate(Duration::from_secs(30)).unwrap().success());

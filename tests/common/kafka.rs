@@ -230,11 +230,18 @@ impl Instance {
                 Ok(())
             });
         }
-        let http = format!("127.0.0.1:{}", super::broker::free_port());
+        // A test that needs the address beforehand passes it.
+        let http = env
+            .iter()
+            .find(|(name, _)| *name == "CES_HTTP_LISTEN")
+            .map_or_else(
+                || format!("127.0.0.1:{}", super::broker::free_port()),
+                |(_, listen)| listen.to_string(),
+            );
         let child = command
+            .envs(env.iter().copied())
             .env("RUST_LOG", filter)
             .env("CES_HTTP_LISTEN", &http)
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()

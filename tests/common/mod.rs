@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod kafka;
 pub mod soak;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
