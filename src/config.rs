@@ -1407,4 +1407,29 @@ output_topic = "${TOPIC_PREFIX}.signals"
         );
         assert!(printed.contains("\"sasl.username\" = \"ces\""), "{printed}");
     }
+
+    #[test]
+    fn forward_ca_file_must_hold_pem_certificates() {
+        let dir = std::env::temp_dir().join(format!("ces-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let with = |path: &Path| {
+            format!(
+                "[scoring.activities]\nv = {{ weight = 1.0 }}\n[http]\nforward_ca_file = \"{}\"\n",
+                path.display()
+            )
+        };
+        let e = err(&with(&dir.join("missing.pem")));
+        assert!(
+            e.contains("http.forward_ca_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = err(&with(&not_pem));
+        assert!(
+            e.contains("http.forward_ca_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

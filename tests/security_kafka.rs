@@ -87,12 +87,22 @@ dir = "{}"
     }
 
     fn start(&self, config: &std::path::Path, name: &str, env: &[(&str, &str)]) -> Instance {
+        self.start_logging(config, name, env, "info,librdkafka=warn")
+    }
+
+    fn start_logging(
+        &self,
+        config: &std::path::Path,
+        name: &str,
+        env: &[(&str, &str)],
+        filter: &str,
+    ) -> Instance {
         let mut vars = vec![("CES_TEST_TOKEN", TOKEN)];
         vars.extend_from_slice(env);
         Instance::start_with(
             config,
             &self.dir.path().join(format!("{name}.log")),
-            "info,librdkafka=warn",
+            filter,
             &vars,
         )
     }
@@ -365,13 +375,16 @@ fn forwarding_over_https_trusts_the_configured_ca_and_nothing_else() {
         "b",
         &format!("forward_ca_file = \"{}\"", other_ca_file.display()),
     );
-    let mut a = g.start(
+    // Every log line at every level: the token, which travels with each
+    // forwarded request, must be in none.
+    let mut a = g.start_logging(
         &config_a,
         "a",
         &[
             ("CES_HTTP_LISTEN", &http_a),
             ("CES_HTTP_ADVERTISED_URL", &url_a),
         ],
+        "trace",
     );
     a.wait_assigned(Duration::from_secs(30));
     let mut b = g.start(
@@ -444,4 +457,16 @@ fn forwarding_over_https_trusts_the_configured_ca_and_nothing_else() {
     );
     assert!(a.terminate(Duration::from_secs(30)).unwrap().success());
     assert!(b.terminate(Duration::from_secs(30)).unwrap().success());
+    let log = a.log_text();
+    // Traced, the forwarding client (reqwest, hyper, rustls) included.
+    let traced = |target: &str| {
+        log.lines()
+            .filter(|l| l.contains(" TRACE ") && l.contains(target))
+            .count()
+    };
+    assert!(
+        traced("reqwest") > 0 && traced("hyper") > 0 && traced("rustls") > 0,
+        "not traced: {log}"
+    );
+    assert!(!log.contains(TOKEN), "the token is in a's trace log");
 }
