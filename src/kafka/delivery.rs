@@ -20,6 +20,7 @@ use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
+use crate::kafka::first_contact::Refusal;
 use crate::metrics::Metrics;
 use crate::partition::Progress;
 use crate::timestamp::{now_millis, Millis};
@@ -430,6 +431,8 @@ pub struct Delivery {
     doomed: Mutex<Option<String>>,
     /// Why the producer cannot go on (librdkafka's fatal error).
     unusable: Mutex<Option<String>>,
+    /// The first authentication or TLS failure (see `first_contact`).
+    pub refusal: Refusal,
 }
 
 impl Delivery {
@@ -447,6 +450,7 @@ impl Delivery {
             transactional: false,
             doomed: Mutex::new(None),
             unusable: Mutex::new(None),
+            refusal: Refusal::default(),
         }
     }
 
@@ -530,6 +534,7 @@ impl ClientContext for Delivery {
                 self.set_fatal(format!("{error}: {reason}"));
             }
         } else {
+            self.refusal.note(&error, reason);
             tracing::warn!("producer: {error}: {reason}");
         }
     }

@@ -21,6 +21,12 @@ pub enum PipelineError {
         role: &'static str,
         brokers: String,
     },
+    #[error("the brokers at {brokers} refused the {client}: {reason}")]
+    Refused {
+        brokers: String,
+        client: &'static str,
+        reason: String,
+    },
     #[error("cannot reach the brokers at {brokers}: {source}")]
     Unreachable { brokers: String, source: KafkaError },
     #[error("input topics are not co-partitioned ({counts}): each customer's partition must have the same number in every input topic")]

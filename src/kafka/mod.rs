@@ -3,6 +3,7 @@
 pub mod claim_signature;
 pub mod delivery;
 pub mod error;
+pub mod first_contact;
 pub mod members;
 pub mod partitioner;
 pub mod pipeline;

@@ -18,12 +18,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ThreadedProducer};
 
 use crate::kafka::delivery::{resend, Delivery, OffsetTracker, SourceCodec};
 use crate::kafka::error::PipelineError;
+use crate::kafka::first_contact::{wait_for_brokers, RefusalContext};
 use crate::kafka::rebalance::GroupContext;
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
@@ -112,14 +113,28 @@ pub fn run_blocking(
     let producer = Arc::new(producer);
     // Metadata is read with a consumer that never lets a broker create a
     // topic it is asked about (a producer's metadata request may).
-    let metadata: BaseConsumer = kafka
+    let metadata: BaseConsumer<RefusalContext> = kafka
         .consumer_config()
         .set("allow.auto.create.topics", "false")
-        .create()
+        .create_with_context(RefusalContext::default())
         .map_err(|source| PipelineError::Client {
             client: "consumer",
             source,
         })?;
+    // A wrong password or an untrusted certificate stops the start here,
+    // with what to check, for either client (their options may differ).
+    wait_for_brokers(
+        metadata.client(),
+        &metadata.context().refusal,
+        &kafka.brokers,
+        "consumer",
+    )?;
+    wait_for_brokers(
+        producer.client(),
+        &producer.context().refusal,
+        &kafka.brokers,
+        "producer",
+    )?;
     check_topics(kafka, &metadata)?;
     check_co_partitioned(kafka, &metadata)?;
     drop(metadata);
@@ -398,9 +413,9 @@ fn refresh_gauges(shared: &Shared, producer: &ThreadedProducer<Delivery>) {
 }
 
 /// The partitions of `topic`; `None` when the brokers do not know it.
-fn partition_count(
+fn partition_count<C: ConsumerContext>(
     kafka: &KafkaSettings,
-    metadata: &BaseConsumer,
+    metadata: &BaseConsumer<C>,
     topic: &str,
 ) -> Result<Option<usize>, PipelineError> {
     let metadata = metadata
@@ -418,9 +433,9 @@ fn partition_count(
 
 /// Refuses input topics with different partition counts: a customer's
 /// state lives in one partition number across all of them.
-fn check_co_partitioned(
+fn check_co_partitioned<C: ConsumerContext>(
     kafka: &KafkaSettings,
-    producer: &BaseConsumer,
+    producer: &BaseConsumer<C>,
 ) -> Result<(), PipelineError> {
     let literal: Vec<&String> = kafka
         .input_topics
@@ -448,13 +463,16 @@ fn check_co_partitioned(
 
 /// Fails fast when the output topics are missing, rather than retrying
 /// deliveries forever.
-fn check_topics(kafka: &KafkaSettings, producer: &BaseConsumer) -> Result<(), PipelineError> {
+fn check_topics<C: ConsumerContext>(
+    kafka: &KafkaSettings,
+    producer: &BaseConsumer<C>,
+) -> Result<(), PipelineError> {
     check_topics_until(kafka, producer, Instant::now() + Duration::from_secs(10))
 }
 
-fn check_topics_until(
+fn check_topics_until<C: ConsumerContext>(
     kafka: &KafkaSettings,
-    producer: &BaseConsumer,
+    producer: &BaseConsumer<C>,
     deadline: Instant,
 ) -> Result<(), PipelineError> {
     for (topic, role) in [
