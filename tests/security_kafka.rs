@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::broker::Broker;
 use common::tls::{TestCa, TlsFront};
 
 use std::collections::HashMap;
@@ -469,4 +470,172 @@ fn forwarding_over_https_trusts_the_configured_ca_and_nothing_else() {
         "not traced: {log}"
     );
     assert!(!log.contains(TOKEN), "the token is in a's trace log");
+}
+
+/// Waits for the process to exit by itself; its status and log.
+fn exits_within(instance: &mut Instance, timeout: Duration) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = instance.child.try_wait().unwrap() {
+            return (status, instance.log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {timeout:?} (a hang, not a clear error):\n{}",
+            instance.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_over_sasl_ssl_with_scram_and_clear_errors_for_a_wrong_password_or_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("ces-stream test cluster CA");
+    let other_ca = TestCa::new("not the cluster's CA");
+    let ca_file = ca.write(dir.path(), "cluster-ca.pem");
+    let other_ca_file = other_ca.write(dir.path(), "other-ca.pem");
+    // The broker advertises 127.0.0.1: its certificate must name it.
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
+    let keystore = dir.path().join("broker-keystore.pem");
+    std::fs::write(&keystore, format!("{}{}", leaf.key_pem, leaf.cert_pem)).unwrap();
+    let password = "scram-Pa55word;with=odd]chars";
+    let broker = Broker::apache_kafka_sasl_ssl(common::broker::SaslSsl {
+        keystore,
+        users: vec![("ces".into(), password.into())],
+    });
+    let secure = broker.sasl_ssl_bootstrap.clone().unwrap();
+    // The test's own clients use the PLAINTEXT listener.
+    let (input, output, group) = (unique("clicks"), unique("signals"), unique("group"));
+    create_topic(&broker.bootstrap, &input, 2);
+    create_topic(&broker.bootstrap, &output, 2);
+    create_topic(&broker.bootstrap, &format!("{output}-dead"), 1);
+    // The password as Kubernetes mounts a Secret: a file.
+    let password_file = dir.path().join("kafka-password");
+    let config = |name: &str, password: &str, ca: &std::path::Path| {
+        std::fs::write(password_file.with_extension(name), format!("{password}\n")).unwrap();
+        let kafka = format!(
+            r#"
+[kafka]
+brokers = "{secure}"
+group_id = "{group}"
+input_topics = ["{input}"]
+output_topic = "{output}"
+dead_letter_topic = "{output}-dead"
+shutdown_timeout = "20s"
+
+[kafka.options]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "${{CES_TEST_KAFKA_USER}}"
+"sasl.password" = "${{file:{}}}"
+"ssl.ca.location" = "{}"
+
+[http]
+listen = "127.0.0.1:0"
+
+[snapshot]
+dir = "{}"
+"#,
+            password_file.with_extension(name).display(),
+            ca.display(),
+            dir.path().join("state").display()
+        );
+        let dir = dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        write_config(&dir, MODEL, &kafka)
+    };
+    let env = [("CES_TEST_KAFKA_USER", "ces")];
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+
+    // Right password, trusted CA: consumes, scores, produces, commits.
+    let mut instance = Instance::start_with(
+        &config("good", password, &ca_file),
+        &log("good"),
+        "trace",
+        &env,
+    );
+    instance.wait_assigned(Duration::from_secs(60));
+    let now = ces_stream::timestamp::format_rfc3339(ces_stream::timestamp::now_millis());
+    let customers: Vec<String> = (0..20).map(|c| format!("c-{c}")).collect();
+    let events: Vec<(String, String)> = customers
+        .iter()
+        .map(|c| {
+            let e =
+                serde_json::json!({"customer_id": c, "type": "buy", "timestamp": now.to_string()});
+            (c.clone(), e.to_string())
+        })
+        .collect();
+    produce(&broker.bootstrap, &input, &events);
+    let outputs = consume_until(
+        &broker.bootstrap,
+        &output,
+        2,
+        Duration::from_secs(60),
+        |m| {
+            m.iter()
+                .map(key)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == customers.len()
+        },
+    );
+    assert!(
+        outputs.iter().all(|m| json(m)["kind"] == "score_changed"),
+        "{outputs:?}"
+    );
+    let status = instance.terminate(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{}", instance.log_text());
+    let committed: i64 = (0..2)
+        .map(|p| committed(&broker.bootstrap, &group, &input, p).unwrap_or(0))
+        .sum();
+    assert_eq!(
+        committed,
+        customers.len() as i64,
+        "every event's offset committed over SASL_SSL"
+    );
+    let traced = instance.log_text();
+    assert!(traced.contains(" TRACE "), "traced");
+    assert!(!traced.contains(password), "the password is in the log");
+
+    // A wrong password: the start stops at once, saying what to check.
+    let began = Instant::now();
+    let mut wrong = Instance::start_with(
+        &config("wrong", "not-the-password", &ca_file),
+        &log("wrong"),
+        "info",
+        &env,
+    );
+    let (status, text) = exits_within(&mut wrong, Duration::from_secs(25));
+    assert!(!status.success());
+    assert!(
+        text.contains("refused") && text.contains("sasl.password"),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+    eprintln!(
+        "wrong password: exit after {:?}: {}",
+        began.elapsed(),
+        text.lines().last().unwrap_or_default()
+    );
+
+    // A certificate the configured CA did not sign: likewise.
+    let began = Instant::now();
+    let mut untrusted = Instance::start_with(
+        &config("untrusted", password, &other_ca_file),
+        &log("untrusted"),
+        "info",
+        &env,
+    );
+    let (status, text) = exits_within(&mut untrusted, Duration::from_secs(25));
+    assert!(!status.success());
+    assert!(
+        text.contains("ssl.ca.location") && text.contains("certificate"),
+        "{text}"
+    );
+    eprintln!(
+        "untrusted certificate: exit after {:?}: {}",
+        began.elapsed(),
+        text.lines().last().unwrap_or_default()
+    );
 }

@@ -80,10 +80,13 @@ impl ClientContext for RefusalContext {
 impl ConsumerContext for RefusalContext {}
 
 /// Waits until `client` gets an answer from the brokers; fails at once
-/// when `refusal` notes one, or after [`FIRST_CONTACT`].
+/// when `refusal` notes one, or after [`FIRST_CONTACT`]. `serve_events`
+/// runs between steps: a consumer's errors reach it only through its poll
+/// (a producer's, with librdkafka's whole text, through its context).
 pub fn wait_for_brokers<C: ClientContext>(
     client: &Client<C>,
     refusal: &Refusal,
+    serve_events: impl Fn(),
     brokers: &str,
     which: &'static str,
 ) -> Result<(), PipelineError> {
@@ -93,6 +96,7 @@ pub fn wait_for_brokers<C: ClientContext>(
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
+        serve_events();
         if let Some(reason) = refusal.get() {
             return Err(PipelineError::Refused {
                 brokers: brokers.to_string(),

@@ -123,17 +123,27 @@ pub fn run_blocking(
         })?;
     // A wrong password or an untrusted certificate stops the start here,
     // with what to check, for either client (their options may differ).
-    wait_for_brokers(
-        metadata.client(),
-        &metadata.context().refusal,
-        &kafka.brokers,
-        "consumer",
-    )?;
+    // The producer first: its context hears librdkafka's whole message.
     wait_for_brokers(
         producer.client(),
         &producer.context().refusal,
+        || {},
         &kafka.brokers,
         "producer",
+    )?;
+    let refusal = &metadata.context().refusal;
+    wait_for_brokers(
+        metadata.client(),
+        refusal,
+        || {
+            while let Some(event) = metadata.poll(Duration::ZERO) {
+                if let Err(e) = event {
+                    refusal.note(&e, &e.to_string());
+                }
+            }
+        },
+        &kafka.brokers,
+        "consumer",
     )?;
     check_topics(kafka, &metadata)?;
     check_co_partitioned(kafka, &metadata)?;

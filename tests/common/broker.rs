@@ -88,6 +88,22 @@ pub struct Broker {
     port: u16,
     /// Extra `server.properties` lines of this broker.
     overrides: Vec<(String, String)>,
+    /// A client listener over SASL_SSL, if asked for.
+    sasl_ssl: Option<SaslSsl>,
+    /// `127.0.0.1:<port>` of the SASL_SSL listener.
+    pub sasl_ssl_bootstrap: Option<String>,
+}
+
+/// A SASL_SSL listener (SCRAM-SHA-512) beside the PLAINTEXT one, which the
+/// harness, the tests' own clients and the brokers' replication keep using.
+#[derive(Clone)]
+pub struct SaslSsl {
+    /// The broker's private key (PKCS#8, unencrypted) and certificate
+    /// chain in one PEM file, as Kafka's PEM key store takes them.
+    pub keystore: PathBuf,
+    /// SCRAM-SHA-512 users made at format time: (name, password); a
+    /// password cannot hold a comma (the format tool splits on them).
+    pub users: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -102,6 +118,15 @@ impl Broker {
     /// Apache Kafka with extra `server.properties` settings (they win over
     /// the harness's own).
     pub fn apache_kafka(overrides: &[(&str, &str)]) -> Broker {
+        Broker::apache_kafka_with(overrides, None)
+    }
+
+    /// Apache Kafka with a SASL_SSL listener too.
+    pub fn apache_kafka_sasl_ssl(sasl_ssl: SaslSsl) -> Broker {
+        Broker::apache_kafka_with(&[], Some(sasl_ssl))
+    }
+
+    fn apache_kafka_with(overrides: &[(&str, &str)], sasl_ssl: Option<SaslSsl>) -> Broker {
         remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!("{DIR_PREFIX}{}-{}", std::process::id(), {
             use std::sync::atomic::{AtomicU32, Ordering};
@@ -120,12 +145,17 @@ impl Broker {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            sasl_ssl,
+            sasl_ssl_bootstrap: None,
         };
         // A port taken between free_port() and the broker's bind makes the
         // broker exit at once: try other ports.
         for attempt in 0.. {
             broker.port = free_port();
             broker.bootstrap = format!("127.0.0.1:{}", broker.port);
+            if broker.sasl_ssl.is_some() {
+                broker.sasl_ssl_bootstrap = Some(format!("127.0.0.1:{}", free_port()));
+            }
             broker.write_properties(free_port());
             broker.format();
             broker.spawn();
@@ -169,6 +199,8 @@ impl Broker {
                 dir: dir.clone(),
                 port,
                 overrides: Vec::new(),
+                sasl_ssl: None,
+                sasl_ssl_bootstrap: None,
             };
             if broker.wait_ready(Duration::from_secs(20)).is_ok() {
                 return broker;
@@ -240,6 +272,35 @@ impl Broker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let (Some(sasl), Some(address)) = (&self.sasl_ssl, &self.sasl_ssl_bootstrap) {
+            for (key, value) in settings.iter_mut() {
+                match key.as_str() {
+                    "listeners" | "advertised.listeners" => {
+                        value.push_str(&format!(",SASL_SSL://{address}"))
+                    }
+                    "listener.security.protocol.map" => value.push_str(",SASL_SSL:SASL_SSL"),
+                    _ => {}
+                }
+            }
+            for (key, value) in [
+                (
+                    "listener.name.sasl_ssl.sasl.enabled.mechanisms",
+                    "SCRAM-SHA-512".to_string(),
+                ),
+                ("listener.name.sasl_ssl.ssl.keystore.type", "PEM".into()),
+                (
+                    "listener.name.sasl_ssl.ssl.keystore.location",
+                    sasl.keystore.display().to_string(),
+                ),
+                // Without it the broker exits at start: no JAAS entry.
+                (
+                    "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config",
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;".into(),
+                ),
+            ] {
+                settings.push((key.to_string(), value));
+            }
+        }
         for (k, v) in &self.overrides {
             settings.retain(|(key, _)| key != k);
             settings.push((k.clone(), v.clone()));
@@ -298,10 +359,16 @@ impl Broker {
     /// Formats the KRaft log directory once, as `kafka-storage.sh format
     /// --standalone` does.
     fn format(&self) {
-        let status = self
-            .java("kafka.tools.StorageTool", "format.out")
+        let mut command = self.java("kafka.tools.StorageTool", "format.out");
+        command
             .args(["format", "-t", CLUSTER_ID, "-c", "server.properties"])
-            .args(["--standalone", "--ignore-formatted"])
+            .args(["--standalone", "--ignore-formatted"]);
+        for (name, password) in self.sasl_ssl.iter().flat_map(|s| &s.users) {
+            command
+                .arg("--add-scram")
+                .arg(format!("SCRAM-SHA-512=[name={name},password={password}]"));
+        }
+        let status = command
             .status()
             .expect("java (Java 17 is needed for the Apache Kafka broker)");
         assert!(
