@@ -84,10 +84,15 @@ pub struct RawHttp {
     /// Default `0.0.0.0:9464`. Env: `CES_HTTP_LISTEN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
-    /// The environment variable holding the bearer token `/v1/*` requires;
-    /// unset: `/v1/*` is open.
+    /// The environment variable holding the bearer token `/v1/*` requires
+    /// (and member claims are signed with); unset, and no
+    /// `api_token_file`: `/v1/*` is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_env: Option<String>,
+    /// Or the file holding it (a mounted secret; one trailing newline is
+    /// dropped), read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
     /// The address the other instances of the group reach this one's API
     /// at, to forward requests for the customers it owns. Default:
     /// `http://<host>:<port>`, the host being the listen address when it is
@@ -117,6 +122,8 @@ pub struct RawMetrics {
 pub struct HttpSettings {
     pub listen: std::net::SocketAddr,
     pub api_token_env: Option<String>,
+    /// At most one of `api_token_env` and this.
+    pub api_token_file: Option<PathBuf>,
     /// Checked: `http://` or `https://`, a host, no path, query or user.
     pub advertised_url: Option<String>,
     pub segments: Vec<String>,
@@ -409,6 +416,11 @@ fn build_http(
     if let Some(var) = &http.api_token_env {
         check("http.api_token_env", !var.is_empty(), "cannot be empty")?;
     }
+    check(
+        "http.api_token_file",
+        http.api_token_env.is_none() || http.api_token_file.is_none(),
+        "set api_token_env or api_token_file, not both",
+    )?;
     let advertised_url = http
         .advertised_url
         .as_deref()
@@ -451,6 +463,7 @@ fn build_http(
     Ok(HttpSettings {
         listen,
         api_token_env: http.api_token_env,
+        api_token_file: http.api_token_file,
         advertised_url,
         segments,
         forward_ca,
@@ -858,6 +871,7 @@ fn effective_raw(settings: &Settings) -> RawConfig {
     raw.http = Some(RawHttp {
         listen: Some(settings.http.listen.to_string()),
         api_token_env: settings.http.api_token_env.clone(),
+        api_token_file: settings.http.api_token_file.clone(),
         advertised_url: settings.http.advertised_url.clone(),
         forward_ca_file: settings
             .http
@@ -1431,5 +1445,19 @@ output_topic = "${TOPIC_PREFIX}.signals"
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_token_comes_from_a_variable_or_a_file_not_both() {
+        let e = err("[scoring.activities]\nv = { weight = 1.0 }\n[http]\napi_token_env = \"T\"\napi_token_file = \"/run/secrets/token\"\n");
+        assert!(
+            e.contains("http.api_token_file") && e.contains("not both"),
+            "{e}"
+        );
+        let settings = load("[scoring.activities]\nv = { weight = 1.0 }\n[http]\napi_token_file = \"/run/secrets/token\"\n").unwrap();
+        assert_eq!(
+            settings.http.api_token_file.as_deref(),
+            Some(Path::new("/run/secrets/token"))
+        );
     }
 }

@@ -122,15 +122,9 @@ fn resolve(reference: &str, sources: &Sources<'_>) -> Result<String, String> {
         if path.is_empty() {
             return Err("${file:} names no file".into());
         }
-        let mut text = (sources.read_file)(Path::new(path))
+        let text = (sources.read_file)(Path::new(path))
             .map_err(|e| format!("${{file:{path}}}: cannot read {path}: {e}"))?;
-        if text.ends_with('\n') {
-            text.pop();
-            if text.ends_with('\r') {
-                text.pop();
-            }
-        }
-        return Ok(text);
+        return Ok(without_final_newline(text));
     }
     let valid_name = reference
         .chars()
@@ -147,6 +141,18 @@ fn resolve(reference: &str, sources: &Sources<'_>) -> Result<String, String> {
     (sources.env)(reference).ok_or_else(|| {
         format!("the environment variable {reference} is not set (named as ${{{reference}}})")
     })
+}
+
+/// A secret file's contents less one final newline (`\n` or `\r\n`), which
+/// editors and `kubectl create secret --from-file` leave.
+pub fn without_final_newline(mut text: String) -> String {
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    text
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::Settings;
+use crate::config_secrets::without_final_newline;
 use crate::http::{ApiState, Routing};
 use crate::kafka::claim_signature::ClaimSignature;
 use crate::kafka::error::PipelineError;
@@ -40,6 +41,11 @@ pub enum ServiceError {
     Changelog(#[from] ChangelogError),
     #[error("http.api_token_env names {var}, which is not set or empty")]
     Token { var: String },
+    #[error("http.api_token_file: cannot read {path}: {reason}")]
+    TokenFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("cannot start the members thread: {0}")]
     Members(std::io::Error),
     #[error("cannot build the client that forwards requests to other instances (http.forward_ca_file): {0}")]
@@ -151,13 +157,7 @@ pub async fn run_on(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let token = match &settings.http.api_token_env {
-        Some(var) => match std::env::var(var) {
-            Ok(t) if !t.is_empty() => Some(Arc::from(t)),
-            _ => return Err(ServiceError::Token { var: var.clone() }),
-        },
-        None => None,
-    };
+    let token = api_token(&settings.http)?;
     let mut shared = Shared::with_segments(
         Arc::new(settings.model.clone()),
         settings.http.segments.clone(),
@@ -181,7 +181,7 @@ pub async fn run_on(
     if token.is_none() {
         tracing::warn!(
             topic = %members_topic,
-            "no [http] api_token_env: the customer API answers anyone who reaches it, and member claims are not signed, so any client allowed to write to the members topic can have requests forwarded to an address of its choosing (see the README's Security section)"
+            "no [http] api_token_env or api_token_file: the customer API answers anyone who reaches it, and member claims are not signed, so any client allowed to write to the members topic can have requests forwarded to an address of its choosing (see the README's Security section)"
         );
     }
     for reason in Rejection::ALL {
@@ -252,6 +252,30 @@ pub async fn run_on(
     .await;
     result?;
     Ok(())
+}
+
+/// The API token, from the variable or the file the settings name.
+fn api_token(http: &crate::config::HttpSettings) -> Result<Option<Arc<str>>, ServiceError> {
+    if let Some(var) = &http.api_token_env {
+        return match std::env::var(var) {
+            Ok(token) if !token.is_empty() => Ok(Some(Arc::from(token))),
+            _ => Err(ServiceError::Token { var: var.clone() }),
+        };
+    }
+    let Some(path) = &http.api_token_file else {
+        return Ok(None);
+    };
+    let failed = |reason: String| ServiceError::TokenFile {
+        path: path.clone(),
+        reason,
+    };
+    let token = std::fs::read_to_string(path)
+        .map(without_final_newline)
+        .map_err(|e| failed(e.to_string()))?;
+    if token.is_empty() {
+        return Err(failed("it is empty".into()));
+    }
+    Ok(Some(Arc::from(token)))
 }
 
 /// `http://<host>:<port>`: the listen address if it is a specific one, else

@@ -50,8 +50,24 @@ impl Group {
         g
     }
 
-    /// A config with the API token, plus `http` lines, in `dir/<name>/`.
+    /// A config with the API token from `CES_TEST_TOKEN`, plus `http`
+    /// lines, in `dir/<name>/`.
     fn config(&self, name: &str, http: &str) -> std::path::PathBuf {
+        self.config_with_token(name, "api_token_env = \"CES_TEST_TOKEN\"", http)
+    }
+
+    /// As [`Group::config`], with the token from a file (a mounted secret).
+    fn config_with_token_file(&self, name: &str) -> std::path::PathBuf {
+        let file = self.dir.path().join(format!("{name}-token"));
+        std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+        self.config_with_token(
+            name,
+            &format!("api_token_file = \"{}\"", file.display()),
+            "",
+        )
+    }
+
+    fn config_with_token(&self, name: &str, token: &str, http: &str) -> std::path::PathBuf {
         let kafka = format!(
             r#"
 [kafka]
@@ -69,7 +85,7 @@ shutdown_timeout = "20s"
 
 [http]
 listen = "127.0.0.1:0"
-api_token_env = "CES_TEST_TOKEN"
+{token}
 {http}
 
 [snapshot]
@@ -217,10 +233,11 @@ fn wait_all_answer(addrs: &[&str], customers: &[String]) {
 #[test]
 fn a_forged_member_claim_never_receives_a_request_nor_the_token() {
     let g = Group::new(2);
-    let config = g.config("both", "");
-    let mut a = g.start(&config, "a", &[]);
+    // The same token, from the environment for a and from a file for b:
+    // each verifies the other's claims.
+    let mut a = g.start(&g.config("a", ""), "a", &[]);
     a.wait_assigned(Duration::from_secs(30));
-    let mut b = g.start(&config, "b", &[]);
+    let mut b = g.start(&g.config_with_token_file("b"), "b", &[]);
     b.wait_assigned(Duration::from_secs(60));
     a.wait_until("a gives a partition up", Duration::from_secs(30), |a| {
         a.revocations() >= 1.0
