@@ -264,11 +264,22 @@ fn every_file_under_deploy_parses() {
         .unwrap(),
     )
     .unwrap();
-    Settings::from_toml(
-        cm["data"]["config.toml"].as_str().unwrap(),
-        Path::new("configmap"),
-    )
-    .unwrap();
+    // Its references resolve as in the pod: the user from the
+    // environment, the password from the mounted Secret.
+    let secrets = tempfile::tempdir().unwrap();
+    let password = secrets.path().join("password");
+    std::fs::write(&password, "kafka-password\n").unwrap();
+    let text = cm["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .replace("/etc/ces-stream/kafka/password", password.to_str().unwrap());
+    let settings = Settings::from_toml_with_env(&text, Path::new("configmap"), |var| {
+        (var == "KAFKA_USERNAME").then(|| "ces".to_string())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let options = &settings.kafka.as_ref().unwrap().options;
+    assert!(options.contains(&("sasl.username".into(), "ces".into())));
+    assert!(options.contains(&("sasl.password".into(), "kafka-password".into())));
     assert!(checked >= 10, "{checked}");
 }
 
