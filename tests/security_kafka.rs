@@ -614,6 +614,11 @@ dir = "{}"
     let traced = instance.log_text();
     assert!(traced.contains(" TRACE "), "traced");
     assert!(!traced.contains(password), "the password is in the log");
+    // The members thread (a client of its own) is in over SASL_SSL too.
+    assert!(
+        !traced.contains("cannot join the members topic"),
+        "{traced}"
+    );
 
     // A wrong password: the start stops at once, saying what to check.
     let began = Instant::now();
