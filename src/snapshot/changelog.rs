@@ -363,7 +363,32 @@ struct Writer {
     generation: u64,
     /// The ticket of the snapshot whose checkpoint is awaited, if any.
     awaited: Option<u64>,
+    /// Never reset, not even by a restore: a ticket is never issued twice.
     next_ticket: u64,
+}
+
+impl Writer {
+    /// The partition starts over from a restore (or a rebuild) in
+    /// `generation`: no checkpoint is awaited any more. The ticket count
+    /// goes on: a periodic snapshot taken before the restore (the
+    /// partition was lost with its checkpoint waiting for the broker) may
+    /// still finish waiting afterwards, and its checkpoint, with the old
+    /// offsets, must not pass for a new snapshot's. With the count reset,
+    /// the new snapshots' tickets came round to the old one's number: the
+    /// old checkpoint landed after newer records, and the next restore
+    /// counted their events twice (346 of 400 customers, in the broker
+    /// stop-and-kill test).
+    fn restart(&mut self, generation: u64) {
+        self.generation = generation;
+        self.awaited = None;
+    }
+
+    /// Registers a snapshot whose checkpoint comes later.
+    fn issue_ticket(&mut self) -> u64 {
+        self.next_ticket += 1;
+        self.awaited = Some(self.next_ticket);
+        self.next_ticket
+    }
 }
 
 /// A compacted changelog topic.
@@ -656,14 +681,8 @@ impl ChangelogStore {
 
     /// Registers a periodic snapshot of `p` whose checkpoint comes later.
     pub fn ticket(&self, p: i32) -> Ticket {
-        let w = self.writer(p);
-        let mut w = w.lock();
-        w.next_ticket += 1;
-        w.awaited = Some(w.next_ticket);
-        Ticket {
-            partition: p,
-            id: w.next_ticket,
-        }
+        let id = self.writer(p).lock().issue_ticket();
+        Ticket { partition: p, id }
     }
 
     /// Cancels the checkpoint of a periodic snapshot not written yet (a
@@ -985,10 +1004,7 @@ impl ChangelogStore {
                 return self.rebuild(p, stale);
             }
         };
-        *self.writer(p).lock() = Writer {
-            generation,
-            ..Writer::default()
-        };
+        self.writer(p).lock().restart(generation);
         if !recovered.ahead.is_empty() {
             tracing::info!(
                 partition = p,
@@ -1010,10 +1026,7 @@ impl ChangelogStore {
     /// A partition rebuilt from the log: a new generation.
     fn rebuild(&self, p: i32, delete: Vec<String>) -> Loaded {
         let generation = rand::random::<u64>();
-        *self.writer(p).lock() = Writer {
-            generation,
-            ..Writer::default()
-        };
+        self.writer(p).lock().restart(generation);
         Loaded {
             restored: None,
             rewrite: Vec::new(),
@@ -1056,6 +1069,23 @@ impl Loaded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ticket_from_before_a_restore_is_never_awaited_after_it() {
+        let mut w = Writer::default();
+        for _ in 0..5 {
+            w.issue_ticket();
+        }
+        let before = w.issue_ticket();
+        assert_eq!(w.awaited, Some(before));
+        w.restart(42);
+        assert_eq!((w.awaited, w.generation), (None, 42));
+        for _ in 0..100 {
+            let after = w.issue_ticket();
+            assert_ne!(after, before);
+            assert_ne!(w.awaited, Some(before));
+        }
+    }
 
     fn header(offset: i64) -> Header {
         Header {
