@@ -97,10 +97,19 @@ fn not_ready_until_consuming_and_health_meanwhile() {
         dir.path().display()
     );
     let (_runtime, addr, _stop) = start(&config);
-    std::thread::sleep(Duration::from_millis(300));
     let (status, body) = get(addr, "/healthz", None);
     assert_eq!(status, 200, "{body}");
-    let (status, body) = get(addr, "/readyz", None);
+    // Not ready from the first answer on; the reasons settle once the
+    // pipeline has given up on the unreachable broker.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        let (status, body) = get(addr, "/readyz", None);
+        assert_eq!(status, 503, "{body}");
+        if body.contains("not running") || Instant::now() > deadline {
+            break (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(status, 503, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["ready"], false);
