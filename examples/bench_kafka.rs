@@ -45,7 +45,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
 mod common;
-use common::{ces_bin, client, create_topics, rusage_cpu, Broker};
+use common::{ces_bin, client, create_topics, rusage_cpu, send_waiting, Broker};
 
 const PARTITIONS: i32 = 4;
 /// How long each latency phase produces.
@@ -91,19 +91,11 @@ fn preload(bootstrap: &str, topic: &str, file: &Path, events: u64, customers: u6
         out.write_all(b"\n").unwrap();
         let p = (crc32fast::hash(ev.key.as_bytes()) % PARTITIONS as u32) as i32;
         per_partition[p as usize] += 1;
-        let mut record = BaseRecord::to(topic)
+        let record = BaseRecord::to(topic)
             .partition(p)
             .key(ev.key.as_bytes())
             .payload(&ev.payload[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    record = back;
-                }
-            }
-        }
+        send_waiting(&producer, record);
     }
     out.flush().unwrap();
     producer.flush(Duration::from_secs(120)).unwrap();
@@ -201,18 +193,10 @@ fn bare_relay(bootstrap: &str, topic: &str, out: &str, total: u64) -> (f64, f64)
         n += 1;
         if n % 3 == 0 {
             let payload = relay_payload(m.timestamp().to_millis().unwrap_or(0));
-            let mut record = BaseRecord::to(out)
+            let record = BaseRecord::to(out)
                 .key(m.key().unwrap_or(b""))
                 .payload(&payload[..]);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        std::thread::sleep(Duration::from_millis(1));
-                        record = back;
-                    }
-                }
-            }
+            send_waiting(&producer, record);
             sent += 1;
         }
     }
@@ -479,13 +463,10 @@ fn latency(
                 let id = &id[..id.len().min(20)];
                 payload[20..40].fill(b' ');
                 payload[20..20 + id.len()].copy_from_slice(id);
-                let mut record = BaseRecord::to(&output)
+                let record = BaseRecord::to(&output)
                     .key(m.key().unwrap_or(b""))
                     .payload(&payload[..]);
-                while let Err((_, back)) = producer.send(record) {
-                    std::thread::sleep(Duration::from_millis(1));
-                    record = back;
-                }
+                send_waiting(&producer, record);
             }
         })
     });
@@ -515,13 +496,10 @@ fn latency(
                 *slot = Some(Instant::now());
             }
         }
-        let mut record = BaseRecord::to(input)
+        let record = BaseRecord::to(input)
             .key(ev.key.as_bytes())
             .payload(&ev.payload[..]);
-        while let Err((_, back)) = producer.send(record) {
-            std::thread::sleep(Duration::from_millis(1));
-            record = back;
-        }
+        send_waiting(&producer, record);
     }
     producer.flush(Duration::from_secs(30)).unwrap();
     std::thread::sleep(Duration::from_secs(3)); // the last ones arrive

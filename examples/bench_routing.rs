@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 mod common;
-use common::{ces_bin, client, create_topics, free_port, Broker};
+use common::{ces_bin, client, create_topics, free_port, send_waiting, Broker};
 
 const PARTITIONS: i32 = 4;
 
@@ -126,18 +126,10 @@ fn main() {
         let id = format!("cust-{c}");
         let v =
             format!(r#"{{"customer_id":"{id}","type":"purchase","value":20,"timestamp":"{now}"}}"#);
-        let mut record = BaseRecord::to("in")
+        let record = BaseRecord::to("in")
             .key(id.as_bytes())
             .payload(v.as_bytes());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    record = back;
-                }
-            }
-        }
+        send_waiting(&producer, record);
     }
     producer.flush(Duration::from_secs(60)).unwrap();
 

@@ -251,7 +251,7 @@ fn copy_without_last_checkpoint(bootstrap: &str, from: &str, to: &str) -> usize 
         if let Some(p) = m.payload() {
             record = record.payload(p);
         }
-        producer.send(record).map_err(|(e, _)| e).unwrap();
+        send_waiting(&producer, record);
         copied += 1;
     }
     flush_sent(&producer, Duration::from_secs(30));

@@ -15,6 +15,10 @@ use rdkafka::ClientConfig;
 mod broker;
 #[allow(unused_imports)] // each benchmark uses part of it
 pub use broker::{free_port, Broker};
+#[path = "../../tests/common/produce.rs"]
+mod produce;
+#[allow(unused_imports)] // each benchmark uses part of it
+pub use produce::send_waiting;
 
 /// The `ces-stream` binary measured: `$CES_BIN`, else the release build.
 pub fn ces_bin() -> PathBuf {

@@ -15,6 +15,8 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 
+pub use super::produce::send_waiting;
+
 /// A name no other test run uses.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -108,30 +110,6 @@ pub fn flush_sent<C: rdkafka::producer::ProducerContext>(
             producer.in_flight_count()
         );
         std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Sends a record, waiting while the producer's queue is full.
-pub fn send_waiting<K, P, C>(
-    producer: &ThreadedProducer<C>,
-    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
-) where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
-{
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((e, back)) => {
-                assert!(
-                    e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    "cannot produce: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-                record = back;
-            }
-        }
     }
 }
 

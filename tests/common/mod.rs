@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod kafka;
+pub mod produce;
 pub mod soak;
 pub mod tls;
 
