@@ -12,12 +12,12 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::config_blocks::{check, finite, millis, HumanDuration, OptionValue};
+use crate::config_blocks::{check, finite, millis, HumanDuration, InvalidSetting, OptionValue};
 use crate::config_secrets::{expand_table, Sources};
 use crate::kafka::settings::{is_secret_option, KafkaSettings, RawKafka, MASK};
 use crate::model::{
-    quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelError, ModelParts,
-    Normalization, Signals, Tier,
+    quote_key, ActivityParts, Churn, Diversity, InputFormat, Model, ModelParts, Normalization,
+    Signals, Tier,
 };
 use crate::partition::Clock;
 use crate::snapshot::settings::{build_snapshot, RawSnapshot, SnapshotSettings};
@@ -359,7 +359,7 @@ impl Settings {
         };
         let (mut raw, built_in_model) = parse_raw(text, path, &sources)?;
         apply_env(&mut raw, &env);
-        let invalid = |e: ModelError| ConfigError::Invalid {
+        let invalid = |e: InvalidSetting| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: e.key,
             reason: e.reason,
@@ -406,10 +406,10 @@ impl Settings {
 fn build_http(
     http: Option<&RawHttp>,
     metrics: Option<&RawMetrics>,
-) -> Result<HttpSettings, ModelError> {
+) -> Result<HttpSettings, InvalidSetting> {
     let http = http.cloned().unwrap_or_default();
     let listen_text = http.listen.unwrap_or_else(|| "0.0.0.0:9464".into());
-    let listen = listen_text.parse().map_err(|e| ModelError {
+    let listen = listen_text.parse().map_err(|e| InvalidSetting {
         key: "http.listen".into(),
         reason: format!("\"{listen_text}\" is not an address:port: {e}"),
     })?;
@@ -425,7 +425,7 @@ fn build_http(
         .advertised_url
         .as_deref()
         .map(|u| {
-            advertised(u).map_err(|reason| ModelError {
+            advertised(u).map_err(|reason| InvalidSetting {
                 key: "http.advertised_url".into(),
                 reason: format!("\"{u}\" {reason}"),
             })
@@ -435,7 +435,7 @@ fn build_http(
         .forward_ca_file
         .as_ref()
         .map(|path| {
-            let invalid = |reason: String| ModelError {
+            let invalid = |reason: String| InvalidSetting {
                 key: "http.forward_ca_file".into(),
                 reason: format!("{}: {reason}", path.display()),
             };
@@ -559,7 +559,7 @@ fn parse_raw(
     Ok((raw, false))
 }
 
-fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
+fn build_model(raw: &RawConfig) -> Result<Model, InvalidSetting> {
     let s = &raw.scoring;
     let half_life = millis(
         "scoring.half_life",
@@ -689,7 +689,7 @@ fn build_model(raw: &RawConfig) -> Result<Model, ModelError> {
     })
 }
 
-fn build_normalization(n: Option<&RawNormalization>) -> Result<Normalization, ModelError> {
+fn build_normalization(n: Option<&RawNormalization>) -> Result<Normalization, InvalidSetting> {
     let n = n.cloned().unwrap_or_default();
     match n.kind.unwrap_or(NormalizationKind::Saturating) {
         NormalizationKind::Saturating => {
@@ -741,7 +741,7 @@ fn default_tiers() -> Vec<Tier> {
     ]
 }
 
-fn build_tiers(raw: Option<&[RawTier]>) -> Result<Vec<Tier>, ModelError> {
+fn build_tiers(raw: Option<&[RawTier]>) -> Result<Vec<Tier>, InvalidSetting> {
     let Some(raw) = raw else {
         return Ok(default_tiers());
     };
@@ -761,14 +761,14 @@ fn build_tiers(raw: Option<&[RawTier]>) -> Result<Vec<Tier>, ModelError> {
         )?;
         match (i, t.above) {
             (0, Some(_)) => {
-                return Err(ModelError {
+                return Err(InvalidSetting {
                     key: format!("{key}.above"),
                     reason: "the lowest tier has no bound; remove `above`".into(),
                 })
             }
             (0, None) => {}
             (_, None) => {
-                return Err(ModelError {
+                return Err(InvalidSetting {
                     key: format!("{key}.above"),
                     reason: "required for every tier but the first (the lowest)".into(),
                 })
@@ -796,7 +796,7 @@ fn build_tiers(raw: Option<&[RawTier]>) -> Result<Vec<Tier>, ModelError> {
     Ok(tiers)
 }
 
-fn build_signals(raw: &RawSignals) -> Result<Signals, ModelError> {
+fn build_signals(raw: &RawSignals) -> Result<Signals, InvalidSetting> {
     let sweep_interval = millis(
         "signals.sweep_interval",
         raw.sweep_interval,

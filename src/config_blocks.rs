@@ -1,16 +1,17 @@
 //! Building blocks of configuration sections, shared by every subsystem's
-//! own settings: humantime durations, librdkafka option values, and the
-//! checks that turn a bad value into its key path and the reason.
+//! own settings: humantime durations, librdkafka option values, the error
+//! of a setting that is not acceptable ([`InvalidSetting`]: its key path
+//! and the reason), and the checks that make one.
 //!
-//! A leaf module: each subsystem keeps its raw and validated settings
-//! beside its code (`kafka::settings`, `snapshot::settings`) and builds
-//! them from these; `config` only assembles the file.
+//! A leaf module, pure: each subsystem keeps its raw and validated
+//! settings beside its code (`model::file`, `kafka::settings`,
+//! `snapshot::settings`) and builds them from these; `config` only
+//! assembles the file.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelError;
 use crate::timestamp::{duration_millis, Millis};
 
 /// Seconds in a day.
@@ -68,12 +69,20 @@ impl std::fmt::Display for OptionValue {
     }
 }
 
+/// A setting that is well-formed but not acceptable: its key path in the
+/// file (`kafka.options."sasl.password"`) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidSetting {
+    pub key: String,
+    pub reason: String,
+}
+
 /// A per-value check: `Err(reason)` becomes `ConfigError::Invalid` at `key`.
-pub fn check(key: &str, ok: bool, reason: &str) -> Result<(), ModelError> {
+pub fn check(key: &str, ok: bool, reason: &str) -> Result<(), InvalidSetting> {
     if ok {
         Ok(())
     } else {
-        Err(ModelError {
+        Err(InvalidSetting {
             key: key.to_string(),
             reason: reason.to_string(),
         })
@@ -84,29 +93,14 @@ pub fn millis(
     key: &str,
     d: Option<HumanDuration>,
     default: Duration,
-) -> Result<Millis, ModelError> {
-    duration_millis(d.map_or(default, |d| d.0)).map_err(|reason| ModelError {
+) -> Result<Millis, InvalidSetting> {
+    duration_millis(d.map_or(default, |d| d.0)).map_err(|reason| InvalidSetting {
         key: key.to_string(),
         reason,
     })
 }
 
-pub fn finite(key: &str, v: f64) -> Result<f64, ModelError> {
+pub fn finite(key: &str, v: f64) -> Result<f64, InvalidSetting> {
     check(key, v.is_finite(), "must be a finite number")?;
     Ok(v)
-}
-
-/// This machine's host name (in Kubernetes, the pod's name): `$HOSTNAME`,
-/// else the kernel's, else `localhost`.
-pub fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty())
-        })
-        .unwrap_or_else(|| "localhost".to_string())
 }

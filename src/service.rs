@@ -283,7 +283,7 @@ fn api_token(http: &crate::config::HttpSettings) -> Result<Option<Arc<str>>, Ser
 fn default_advertised_url(local: std::net::SocketAddr) -> String {
     let ip = local.ip();
     let host = if ip.is_unspecified() {
-        crate::config_blocks::host_name()
+        crate::kafka::settings::host_name()
     } else if ip.is_ipv6() {
         format!("[{ip}]")
     } else {

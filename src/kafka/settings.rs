@@ -12,9 +12,9 @@ use indexmap::IndexMap;
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 
+use crate::config_blocks::InvalidSetting;
 use crate::config_blocks::{check, HumanDuration, OptionValue};
 use crate::kafka::partitioner::Partitioner;
-use crate::model::ModelError;
 use serde::{Deserialize, Serialize};
 
 /// Properties ces-stream sets itself, and why a user may not.
@@ -158,11 +158,26 @@ pub struct KafkaSettings {
     pub producer_options: Vec<(String, String)>,
 }
 
-fn err(key: String, reason: impl Into<String>) -> ModelError {
-    ModelError {
+fn err(key: String, reason: impl Into<String>) -> InvalidSetting {
+    InvalidSetting {
         key,
         reason: reason.into(),
     }
+}
+
+/// This machine's host name (in Kubernetes, the pod's name): `$HOSTNAME`,
+/// else the kernel's, else `localhost`.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".to_string())
 }
 
 /// What secret values are shown as, wherever the configuration is shown.
@@ -184,7 +199,7 @@ pub fn is_secret_option(name: &str) -> bool {
 fn options_of(
     section: &str,
     raw: &IndexMap<String, OptionValue>,
-) -> Result<Vec<(String, String)>, ModelError> {
+) -> Result<Vec<(String, String)>, InvalidSetting> {
     let mut out = Vec::with_capacity(raw.len());
     for (k, v) in raw {
         let key = format!("kafka.{section}.{}", crate::model::quote_key(k));
@@ -248,7 +263,7 @@ fn consumer_option<'a>(
 fn check_heartbeat(
     options: &[(String, String)],
     consumer_options: &[(String, String)],
-) -> Result<(), ModelError> {
+) -> Result<(), InvalidSetting> {
     let ms = |name| {
         consumer_option(options, consumer_options, name)?
             .parse::<u64>()
@@ -269,7 +284,7 @@ fn check_heartbeat(
 }
 
 impl KafkaSettings {
-    pub(crate) fn from_raw(raw: &RawKafka) -> Result<KafkaSettings, ModelError> {
+    pub(crate) fn from_raw(raw: &RawKafka) -> Result<KafkaSettings, InvalidSetting> {
         let brokers = raw
             .brokers
             .clone()
@@ -340,10 +355,7 @@ impl KafkaSettings {
                 )?;
             }
         }
-        let instance_id = raw
-            .instance_id
-            .clone()
-            .unwrap_or_else(crate::config_blocks::host_name);
+        let instance_id = raw.instance_id.clone().unwrap_or_else(host_name);
         check(
             "kafka.instance_id",
             !instance_id.trim().is_empty(),

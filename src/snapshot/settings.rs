@@ -7,8 +7,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use crate::config_blocks::InvalidSetting;
 use crate::config_blocks::{check, HumanDuration, OptionValue};
-use crate::model::{quote_key, ModelError};
+use crate::model::quote_key;
 
 /// `[snapshot]`: where `run` keeps its state.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -68,7 +69,7 @@ pub enum StoreKind {
     None,
 }
 
-pub fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, ModelError> {
+pub fn build_snapshot(raw: Option<&RawSnapshot>) -> Result<SnapshotSettings, InvalidSetting> {
     let raw = raw.cloned().unwrap_or_default();
     let interval = raw.interval.map_or(Duration::from_secs(30), |d| d.0);
     check("snapshot.interval", !interval.is_zero(), "must be positive")?;

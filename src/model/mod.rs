@@ -6,6 +6,7 @@
 //! interned, tiers are sorted, durations are milliseconds. Nothing here is
 //! re-checked on the hot path.
 
+use crate::config_blocks::InvalidSetting;
 use crate::timestamp::Millis;
 
 /// Index of an activity in [`Model::activities`].
@@ -264,17 +265,9 @@ pub struct ActivityParts {
 /// The channel of activities that name none.
 pub const DEFAULT_CHANNEL: &str = "default";
 
-/// A cross-reference problem found while building the model: the key path
-/// and the reason, for `ConfigError`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelError {
-    pub key: String,
-    pub reason: String,
-}
-
 impl Model {
-    pub fn new(parts: ModelParts) -> Result<Model, ModelError> {
-        let err = |key: String, reason: String| Err(ModelError { key, reason });
+    pub fn new(parts: ModelParts) -> Result<Model, InvalidSetting> {
+        let err = |key: String, reason: String| Err(InvalidSetting { key, reason });
         if parts.activities.is_empty() {
             return err(
                 "scoring.activities".into(),
