@@ -45,7 +45,7 @@ use serde_json::json;
 use crate::kafka::members::{Members, Owner};
 use crate::kafka::partitioner::Partitioner;
 use crate::kafka::shared::Shared;
-use crate::partition::Clock;
+use crate::model::Clock;
 use crate::timestamp::now_millis;
 
 /// A loop turn older than this means the consumer is stalled.

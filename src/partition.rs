@@ -21,18 +21,6 @@ use crate::engine::Engine;
 use crate::model::Model;
 use crate::timestamp::Millis;
 
-/// The clock a partition scores with (`[input] clock`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Clock {
-    /// `max(watermark, now)`, sweeps every `sweep_interval` of wall time.
-    #[default]
-    Wall,
-    /// The watermark, sweeps when it crosses `sweep_interval` boundaries,
-    /// exactly as `replay` does (backfills, reproducible runs).
-    Event,
-}
-
 /// What a state store does when partitions come and go, and between the
 /// batches of a partition it holds (snapshots).
 pub trait PartitionHooks: Send + Sync {

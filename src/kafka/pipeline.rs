@@ -30,7 +30,8 @@ use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
 use crate::kafka::worker::{Context, GroupHandle, Pool};
 use crate::metrics::SCORE_RANGES;
-use crate::partition::{Clock, PartitionHooks};
+use crate::model::Clock;
+use crate::partition::PartitionHooks;
 use crate::timestamp::now_millis;
 
 /// Runs the pipeline until `shutdown` completes, then stops consuming,

@@ -12,8 +12,7 @@ use indexmap::IndexMap;
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 
-use crate::config_blocks::InvalidSetting;
-use crate::config_blocks::{check, HumanDuration, OptionValue};
+use crate::config_blocks::{check, HumanDuration, InvalidSetting, OptionValue};
 use crate::kafka::partitioner::Partitioner;
 use serde::{Deserialize, Serialize};
 

@@ -44,11 +44,9 @@ use crate::kafka::settings::KafkaSettings;
 use crate::kafka::shared::Shared;
 use crate::kafka::transaction::{AbortCause, Failure, Transactions};
 use crate::metrics::SCORE_RANGES;
-use crate::model::Model;
+use crate::model::{Clock, Model};
 use crate::output::Encoder;
-use crate::partition::{
-    Clock, PartitionHooks, PartitionState, Progress, RecordSink, SharedPartition,
-};
+use crate::partition::{PartitionHooks, PartitionState, Progress, RecordSink, SharedPartition};
 use crate::timestamp::{now_millis, Millis};
 
 /// Messages taken from a partition before the worker turns to the next.

@@ -7,7 +7,10 @@
 //! re-checked on the hot path.
 
 use crate::config_blocks::InvalidSetting;
+
+pub mod file;
 use crate::timestamp::Millis;
+pub use file::Clock;
 
 /// Index of an activity in [`Model::activities`].
 pub type ActivityId = u16;
