@@ -11,16 +11,17 @@
 //! in the order of the reason codes of spec section 1, so that an event
 //! with several faults reports the first.
 
+mod interpret;
 mod scan;
+mod serde_path;
+
+use interpret::{describe, interpret, FieldValue};
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde_json::value::RawValue;
-
-use crate::model::{name_signature, ActivityId, ChannelId, InputFormat, Model};
-use crate::timestamp::{self, Millis};
+use crate::model::{name_signature, ActivityId, ChannelId, Model};
+use crate::timestamp::Millis;
 
 /// The longest customer id accepted, in bytes.
 pub const MAX_CUSTOMER_ID_BYTES: usize = 256;
@@ -176,7 +177,10 @@ pub fn parse_tombstone(key: Option<&[u8]>) -> Parsed<'_> {
         );
     };
     match std::str::from_utf8(key) {
-        Ok(id) => erase_id(Some(Val::Str(Cow::Borrowed(id))), "the tombstone's key"),
+        Ok(id) => erase_id(
+            Some(FieldValue::Str(Cow::Borrowed(id))),
+            "the tombstone's key",
+        ),
         Err(_) => invalid(
             InvalidReason::InvalidCustomerId,
             "the tombstone's key (an erasure request) is not UTF-8",
@@ -185,14 +189,14 @@ pub fn parse_tombstone(key: Option<&[u8]>) -> Parsed<'_> {
 }
 
 /// The customer id of an erasure request, by the rules of `customer_id`.
-fn erase_id<'a>(v: Option<Val<'a>>, field: &str) -> Parsed<'a> {
+fn erase_id<'a>(v: Option<FieldValue<'a>>, field: &str) -> Parsed<'a> {
     match v {
-        Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_CUSTOMER_ID_BYTES => Parsed::Erase(s),
-        Some(Val::Str(s)) if s.is_empty() => invalid(
+        Some(FieldValue::Str(s)) if !s.is_empty() && s.len() <= MAX_CUSTOMER_ID_BYTES => Parsed::Erase(s),
+        Some(FieldValue::Str(s)) if s.is_empty() => invalid(
             InvalidReason::InvalidCustomerId,
             format!("{field} (an erasure request) is empty"),
         ),
-        Some(Val::Str(s)) => invalid(
+        Some(FieldValue::Str(s)) => invalid(
             InvalidReason::InvalidCustomerId,
             format!(
                 "{field} (an erasure request) is {} bytes, over the limit of {MAX_CUSTOMER_ID_BYTES}",
@@ -327,7 +331,7 @@ fn read_fields<'a>(text: &'a str, fields: &mut Fields<'a>) -> Result<bool, serde
     match scan::scan(text, fields) {
         scan::Scan::Object => Ok(true),
         scan::Scan::NotObject => Ok(false),
-        scan::Scan::Invalid | scan::Scan::Unusual => match read_fields_serde(text)? {
+        scan::Scan::Invalid | scan::Scan::Unusual => match serde_path::read_fields(text)? {
             Some(f) => {
                 *fields = f;
                 Ok(true)
@@ -335,25 +339,6 @@ fn read_fields<'a>(text: &'a str, fields: &mut Fields<'a>) -> Result<bool, serde
             None => Ok(false),
         },
     }
-}
-
-/// The same with serde_json alone: the slow path, and the reference the
-/// scanner is tested against.
-fn read_fields_serde(text: &str) -> Result<Option<Fields<'_>>, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    // Anything but an object is only checked, never decoded: a lone
-    // surrogate escape or a huge number is still JSON, just not an event.
-    if !text
-        .trim_start_matches([' ', '\t', '\n', '\r'])
-        .starts_with('{')
-    {
-        <IgnoredAny as serde::Deserialize>::deserialize(&mut de)?;
-        de.end()?;
-        return Ok(None);
-    }
-    let fields = (&mut de).deserialize_any(TopVisitor)?;
-    de.end()?;
-    Ok(fields)
 }
 
 /// [`parse`] with the serde_json path only, for tests that hold the
@@ -366,7 +351,7 @@ pub fn parse_with_serde<'a>(payload: &'a [u8], model: &Model, ctx: ParseContext)
     if payload.len() > model.input.max_event_bytes {
         return parse(payload, model, ctx);
     }
-    match read_fields_serde(text) {
+    match serde_path::read_fields(text) {
         Ok(Some(fields)) => interpret(&fields, model, ctx),
         Ok(None) => invalid(
             InvalidReason::NotAnObject,
@@ -430,472 +415,6 @@ impl Key {
             _ => Key::Other,
         }
     }
-}
-
-impl<'de> serde::Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
-                Ok(Key::of(v))
-            }
-        }
-        d.deserialize_identifier(KeyVisitor)
-    }
-}
-
-/// Accepts any JSON value, skipping it unless it is an object.
-trait ObjectVisitor<'de>: Sized {
-    type Out;
-    fn not_object(self) -> Self::Out;
-    fn object<A: MapAccess<'de>>(self, map: A) -> Result<Self::Out, A::Error>;
-}
-
-struct Any<V>(V);
-
-impl<'de, V: ObjectVisitor<'de>> Visitor<'de> for Any<V> {
-    type Value = V::Out;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Out, A::Error> {
-        self.0.object(map)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<V::Out, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(self.0.not_object())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-    fn visit_unit<E>(self) -> Result<V::Out, E> {
-        Ok(self.0.not_object())
-    }
-}
-
-struct TopVisitor;
-
-impl<'de> Visitor<'de> for TopVisitor {
-    type Value = Option<Fields<'de>>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut f = Fields::default();
-        // Duplicate keys: the last one wins, as in most JSON readers.
-        while let Some(key) = map.next_key::<Key>()? {
-            match key {
-                Key::Erase => f.erase = Some(raw(&mut map)?),
-                Key::CustomerId => f.customer_id = Some(raw(&mut map)?),
-                Key::Type => f.kind = Some(raw(&mut map)?),
-                Key::Timestamp => f.timestamp = Some(raw(&mut map)?),
-                Key::Value => f.value = Some(raw(&mut map)?),
-                Key::Channel => f.channel = Some(raw(&mut map)?),
-                Key::EventId => f.event_id = Some(raw(&mut map)?),
-                Key::UserId => f.user_id = Some(raw(&mut map)?),
-                Key::AnonymousId => f.anonymous_id = Some(raw(&mut map)?),
-                Key::Event => f.event = Some(raw(&mut map)?),
-                Key::MessageId => f.message_id = Some(raw(&mut map)?),
-                Key::Attributes => {
-                    f.attributes_segment = nested(raw(&mut map)?, Pick::Attributes)?.0;
-                }
-                Key::Properties => {
-                    let (revenue, value) = nested(raw(&mut map)?, Pick::Properties)?;
-                    f.properties_revenue = revenue;
-                    f.properties_value = value;
-                }
-                Key::Revenue | Key::Segment | Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(Some(f))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-}
-
-/// Which nested object is being read.
-#[derive(Clone, Copy)]
-enum Pick {
-    /// Native `attributes`: `segment`.
-    Attributes,
-    /// Segment `properties`: `revenue` and `value`.
-    Properties,
-}
-
-struct Nested(Pick);
-
-type NestedOut<'a> = (Option<&'a str>, Option<&'a str>);
-
-/// The fields of `attributes` or `properties` the model reads, from its
-/// raw text: an object is read for them, anything else is not read at all
-/// (its syntax is already checked; a string or a number there never makes
-/// the event invalid).
-fn nested<E: serde::de::Error>(text: &str, pick: Pick) -> Result<NestedOut<'_>, E> {
-    if !text.starts_with('{') {
-        return Ok((None, None));
-    }
-    let mut de = serde_json::Deserializer::from_str(text);
-    Nested(pick).deserialize(&mut de).map_err(E::custom)
-}
-
-/// The next map value as its raw JSON text.
-fn raw<'de, A: MapAccess<'de>>(map: &mut A) -> Result<&'de str, A::Error> {
-    Ok(map.next_value::<&'de RawValue>()?.get())
-}
-
-impl<'de> DeserializeSeed<'de> for Nested {
-    type Value = NestedOut<'de>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_any(Any(self))
-    }
-}
-
-impl<'de> ObjectVisitor<'de> for Nested {
-    type Out = NestedOut<'de>;
-    fn not_object(self) -> Self::Out {
-        (None, None)
-    }
-    fn object<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Out, A::Error> {
-        let mut out: NestedOut<'de> = (None, None);
-        while let Some(key) = map.next_key::<Key>()? {
-            match (self.0, key) {
-                (Pick::Attributes, Key::Segment) | (Pick::Properties, Key::Revenue) => {
-                    out.0 = Some(raw(&mut map)?)
-                }
-                (Pick::Properties, Key::Value) => out.1 = Some(raw(&mut map)?),
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// A captured field, classified by its raw JSON text.
-enum Val<'a> {
-    Null,
-    Str(Cow<'a, str>),
-    Number(&'a str),
-    Other(&'static str),
-}
-
-#[inline]
-fn classify(text: &str, plain: bool) -> Val<'_> {
-    match text.as_bytes().first() {
-        Some(b'"') if text.len() >= 2 && text.as_bytes()[text.len() - 1] == b'"' => {
-            // SAFETY: the first and the last byte are quotes, ASCII: the
-            // bytes after the first and before the last are char
-            // boundaries (the checked slice showed in the profile).
-            let inner = unsafe { text.get_unchecked(1..text.len() - 1) };
-            if plain || !inner.contains('\\') {
-                Val::Str(Cow::Borrowed(inner))
-            } else {
-                // Escapes: let serde_json decode them; the text is valid JSON.
-                match serde_json::from_str::<String>(text) {
-                    Ok(s) => Val::Str(Cow::Owned(s)),
-                    Err(_) => Val::Other("a string"),
-                }
-            }
-        }
-        // Not a whole string token: never produced by either reader.
-        Some(b'"') => Val::Other("a string"),
-        Some(b'n') => Val::Null,
-        Some(b't' | b'f') => Val::Other("a boolean"),
-        Some(b'{') => Val::Other("an object"),
-        Some(b'[') => Val::Other("an array"),
-        _ => Val::Number(text),
-    }
-}
-
-/// `None` for an absent field or JSON `null`: optional fields treat both alike.
-#[inline]
-fn present(raw: Option<&str>, plain: bool) -> Option<Val<'_>> {
-    match raw.map(|r| classify(r, plain)) {
-        None | Some(Val::Null) => None,
-        v => v,
-    }
-}
-
-fn describe(v: &Val<'_>) -> &'static str {
-    match v {
-        Val::Null => "null",
-        Val::Str(_) => "a string",
-        Val::Number(_) => "a number",
-        Val::Other(kind) => kind,
-    }
-}
-
-#[inline]
-fn string(raw: Option<&str>, plain: bool) -> Option<Cow<'_, str>> {
-    match present(raw, plain) {
-        Some(Val::Str(s)) => Some(s),
-        _ => None,
-    }
-}
-
-/// The activity an event names, before it is looked up in the model.
-enum Activity<'a> {
-    Native(Cow<'a, str>),
-    Track(Cow<'a, str>),
-    Fixed(&'static str),
-}
-
-fn interpret<'a>(f: &Fields<'a>, model: &Model, ctx: ParseContext) -> Parsed<'a> {
-    // An erasure request whatever else the object holds, in any format.
-    if let Some(raw) = f.erase {
-        return erase_id(
-            Some(classify(raw, f.plain)).filter(|v| !matches!(v, Val::Null)),
-            "erase",
-        );
-    }
-    let native = match model.input.format {
-        InputFormat::Native => true,
-        InputFormat::Segment => false,
-        InputFormat::Auto => {
-            if f.customer_id.is_some() {
-                true
-            } else if f.user_id.is_some() || f.anonymous_id.is_some() {
-                false
-            } else {
-                return invalid(
-                    InvalidReason::MissingCustomerId,
-                    "no customer_id, userId or anonymousId",
-                );
-            }
-        }
-    };
-
-    // Customer id.
-    let (id_field, id_raw) = if native {
-        ("customer_id", f.customer_id)
-    } else {
-        match string(f.user_id, f.plain) {
-            Some(s) if !s.is_empty() => ("userId", f.user_id),
-            _ => ("anonymousId", f.anonymous_id),
-        }
-    };
-    let customer_id = match present(id_raw, f.plain) {
-        None if native => return invalid(InvalidReason::MissingCustomerId, "no customer_id"),
-        None => {
-            return invalid(
-                InvalidReason::MissingCustomerId,
-                "no non-empty userId and no anonymousId",
-            )
-        }
-        Some(Val::Str(s)) if !s.is_empty() && s.len() <= MAX_CUSTOMER_ID_BYTES => s,
-        Some(Val::Str(s)) if s.is_empty() => {
-            return invalid(
-                InvalidReason::InvalidCustomerId,
-                format!("{id_field} is empty"),
-            )
-        }
-        Some(Val::Str(s)) => {
-            return invalid(
-                InvalidReason::InvalidCustomerId,
-                format!(
-                    "{id_field} is {} bytes, over the limit of {MAX_CUSTOMER_ID_BYTES}",
-                    s.len()
-                ),
-            )
-        }
-        Some(other) => {
-            return invalid(
-                InvalidReason::InvalidCustomerId,
-                format!("{id_field} must be a string, got {}", describe(&other)),
-            )
-        }
-    };
-
-    // Activity name.
-    let activity = if native {
-        match string(f.kind, f.plain) {
-            Some(s) => Activity::Native(s),
-            None => {
-                return invalid(
-                    InvalidReason::MissingType,
-                    "type is missing or not a string",
-                )
-            }
-        }
-    } else {
-        match string(f.kind, f.plain).as_deref() {
-            Some("track") => match string(f.event, f.plain) {
-                Some(s) => Activity::Track(s),
-                None => {
-                    return invalid(
-                        InvalidReason::MissingType,
-                        "track call without a string event name",
-                    )
-                }
-            },
-            Some("page") => Activity::Fixed("page_view"),
-            Some("screen") => Activity::Fixed("screen_view"),
-            Some("identify" | "group" | "alias") => {
-                return Parsed::Ignored(IgnoreReason::NotAnActivity)
-            }
-            Some(other) => {
-                return invalid(
-                    InvalidReason::MissingType,
-                    format!("unsupported Segment call type \"{other}\""),
-                )
-            }
-            None => {
-                return invalid(
-                    InvalidReason::MissingType,
-                    "Segment type is missing or not a string",
-                )
-            }
-        }
-    };
-
-    // Timestamp.
-    let timestamp = match present(f.timestamp, f.plain) {
-        None => match ctx.fallback_timestamp {
-            Some(t) => t,
-            None => return invalid(InvalidReason::InvalidTimestamp, "timestamp is missing"),
-        },
-        Some(Val::Str(s)) => match timestamp::parse_rfc3339(&s) {
-            Some(t) => t,
-            None => {
-                return invalid(
-                    InvalidReason::InvalidTimestamp,
-                    format!("\"{s}\" is not an RFC 3339 timestamp"),
-                )
-            }
-        },
-        Some(Val::Number(text)) => match text
-            .parse::<i64>()
-            .ok()
-            .and_then(timestamp::from_epoch_millis)
-        {
-            Some(t) => t,
-            None => {
-                return invalid(
-                    InvalidReason::InvalidTimestamp,
-                    format!("{text} is not an integer epoch-milliseconds timestamp in range"),
-                )
-            }
-        },
-        Some(other) => {
-            return invalid(
-                InvalidReason::InvalidTimestamp,
-                format!(
-                    "timestamp must be an RFC 3339 string or epoch milliseconds, got {}",
-                    describe(&other)
-                ),
-            )
-        }
-    };
-    if let Some(now) = ctx.now {
-        let limit = now.saturating_add(model.input.max_future_skew);
-        if timestamp > limit {
-            return invalid(
-                InvalidReason::TimestampInFuture,
-                format!(
-                    "{} is more than {} ahead of the clock",
-                    timestamp::format_rfc3339(timestamp),
-                    humantime::format_duration(std::time::Duration::from_millis(
-                        model.input.max_future_skew.max(0) as u64
-                    ))
-                ),
-            );
-        }
-    }
-
-    // Value.
-    let (value_field, value_raw) = if native {
-        ("value", f.value)
-    } else if present(f.properties_revenue, f.plain).is_some() {
-        ("properties.revenue", f.properties_revenue)
-    } else {
-        ("properties.value", f.properties_value)
-    };
-    let value = match present(value_raw, f.plain) {
-        None => 0.0,
-        Some(Val::Number(text)) => match text.parse::<f64>() {
-            Ok(v) if v.is_finite() && (0.0..=MAX_VALUE).contains(&v) => v,
-            _ => {
-                return invalid(
-                    InvalidReason::InvalidValue,
-                    format!("{value_field} must be a number in [0, 1e12], got {text}"),
-                )
-            }
-        },
-        Some(other) => {
-            return invalid(
-                InvalidReason::InvalidValue,
-                format!("{value_field} must be a number, got {}", describe(&other)),
-            )
-        }
-    };
-
-    // Valid; is it scorable?
-    let activity = match &activity {
-        Activity::Native(name) => model.activity(name),
-        Activity::Track(name) => model.segment_track_activity(name),
-        Activity::Fixed(name) => model.activity(name),
-    };
-    let Some(activity) = activity else {
-        return Parsed::Ignored(IgnoreReason::UnknownActivity);
-    };
-    let (channel, event_id, segment) = if native {
-        (
-            string(f.channel, f.plain).and_then(|c| model.channel(&c)),
-            string(f.event_id, f.plain),
-            string(f.attributes_segment, f.plain),
-        )
-    } else {
-        (None, string(f.message_id, f.plain), None)
-    };
-    Parsed::Event(Event {
-        customer_id,
-        activity,
-        timestamp,
-        value,
-        channel,
-        event_id,
-        segment,
-        segment_id: 0,
-    })
 }
 
 #[cfg(test)]
