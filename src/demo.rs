@@ -295,11 +295,11 @@ fn view_loop(
         let mut at_risk = 0;
         for p in shared.partitions.numbers() {
             if let Some(state) = shared.partitions.get(p) {
-                let st = state.lock();
-                for (t, c) in tiers.iter_mut().zip(st.engine.tier_counts()) {
+                let partition_state = state.lock();
+                for (t, c) in tiers.iter_mut().zip(partition_state.engine.tier_counts()) {
                     *t += c;
                 }
-                at_risk += st.engine.at_risk_count();
+                at_risk += partition_state.engine.at_risk_count();
             }
         }
         let customers: u64 = tiers.iter().sum();

@@ -287,11 +287,11 @@ async fn customer(
         let Some(partition) = shared.partitions.get(p) else {
             continue;
         };
-        let st = partition.lock();
-        let Some(slot) = st.engine.customers().find(&id) else {
+        let partition_state = partition.lock();
+        let Some(slot) = partition_state.engine.customers().find(&id) else {
             continue;
         };
-        if !st.caught_up() {
+        if !partition_state.caught_up() {
             return unavailable(&format!("partition {p} is still restoring its state"));
         }
         if home.is_some_and(|h| h != p) {
@@ -304,12 +304,15 @@ async fn customer(
         }
         let at = match state.clock {
             Clock::Wall => now_millis()
-                .max(st.clock)
-                .max(st.engine.live_clock(now_millis())),
-            Clock::Event => st.engine.watermark().unwrap_or(st.clock),
+                .max(partition_state.clock)
+                .max(partition_state.engine.live_clock(now_millis())),
+            Clock::Event => partition_state
+                .engine
+                .watermark()
+                .unwrap_or(partition_state.clock),
         };
-        let view = st.engine.view_slot(slot, at);
-        drop(st);
+        let view = partition_state.engine.view_slot(slot, at);
+        drop(partition_state);
         let mut body = Vec::with_capacity(512);
         crate::inspect::write_view(&mut body, &shared.model, &view, Some(p));
         body.pop(); // the newline
@@ -421,10 +424,10 @@ fn local_tiers(shared: &Shared) -> BTreeMap<i32, PartitionTiers> {
         let Some(partition) = shared.partitions.get(p) else {
             continue;
         };
-        let st = partition.lock();
+        let partition_state = partition.lock();
         let counts = PartitionTiers {
-            tiers: st.engine.tier_counts().to_vec(),
-            at_risk: st.engine.at_risk_count(),
+            tiers: partition_state.engine.tier_counts().to_vec(),
+            at_risk: partition_state.engine.at_risk_count(),
         };
         out.insert(p, counts);
     }

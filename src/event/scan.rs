@@ -105,11 +105,11 @@ struct Scanner<'a> {
     escaped: u32,
 }
 
-/// Scans one payload (valid UTF-8) into `f`, which starts as the
+/// Scans one payload (valid UTF-8) into `fields`, which starts as the
 /// default. (The caller's fields are filled in place: returning 240 bytes
-/// by value cost two copies per event.) `f` is left half-filled when the
+/// by value cost two copies per event.) `fields` is left half-filled when the
 /// scan ends early.
-pub(super) fn scan<'a>(text: &'a str, f: &mut Fields<'a>) -> Scan {
+pub(super) fn scan<'a>(text: &'a str, fields: &mut Fields<'a>) -> Scan {
     let mut s = Scanner {
         text,
         b: text.as_bytes(),
@@ -118,7 +118,7 @@ pub(super) fn scan<'a>(text: &'a str, f: &mut Fields<'a>) -> Scan {
     };
     s.ws();
     let result = if s.peek() == Some(b'{') {
-        s.object(f).map(|()| true)
+        s.object(fields).map(|()| true)
     } else {
         s.skip_value(0).map(|()| false)
     };
@@ -440,42 +440,42 @@ impl<'a> Scanner<'a> {
     }
 
     /// The top-level object. Duplicate keys: the last one wins.
-    fn object(&mut self, f: &mut Fields<'a>) -> Result<(), Stop> {
+    fn object(&mut self, fields: &mut Fields<'a>) -> Result<(), Stop> {
         // Whether a captured string holds an escape.
         let mut escapes = false;
         self.expect(b'{')?;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
-            f.plain = true;
+            fields.plain = true;
             return Ok(());
         }
         loop {
             let key = self.key()?;
             match Key::of(key) {
-                Key::Erase => f.erase = Some(self.raw(1, &mut escapes)?),
-                Key::CustomerId => f.customer_id = Some(self.raw(1, &mut escapes)?),
-                Key::Type => f.kind = Some(self.raw(1, &mut escapes)?),
-                Key::Timestamp => f.timestamp = Some(self.raw(1, &mut escapes)?),
-                Key::Value => f.value = Some(self.raw(1, &mut escapes)?),
-                Key::Channel => f.channel = Some(self.raw(1, &mut escapes)?),
-                Key::EventId => f.event_id = Some(self.raw(1, &mut escapes)?),
-                Key::UserId => f.user_id = Some(self.raw(1, &mut escapes)?),
-                Key::AnonymousId => f.anonymous_id = Some(self.raw(1, &mut escapes)?),
-                Key::Event => f.event = Some(self.raw(1, &mut escapes)?),
-                Key::MessageId => f.message_id = Some(self.raw(1, &mut escapes)?),
+                Key::Erase => fields.erase = Some(self.raw(1, &mut escapes)?),
+                Key::CustomerId => fields.customer_id = Some(self.raw(1, &mut escapes)?),
+                Key::Type => fields.kind = Some(self.raw(1, &mut escapes)?),
+                Key::Timestamp => fields.timestamp = Some(self.raw(1, &mut escapes)?),
+                Key::Value => fields.value = Some(self.raw(1, &mut escapes)?),
+                Key::Channel => fields.channel = Some(self.raw(1, &mut escapes)?),
+                Key::EventId => fields.event_id = Some(self.raw(1, &mut escapes)?),
+                Key::UserId => fields.user_id = Some(self.raw(1, &mut escapes)?),
+                Key::AnonymousId => fields.anonymous_id = Some(self.raw(1, &mut escapes)?),
+                Key::Event => fields.event = Some(self.raw(1, &mut escapes)?),
+                Key::MessageId => fields.message_id = Some(self.raw(1, &mut escapes)?),
                 Key::Attributes => {
-                    f.attributes_segment = self.nested(Nested::Attributes, &mut escapes)?.0;
+                    fields.attributes_segment = self.nested(Nested::Attributes, &mut escapes)?.0;
                 }
                 Key::Properties => {
                     let (revenue, value) = self.nested(Nested::Properties, &mut escapes)?;
-                    f.properties_revenue = revenue;
-                    f.properties_value = value;
+                    fields.properties_revenue = revenue;
+                    fields.properties_value = value;
                 }
                 Key::Revenue | Key::Segment | Key::Other => self.skip(1)?,
             }
             if !self.next_member()? {
-                f.plain = !escapes;
+                fields.plain = !escapes;
                 return Ok(());
             }
         }

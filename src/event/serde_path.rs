@@ -95,35 +95,35 @@ impl<'de> Visitor<'de> for TopVisitor {
         f.write_str("a JSON value")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut f = Fields::default();
+        let mut fields = Fields::default();
         // Duplicate keys: the last one wins, as in most JSON readers.
         while let Some(key) = map.next_key::<Key>()? {
             match key {
-                Key::Erase => f.erase = Some(raw(&mut map)?),
-                Key::CustomerId => f.customer_id = Some(raw(&mut map)?),
-                Key::Type => f.kind = Some(raw(&mut map)?),
-                Key::Timestamp => f.timestamp = Some(raw(&mut map)?),
-                Key::Value => f.value = Some(raw(&mut map)?),
-                Key::Channel => f.channel = Some(raw(&mut map)?),
-                Key::EventId => f.event_id = Some(raw(&mut map)?),
-                Key::UserId => f.user_id = Some(raw(&mut map)?),
-                Key::AnonymousId => f.anonymous_id = Some(raw(&mut map)?),
-                Key::Event => f.event = Some(raw(&mut map)?),
-                Key::MessageId => f.message_id = Some(raw(&mut map)?),
+                Key::Erase => fields.erase = Some(raw(&mut map)?),
+                Key::CustomerId => fields.customer_id = Some(raw(&mut map)?),
+                Key::Type => fields.kind = Some(raw(&mut map)?),
+                Key::Timestamp => fields.timestamp = Some(raw(&mut map)?),
+                Key::Value => fields.value = Some(raw(&mut map)?),
+                Key::Channel => fields.channel = Some(raw(&mut map)?),
+                Key::EventId => fields.event_id = Some(raw(&mut map)?),
+                Key::UserId => fields.user_id = Some(raw(&mut map)?),
+                Key::AnonymousId => fields.anonymous_id = Some(raw(&mut map)?),
+                Key::Event => fields.event = Some(raw(&mut map)?),
+                Key::MessageId => fields.message_id = Some(raw(&mut map)?),
                 Key::Attributes => {
-                    f.attributes_segment = nested(raw(&mut map)?, NestedObject::Attributes)?.0;
+                    fields.attributes_segment = nested(raw(&mut map)?, NestedObject::Attributes)?.0;
                 }
                 Key::Properties => {
                     let (revenue, value) = nested(raw(&mut map)?, NestedObject::Properties)?;
-                    f.properties_revenue = revenue;
-                    f.properties_value = value;
+                    fields.properties_revenue = revenue;
+                    fields.properties_value = value;
                 }
                 Key::Revenue | Key::Segment | Key::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(Some(f))
+        Ok(Some(fields))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}

@@ -342,9 +342,9 @@ impl Acks {
 
 /// A client context that does not report the end of a partition (the
 /// restore asks for it) as an error.
-struct Quiet;
+struct QuietAboutPartitionEnds;
 
-impl ClientContext for Quiet {
+impl ClientContext for QuietAboutPartitionEnds {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
             tracing::warn!("changelog reader: {error}: {reason}");
@@ -352,7 +352,7 @@ impl ClientContext for Quiet {
     }
 }
 
-impl ConsumerContext for Quiet {}
+impl ConsumerContext for QuietAboutPartitionEnds {}
 
 /// The snapshots of one partition in flight: a periodic snapshot's
 /// checkpoint is written by another thread once its outputs are
@@ -882,8 +882,8 @@ impl ChangelogStore {
             .set("enable.partition.eof", "true")
             .set("allow.auto.create.topics", "false")
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer<Quiet> = config
-            .create_with_context(Quiet)
+        let consumer: BaseConsumer<QuietAboutPartitionEnds> = config
+            .create_with_context(QuietAboutPartitionEnds)
             .map_err(kafka_err(&self.topic))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Beginning)

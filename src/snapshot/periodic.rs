@@ -89,7 +89,7 @@ impl Periodic {
 
     /// A step of `p`'s periodic snapshots, between batches: starts one when
     /// due, copies a chunk of the one in progress.
-    pub fn tick(&self, p: i32, st: &mut PartitionState, progress: &Arc<dyn Progress>) {
+    pub fn tick(&self, p: i32, partition_state: &mut PartitionState, progress: &Arc<dyn Progress>) {
         let now = Instant::now();
         let mut job = self.jobs.lock().remove(&p).unwrap_or(Job {
             next_at: now + self.interval,
@@ -97,10 +97,10 @@ impl Periodic {
         });
         if job.active.is_none() && now >= job.next_at {
             job.next_at = now + self.interval;
-            job.active = self.start(p, st, progress);
+            job.active = self.start(p, partition_state, progress);
         }
         if let Some(active) = job.active.take() {
-            job.active = self.advance(p, st, active, progress);
+            job.active = self.advance(p, partition_state, active, progress);
         }
         self.jobs.lock().insert(p, job);
         self.refresh_age();
@@ -120,10 +120,10 @@ impl Periodic {
     fn start(
         &self,
         p: i32,
-        st: &mut PartitionState,
+        partition_state: &mut PartitionState,
         progress: &Arc<dyn Progress>,
     ) -> Option<Active> {
-        if !st.caught_up() {
+        if !partition_state.caught_up() {
             return None;
         }
         let offsets = progress.positions(p);
@@ -131,19 +131,19 @@ impl Periodic {
             return None; // nothing processed yet
         }
         if self.rewrite.lock().remove(&p) {
-            st.engine.customers_mut().mark_all_dirty();
+            partition_state.engine.customers_mut().mark_all_dirty();
         }
         // Customers removed before the cut: their tombstones come first.
         let removed = match &self.store {
-            Store::Kafka(_) => st.engine.customers_mut().take_removed(),
+            Store::Kafka(_) => partition_state.engine.customers_mut().take_removed(),
             Store::Local(_) => Vec::new(),
         };
-        let (customers, ids_len) = st.engine.customers_mut().begin_snapshot();
+        let (customers, ids_len) = partition_state.engine.customers_mut().begin_snapshot();
         let header = header_for(
             p,
             self.fingerprint,
-            &st.engine,
-            st.clock,
+            &partition_state.engine,
+            partition_state.clock,
             offsets.clone(),
             customers,
             ids_len,
@@ -152,7 +152,7 @@ impl Periodic {
             Store::Local(store) => match store.begin(&header) {
                 Ok(writer) => Target::File(writer),
                 Err(e) => {
-                    st.engine.customers_mut().cancel_snapshot();
+                    partition_state.engine.customers_mut().cancel_snapshot();
                     self.metrics
                         .snapshot_failures
                         .with_label_values(&["write"])
@@ -164,7 +164,7 @@ impl Periodic {
             Store::Kafka(c) => {
                 let ticket = c.ticket(p);
                 if let Err(e) = c.write_tombstones(p, &removed) {
-                    let table = st.engine.customers_mut();
+                    let table = partition_state.engine.customers_mut();
                     table.cancel_snapshot();
                     for r in removed {
                         table.note_removed(r);
@@ -195,13 +195,13 @@ impl Periodic {
     fn advance(
         &self,
         p: i32,
-        st: &mut PartitionState,
+        partition_state: &mut PartitionState,
         mut active: Active,
         progress: &Arc<dyn Progress>,
     ) -> Option<Active> {
         active.buf.clear();
         let mut changed: Vec<(String, Vec<u32>)> = Vec::new();
-        let table = st.engine.customers_mut();
+        let table = partition_state.engine.customers_mut();
         if !table.snapshot_active() {
             active.target.abandon();
             return None;
@@ -223,7 +223,7 @@ impl Periodic {
             _ => Ok(()),
         };
         if let Err(e) = written {
-            self.fail(p, st, active, e);
+            self.fail(p, partition_state, active, e);
             return None;
         }
         let Some(ids) = ids else {
@@ -338,8 +338,8 @@ impl Periodic {
         );
     }
 
-    fn fail(&self, p: i32, st: &mut PartitionState, active: Active, e: String) {
-        st.engine.customers_mut().cancel_snapshot();
+    fn fail(&self, p: i32, partition_state: &mut PartitionState, active: Active, e: String) {
+        partition_state.engine.customers_mut().cancel_snapshot();
         active.target.abandon();
         self.rewrite.lock().insert(p);
         self.metrics
