@@ -28,7 +28,6 @@ pub mod partition;
 pub mod replay;
 pub mod service;
 pub mod shutdown;
-pub mod slot_index;
 pub mod snapshot;
 pub mod synth;
 pub mod timestamp;

@@ -44,7 +44,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext};
 
-use crate::customers::{flags, CustomerTable, Layout, Removed};
+use crate::customers::{flags, header_word, CustomerTable, Layout, Removed};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -204,7 +204,7 @@ impl Fold {
                 let a = self.ahead.entry(id).or_default();
                 a.persisted |= words
                     .first()
-                    .is_some_and(|w| (w >> 24) as u8 & flags::PERSISTED != 0);
+                    .is_some_and(|w| header_word::flags(*w) & flags::PERSISTED != 0);
                 a.latest = Some((generation, words));
             }
             Entry::Tombstone { id, persisted } => {
@@ -1103,7 +1103,7 @@ mod tests {
 
     fn record(id: &str, g: u64, value: u32, persisted: bool) -> Entry {
         let flags = if persisted {
-            u32::from(flags::PERSISTED) << 24
+            header_word::flag_bit(flags::PERSISTED)
         } else {
             0
         };

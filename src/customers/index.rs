@@ -25,8 +25,11 @@
 //! hash's low bits. Removal shifts the rest of the cluster back, so there
 //! are no tombstones and a lookup stops at the first empty bucket.
 
-use crate::customers::Slot;
+use super::prefetch::prefetch_lines;
 use crate::mapped::Mapped;
+
+/// Index of a customer's record in its table.
+pub type Slot = u32;
 
 /// Buckets of the smallest index.
 const MIN_BUCKETS: usize = 16;
@@ -116,7 +119,7 @@ impl SlotIndex {
             return;
         }
         let i = hash as usize & self.mask;
-        prefetch_line(&self.buckets[i..]);
+        prefetch_lines(&self.buckets[i..i + 1]);
     }
 
     /// Stage 2: every slot whose bucket has the tag of `hash`, until the
@@ -273,19 +276,6 @@ impl SlotIndex {
             None => false,
         }
     }
-}
-
-#[inline]
-fn prefetch_line<T>(at: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: SSE is part of the x86_64 baseline, and a prefetch
-        // neither reads nor writes memory.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 #[cfg(test)]
