@@ -13,28 +13,9 @@ use ces_stream::event::{parse, ParseContext, Parsed};
 use ces_stream::output::Encoder;
 use ces_stream::synth::{Synth, SynthEvent, SynthOptions};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use serde::Deserialize;
 
-/// What a plain serde_json consumer would parse the same lines into.
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Baseline {
-    event_id: Option<String>,
-    customer_id: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    timestamp: Option<String>,
-    channel: Option<String>,
-    value: Option<f64>,
-    attributes: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "userId")]
-    user_id: Option<String>,
-    event: Option<String>,
-    #[serde(rename = "messageId")]
-    message_id: Option<String>,
-    properties: Option<serde::de::IgnoredAny>,
-    context: Option<serde::de::IgnoredAny>,
-}
+#[path = "../examples/common/parse_baseline.rs"]
+mod baseline;
 
 fn lines(n: u64, customers: u64) -> Vec<Vec<u8>> {
     let mut synth = Synth::new(SynthOptions {
@@ -70,7 +51,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("serde_json_struct_baseline", |b| {
         b.iter(|| {
             for l in &input {
-                let _ = black_box(serde_json::from_slice::<Baseline>(l));
+                let _ = black_box(baseline::parse_line(l));
             }
         })
     });

@@ -4,27 +4,8 @@
 
 use std::io::BufRead;
 
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Baseline {
-    event_id: Option<String>,
-    customer_id: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    timestamp: Option<String>,
-    channel: Option<String>,
-    value: Option<f64>,
-    attributes: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "userId")]
-    user_id: Option<String>,
-    event: Option<String>,
-    #[serde(rename = "messageId")]
-    message_id: Option<String>,
-    properties: Option<serde::de::IgnoredAny>,
-    context: Option<serde::de::IgnoredAny>,
-}
+#[path = "common/parse_baseline.rs"]
+mod baseline;
 
 fn main() -> std::io::Result<()> {
     let path = std::env::args().nth(1).expect("usage: parse_baseline FILE");
@@ -37,7 +18,7 @@ fn main() -> std::io::Result<()> {
         if input.read_until(b'\n', &mut line)? == 0 {
             break;
         }
-        match serde_json::from_slice::<Baseline>(&line) {
+        match baseline::parse_line(&line) {
             Ok(e) => {
                 parsed += 1;
                 std::hint::black_box(e);
