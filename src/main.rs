@@ -42,6 +42,47 @@ enum LogFormat {
     Json,
 }
 
+/// The options of `generate`.
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// Write JSONL to this file (`-` for stdout), in simulated time.
+    #[arg(long, short, conflicts_with_all = ["brokers", "topic"], required_unless_present = "topic")]
+    output: Option<PathBuf>,
+    /// Produce to Kafka at these bootstrap servers, in live time.
+    #[arg(long, requires = "topic")]
+    brokers: Option<String>,
+    /// The Kafka topic to produce to.
+    #[arg(long, requires = "brokers")]
+    topic: Option<String>,
+    /// Events per second to Kafka (0: as fast as possible).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Number of events (a file needs it; Kafka runs until Ctrl-C without it).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Number of distinct customers.
+    #[arg(long, default_value_t = 100_000)]
+    customers: u64,
+    /// Random seed: the same seed gives the same stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// File only: time of the first event (RFC 3339).
+    #[arg(long, default_value = "2026-09-01T00:00:00Z")]
+    start: String,
+    /// File only: time covered by the stream.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    span: std::time::Duration,
+    /// Share of malformed events.
+    #[arg(long, default_value_t = 0.001)]
+    malformed: f64,
+    /// Share of events sent twice with the same id (producer retries).
+    #[arg(long, default_value_t = 0.0)]
+    duplicates: f64,
+    /// Share of erasure requests (tombstones on Kafka).
+    #[arg(long, default_value_t = 0.0)]
+    erasures: f64,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Consume touchpoints from Kafka, score them live, publish signals.
@@ -113,44 +154,7 @@ enum Command {
     },
     /// Generate a synthetic clickstream (personas, bots, a few malformed
     /// events) into a JSONL file or a Kafka topic.
-    Generate {
-        /// Write JSONL to this file (`-` for stdout), in simulated time.
-        #[arg(long, short, conflicts_with_all = ["brokers", "topic"], required_unless_present = "topic")]
-        output: Option<PathBuf>,
-        /// Produce to Kafka at these bootstrap servers, in live time.
-        #[arg(long, requires = "topic")]
-        brokers: Option<String>,
-        /// The Kafka topic to produce to.
-        #[arg(long, requires = "brokers")]
-        topic: Option<String>,
-        /// Events per second to Kafka (0: as fast as possible).
-        #[arg(long, default_value_t = 1000)]
-        rate: u64,
-        /// Number of events (a file needs it; Kafka runs until Ctrl-C without it).
-        #[arg(long)]
-        events: Option<u64>,
-        /// Number of distinct customers.
-        #[arg(long, default_value_t = 100_000)]
-        customers: u64,
-        /// Random seed: the same seed gives the same stream.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// File only: time of the first event (RFC 3339).
-        #[arg(long, default_value = "2026-09-01T00:00:00Z")]
-        start: String,
-        /// File only: time covered by the stream.
-        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
-        span: std::time::Duration,
-        /// Share of malformed events.
-        #[arg(long, default_value_t = 0.001)]
-        malformed: f64,
-        /// Share of events sent twice with the same id (producer retries).
-        #[arg(long, default_value_t = 0.0)]
-        duplicates: f64,
-        /// Share of erasure requests (tombstones on Kafka).
-        #[arg(long, default_value_t = 0.0)]
-        erasures: f64,
-    },
+    Generate(GenerateArgs),
     /// Validate a configuration file and print the effective model, defaults filled in.
     CheckConfig {
         /// The configuration file.
@@ -202,33 +206,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config } => {
-            let settings = match &config {
-                Some(path) => Settings::load(path)?,
-                None => Settings::load_built_in()?,
-            };
-            if settings.built_in_model {
-                let from = config.as_ref().map_or_else(
-                    || "no --config".to_string(),
-                    |p| format!("no [scoring] in {}", p.display()),
-                );
-                tracing::info!(
-                    activities = settings.model.activities.len(),
-                    "{from}: scoring with the built-in model (config/default.toml)"
-                );
-            }
-            settings.kafka()?;
-            let runtime = tokio::runtime::Runtime::new()?;
-            let result = runtime.block_on(ces_stream::service::run(
-                settings,
-                ces_stream::shutdown::signal(),
-            ));
-            // The service bounds its own shutdown: a client call still
-            // blocked past shutdown_timeout must not hold the exit.
-            runtime.shutdown_background();
-            result?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run { config } => run_service(config.as_deref()),
         Command::Demo {
             rate,
             customers,
@@ -236,97 +214,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             config,
             plain,
-        } => {
-            let runtime = tokio::runtime::Runtime::new()?;
-            let opts = ces_stream::demo::DemoOptions {
-                rate,
-                customers,
-                partitions,
-                duration,
-                config,
-                plain,
-            };
-            runtime.block_on(ces_stream::demo::run(opts, ces_stream::shutdown::signal()))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_demo(ces_stream::demo::DemoOptions {
+            rate,
+            customers,
+            partitions,
+            duration,
+            config,
+            plain,
+        }),
         Command::CheckConfig { file } => {
             let settings = Settings::load(&file)?;
             print!("{}", settings.effective_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Generate {
-            output,
-            brokers,
-            topic,
-            rate,
-            events,
-            customers,
-            seed,
-            start,
-            span,
-            malformed,
-            duplicates,
-            erasures,
-        } => {
-            for (flag, share) in [
-                ("--malformed", malformed),
-                ("--duplicates", duplicates),
-                ("--erasures", erasures),
-            ] {
-                anyhow::ensure!(
-                    (0.0..=1.0).contains(&share),
-                    "{flag} must be a share in [0, 1], got {share}"
-                );
-            }
-            let opts = ces_stream::synth::SynthOptions {
-                customers,
-                seed,
-                malformed,
-                duplicates,
-                erasures,
-                ..Default::default()
-            };
-            if let (Some(brokers), Some(topic)) = (brokers, topic) {
-                let target = ces_stream::generate::KafkaTarget {
-                    brokers,
-                    topic,
-                    rate,
-                    events,
-                    cycle: std::time::Duration::from_secs(600),
-                    options: Vec::new(),
-                };
-                let running = ces_stream::generate::spawn(target, opts);
-                let stop = std::sync::Arc::clone(&running.stop);
-                let runtime = tokio::runtime::Runtime::new()?;
-                let sent = std::sync::Arc::clone(&running.sent);
-                runtime.spawn(async move {
-                    ces_stream::shutdown::signal().await;
-                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                });
-                let result = running
-                    .thread
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?;
-                result.context("cannot produce to Kafka")?;
-                eprintln!(
-                    "generate: {} events sent",
-                    sent.load(std::sync::atomic::Ordering::SeqCst)
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let output = output.context("--output or --brokers/--topic is required")?;
-            let events = events.unwrap_or(1_000_000);
-            let start = ces_stream::timestamp::parse_rfc3339(&start)
-                .with_context(|| format!("--start {start:?} is not an RFC 3339 time"))?;
-            let span = ces_stream::timestamp::duration_millis(span).map_err(anyhow::Error::msg)?;
-            let out: Box<dyn Write> = if output.as_os_str() == "-" {
-                Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
-            } else {
-                Box::new(create(&output)?)
-            };
-            ces_stream::generate::to_file(out, events, opts, start, span)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Generate(args) => generate(args),
         Command::Replay {
             config,
             input,
@@ -364,6 +265,117 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `run`: the service, until a signal.
+fn run_service(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let settings = match config {
+        Some(path) => Settings::load(path)?,
+        None => Settings::load_built_in()?,
+    };
+    if settings.built_in_model {
+        let from = config.map_or_else(
+            || "no --config".to_string(),
+            |p| format!("no [scoring] in {}", p.display()),
+        );
+        tracing::info!(
+            activities = settings.model.activities.len(),
+            "{from}: scoring with the built-in model (config/default.toml)"
+        );
+    }
+    settings.kafka()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(ces_stream::service::run(
+        settings,
+        ces_stream::shutdown::signal(),
+    ));
+    // The service bounds its own shutdown: a client call still blocked
+    // past shutdown_timeout must not hold the exit.
+    runtime.shutdown_background();
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `demo`: the embedded broker, generator and pipeline.
+fn run_demo(options: ces_stream::demo::DemoOptions) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(ces_stream::demo::run(
+        options,
+        ces_stream::shutdown::signal(),
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `generate`: a synthetic clickstream to Kafka (live) or to a file.
+fn generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    for (flag, share) in [
+        ("--malformed", args.malformed),
+        ("--duplicates", args.duplicates),
+        ("--erasures", args.erasures),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "{flag} must be a share in [0, 1], got {share}"
+        );
+    }
+    let options = ces_stream::synth::SynthOptions {
+        customers: args.customers,
+        seed: args.seed,
+        malformed: args.malformed,
+        duplicates: args.duplicates,
+        erasures: args.erasures,
+        ..Default::default()
+    };
+    if let (Some(brokers), Some(topic)) = (args.brokers, args.topic) {
+        let target = ces_stream::generate::KafkaTarget {
+            brokers,
+            topic,
+            rate: args.rate,
+            events: args.events,
+            cycle: std::time::Duration::from_secs(600),
+            options: Vec::new(),
+        };
+        return generate_to_kafka(target, options);
+    }
+    let output = args
+        .output
+        .context("--output or --brokers/--topic is required")?;
+    let events = args.events.unwrap_or(1_000_000);
+    let start = ces_stream::timestamp::parse_rfc3339(&args.start)
+        .with_context(|| format!("--start {:?} is not an RFC 3339 time", args.start))?;
+    let span = ces_stream::timestamp::duration_millis(args.span).map_err(anyhow::Error::msg)?;
+    let out: Box<dyn Write> = if output.as_os_str() == "-" {
+        Box::new(BufWriter::with_capacity(1 << 20, std::io::stdout().lock()))
+    } else {
+        Box::new(create(&output)?)
+    };
+    ces_stream::generate::to_file(out, events, options, start, span)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Produces to Kafka until the events are sent or a signal comes.
+fn generate_to_kafka(
+    target: ces_stream::generate::KafkaTarget,
+    options: ces_stream::synth::SynthOptions,
+) -> anyhow::Result<ExitCode> {
+    let running = ces_stream::generate::spawn(target, options);
+    let stop = std::sync::Arc::clone(&running.stop);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let sent = std::sync::Arc::clone(&running.sent);
+    runtime.spawn(async move {
+        ces_stream::shutdown::signal().await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let result = running
+        .thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?;
+    result.context("cannot produce to Kafka")?;
+    eprintln!(
+        "generate: {} events sent",
+        sent.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_time(text: &str) -> anyhow::Result<i64> {
