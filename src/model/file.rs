@@ -202,11 +202,43 @@ pub fn build_model(raw: ModelSections<'_>) -> Result<Model, InvalidSetting> {
         Duration::from_secs(14 * DAY),
     )?;
     check("scoring.half_life", half_life > 0, "must be positive")?;
-
+    // In the file's order: with several problems, the first is reported.
     let normalization = build_normalization(s.normalization.as_ref())?;
+    let activities = build_activities(&s.activities)?;
+    let diversity = s.diversity.as_ref().map(build_diversity).transpose()?;
+    let tiers = build_tiers(raw.tiers)?;
+    let signals = build_signals(raw.signals)?;
+    let input = build_input(raw.input)?;
+    let forget_after = match s.forget_after {
+        None => None,
+        Some(d) => {
+            let ms = millis("scoring.forget_after", Some(d), Duration::ZERO)?;
+            check("scoring.forget_after", ms > 0, "must be positive")?;
+            Some(ms)
+        }
+    };
+    Model::new(ModelParts {
+        half_life,
+        normalization,
+        activities,
+        diversity,
+        tiers,
+        signals,
+        format: input.format,
+        max_event_bytes: input.max_event_bytes,
+        max_future_skew: input.max_future_skew,
+        max_lateness: input.max_lateness,
+        dedup_depth: input.dedup_depth,
+        forget_after,
+        segment_events: input.segment_events,
+    })
+}
 
-    let mut activities = Vec::with_capacity(s.activities.len());
-    for (name, a) in &s.activities {
+fn build_activities(
+    raw: &IndexMap<String, RawActivity>,
+) -> Result<Vec<ActivityParts>, InvalidSetting> {
+    let mut activities = Vec::with_capacity(raw.len());
+    for (name, a) in raw {
         let key = format!("scoring.activities.{}", quote_key(name));
         check(&key, !name.is_empty(), "activity names cannot be empty")?;
         let weight = finite(&format!("{key}.weight"), a.weight.unwrap_or(0.0))?;
@@ -234,43 +266,49 @@ pub fn build_model(raw: ModelSections<'_>) -> Result<Model, InvalidSetting> {
             channel: a.channel.clone(),
         });
     }
+    Ok(activities)
+}
 
-    let diversity = match &s.diversity {
-        None => None,
-        Some(d) => {
-            let window = millis(
-                "scoring.diversity.window",
-                d.window,
-                Duration::from_secs(30 * DAY),
-            )?;
-            check("scoring.diversity.window", window > 0, "must be positive")?;
-            let bonus_per_channel = finite(
-                "scoring.diversity.bonus_per_channel",
-                d.bonus_per_channel.unwrap_or(0.1),
-            )?;
-            check(
-                "scoring.diversity.bonus_per_channel",
-                bonus_per_channel >= 0.0,
-                "must be >= 0",
-            )?;
-            let max_channels = d.max_channels.unwrap_or(4);
-            check(
-                "scoring.diversity.max_channels",
-                (1..=255).contains(&max_channels),
-                "must be between 1 and 255",
-            )?;
-            Some(Diversity {
-                window,
-                bonus_per_channel,
-                max_channels: max_channels as u32,
-            })
-        }
-    };
+fn build_diversity(d: &RawDiversity) -> Result<Diversity, InvalidSetting> {
+    let window = millis(
+        "scoring.diversity.window",
+        d.window,
+        Duration::from_secs(30 * DAY),
+    )?;
+    check("scoring.diversity.window", window > 0, "must be positive")?;
+    let bonus_per_channel = finite(
+        "scoring.diversity.bonus_per_channel",
+        d.bonus_per_channel.unwrap_or(0.1),
+    )?;
+    check(
+        "scoring.diversity.bonus_per_channel",
+        bonus_per_channel >= 0.0,
+        "must be >= 0",
+    )?;
+    let max_channels = d.max_channels.unwrap_or(4);
+    check(
+        "scoring.diversity.max_channels",
+        (1..=255).contains(&max_channels),
+        "must be between 1 and 255",
+    )?;
+    Ok(Diversity {
+        window,
+        bonus_per_channel,
+        max_channels: max_channels as u32,
+    })
+}
 
-    let tiers = build_tiers(raw.tiers)?;
-    let signals = build_signals(raw.signals)?;
+/// `[input]`, validated (its `clock` is the service's, not the model's).
+struct InputParts {
+    format: InputFormat,
+    max_event_bytes: usize,
+    max_future_skew: Millis,
+    max_lateness: Millis,
+    dedup_depth: usize,
+    segment_events: Vec<(String, String)>,
+}
 
-    let i = raw.input;
+fn build_input(i: &RawInput) -> Result<InputParts, InvalidSetting> {
     let max_event_bytes = i.max_event_bytes.unwrap_or(65_536);
     check(
         "input.max_event_bytes",
@@ -293,34 +331,17 @@ pub fn build_model(raw: ModelSections<'_>) -> Result<Model, InvalidSetting> {
         (0..=MAX_DEDUP_DEPTH).contains(&dedup_depth),
         &format!("must be between 0 and {MAX_DEDUP_DEPTH}"),
     )?;
-    let forget_after = match s.forget_after {
-        None => None,
-        Some(d) => {
-            let ms = millis("scoring.forget_after", Some(d), Duration::ZERO)?;
-            check("scoring.forget_after", ms > 0, "must be positive")?;
-            Some(ms)
-        }
-    };
-    let segment_events = i
-        .segment_events
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-
-    Model::new(ModelParts {
-        half_life,
-        normalization,
-        activities,
-        diversity,
-        tiers,
-        signals,
+    Ok(InputParts {
         format: i.format.unwrap_or(InputFormat::Auto),
         max_event_bytes: usize::try_from(max_event_bytes).unwrap_or(usize::MAX),
         max_future_skew,
         max_lateness,
         dedup_depth: dedup_depth as usize,
-        forget_after,
-        segment_events,
+        segment_events: i
+            .segment_events
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
