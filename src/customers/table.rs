@@ -4,7 +4,8 @@
 //! an id's hash to its slot, and the wake-up marks of the sweeps. A
 //! removed customer (forgotten or erased) is replaced by the last record,
 //! so that the table stays dense and its memory is reused; the id arena is
-//! compacted once half of it is garbage.
+//! compacted once half of it is garbage. A snapshot copies the table
+//! while it changes ([`SnapshotCopy`]).
 
 use super::id::{id_of, id_str, CustomerId, InlineKey};
 use super::index::{Slot, SlotIndex, MAX_SLOT};
@@ -36,24 +37,24 @@ pub enum TableFull {
 
 /// All customers of one partition.
 pub struct CustomerTable {
-    pub(super) layout: Layout,
-    pub(super) words: MappedWords,
-    pub(super) ids: Mapped<u8>,
-    pub(super) index: SlotIndex,
-    pub(super) hasher: foldhash::fast::RandomState,
+    layout: Layout,
+    words: MappedWords,
+    ids: Mapped<u8>,
+    index: SlotIndex,
+    hasher: foldhash::fast::RandomState,
     /// Per customer, the sweep (counted from `wake_base`) up to which
     /// evaluating it cannot change anything; 0 when unknown. Kept apart from
     /// the records so that a sweep scans 2 bytes per customer, not a record.
-    pub(super) wake: Mapped<u16>,
-    pub(super) wake_base: i64,
+    wake: Mapped<u16>,
+    wake_base: i64,
     /// A snapshot being copied out while processing goes on (copy-on-write).
-    pub(super) snapshot: Option<SnapshotCopy>,
+    snapshot: Option<SnapshotCopy>,
     /// Bytes of the id arena no record points to any more.
-    pub(super) ids_garbage: usize,
+    ids_garbage: usize,
     /// Customers removed since [`Self::take_removed`], with their
     /// `PERSISTED` flag, when the shell asked for them (the changelog store
     /// writes their tombstones).
-    pub(super) removed: Option<Vec<Removed>>,
+    removed: Option<Vec<Removed>>,
 }
 
 impl std::fmt::Debug for CustomerTable {
@@ -161,7 +162,7 @@ impl CustomerTable {
     /// Rewrites the id arena without the ids of removed customers, once
     /// they are most of it. Not while a snapshot copies records: their
     /// arena offsets must stay valid until it ends.
-    pub(super) fn compact_ids(&mut self) {
+    fn compact_ids(&mut self) {
         if self.snapshot.is_some()
             || self.ids_garbage < 1 << 16
             || self.ids_garbage * 2 < self.ids.len()
@@ -281,6 +282,96 @@ impl CustomerTable {
         CustomerTable::from_parts(layout, words, ids)
     }
 
+    /// Starts a copy-on-write snapshot; returns (records, id bytes) it covers.
+    pub fn begin_snapshot(&mut self) -> (usize, usize) {
+        let copy = SnapshotCopy::begin(self.len(), self.ids.len());
+        let covers = (copy.len, copy.ids_len);
+        self.snapshot = Some(copy);
+        covers
+    }
+
+    /// Whether a snapshot copy is in progress.
+    pub fn snapshot_active(&self) -> bool {
+        self.snapshot.is_some()
+    }
+
+    /// Saves a record's words before its first change during a snapshot.
+    #[inline(always)]
+    fn before_write(&mut self, slot: Slot) {
+        if self.snapshot.is_some() {
+            self.save_for_snapshot(slot);
+        }
+    }
+
+    /// [`Self::before_write`] while a snapshot is being copied.
+    #[cold]
+    fn save_for_snapshot(&mut self, slot: Slot) {
+        let stride = self.layout.stride;
+        if let Some(copy) = &mut self.snapshot {
+            let base = slot as usize * stride;
+            if let Some(record) = self.words.get(base..base + stride) {
+                copy.save(slot, record);
+            }
+        }
+    }
+
+    /// Appends up to `max` more records of the snapshot to `out`, as they
+    /// were when it began. Returns true when every record was copied; the
+    /// id arena is then `ids_at_start`.
+    pub fn snapshot_chunk(&mut self, max: usize, out: &mut Vec<u32>) -> bool {
+        let stride = self.layout.stride;
+        match &mut self.snapshot {
+            Some(copy) => copy.chunk(&self.words, stride, max, out),
+            None => true,
+        }
+    }
+
+    /// As [`Self::snapshot_chunk`], but hands only the records changed since
+    /// the last snapshot to `write` (id, words), marks the live ones that did
+    /// not change during this snapshot clean, and marks every customer
+    /// written `PERSISTED`.
+    pub fn snapshot_chunk_dirty(&mut self, max: usize, write: impl FnMut(&str, &[u32])) -> bool {
+        let stride = self.layout.stride;
+        let Some(copy) = &mut self.snapshot else {
+            return true;
+        };
+        let (done, moved) = copy.chunk_dirty(&mut self.words, &self.ids, stride, max, write);
+        // Changed (or moved, or removed) since the snapshot began: it
+        // stays dirty; find it by id to flag it.
+        let persisted_bit = header_word::flag_bit(flags::PERSISTED);
+        for id in moved {
+            if let Some(slot) = self.find(&id) {
+                self.words[slot as usize * stride] |= persisted_bit;
+            }
+        }
+        done
+    }
+
+    /// Marks every customer changed (after a failed incremental write).
+    pub fn mark_all_dirty(&mut self) {
+        let dirty_bit = header_word::flag_bit(flags::DIRTY);
+        let stride = self.layout.stride;
+        for slot in 0..self.len() {
+            self.words[slot * stride] |= dirty_bit;
+        }
+    }
+
+    /// The id arena as it was when the snapshot began, and ends the snapshot.
+    pub fn finish_snapshot(&mut self) -> Vec<u8> {
+        let ids = match self.snapshot.take() {
+            Some(copy) => self.ids[..copy.ids_len].to_vec(),
+            None => Vec::new(),
+        };
+        self.compact_ids();
+        ids
+    }
+
+    /// Abandons a snapshot in progress.
+    pub fn cancel_snapshot(&mut self) {
+        self.snapshot = None;
+        self.compact_ids();
+    }
+
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -293,7 +384,7 @@ impl CustomerTable {
         self.words.is_empty()
     }
 
-    pub(super) fn hash(&self, id: &[u8]) -> u64 {
+    fn hash(&self, id: &[u8]) -> u64 {
         use std::hash::BuildHasher;
         self.hasher.hash_one(id)
     }
@@ -301,7 +392,7 @@ impl CustomerTable {
     /// The hash of the id in `slot`, from the table's parts: what the
     /// index asks for (to grow or shift) while it is borrowed mutably.
     #[inline]
-    pub(super) fn slot_hash(
+    fn slot_hash(
         hasher: &foldhash::fast::RandomState,
         words: &[u32],
         ids: &[u8],
@@ -313,12 +404,7 @@ impl CustomerTable {
     }
 
     #[inline]
-    pub(super) fn id_bytes<'a>(
-        words: &'a [u32],
-        ids: &'a [u8],
-        stride: usize,
-        slot: Slot,
-    ) -> &'a [u8] {
+    fn id_bytes<'a>(words: &'a [u32], ids: &'a [u8], stride: usize, slot: Slot) -> &'a [u8] {
         let base = slot as usize * stride;
         id_of(&words[base..base + ID_END], ids)
     }
