@@ -1,0 +1,379 @@
+//! The report's figures, gathered while a history is replayed: aggregates
+//! only (per day, per tier, per bin), never a row per customer, so that
+//! the report stays small at any history size. Pure: the replay tells the
+//! [`FigureBuilder`] what happens ([`Observer`]), and [`FigureBuilder::finish`]
+//! reads the engine at the end.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::engine::{Engine, Signal, SignalKind};
+use crate::event::{Event, IgnoreReason, InvalidReason};
+use crate::model::Model;
+use crate::replay::{Observer, Summary};
+use crate::timestamp::{format_rfc3339, Millis};
+
+const DAY: Millis = 86_400_000;
+/// Past this many days, tiers over time are given per week.
+const DAILY_UP_TO: usize = 120;
+/// Score histogram bins: 0-10, 10-20, ... 90-100.
+const BINS: usize = 10;
+/// The movement matrix compares with the tiers this long before the end.
+pub const DEFAULT_MOVEMENT_WINDOW: Millis = 30 * DAY;
+
+/// Every figure of a report, as `--json` writes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Figures {
+    pub summary: SummaryFigures,
+    pub tiers: Vec<String>,
+    pub tiers_over_time: TiersOverTime,
+    pub churn_per_day: Vec<ChurnDay>,
+    pub distribution: Distribution,
+    pub separation: Vec<TierProfile>,
+    pub movement: Movement,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SummaryFigures {
+    /// First and last event time (RFC 3339); `None` for an empty history.
+    pub period_start: Option<String>,
+    pub period_end: Option<String>,
+    pub events: u64,
+    pub accepted: u64,
+    pub dead_lettered: BTreeMap<String, u64>,
+    pub ignored: BTreeMap<String, u64>,
+    pub erasures: u64,
+    pub customers: u64,
+    pub signals: BTreeMap<String, u64>,
+}
+
+/// Customers per tier (by the last emitted tier) at the start of each
+/// period: a day, or a week past [`DAILY_UP_TO`] days.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TiersOverTime {
+    /// `"day"` or `"week"`.
+    pub period: String,
+    pub points: Vec<TierPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierPoint {
+    /// The period's start (RFC 3339).
+    pub at: String,
+    /// Customers per tier, lowest first.
+    pub customers: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChurnDay {
+    /// The day (RFC 3339, midnight UTC).
+    pub day: String,
+    pub churn_risk: u64,
+    pub churn_risk_cleared: u64,
+}
+
+/// Scores at the end of the history, in bins of 10 points.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Distribution {
+    /// When the scores were evaluated (the last event's time).
+    pub at: Option<String>,
+    /// Lower bound of each bin; the last bin includes 100.
+    pub bins: Vec<f64>,
+    pub customers: Vec<u64>,
+    pub mean_score: f64,
+}
+
+/// What the customers of one tier do, at the end.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierProfile {
+    pub tier: String,
+    pub customers: u64,
+    /// Mean contribution of each activity (points), model order.
+    pub mean_contribution: Vec<(String, f64)>,
+    /// Each channel's share of the tier's accepted events, 0..1.
+    pub channel_share: Vec<(String, f64)>,
+}
+
+/// Tier at the start of the window against tier at the end.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Movement {
+    pub since: Option<String>,
+    /// Row labels: the tiers, then `(new)` for customers with no tier yet.
+    pub from: Vec<String>,
+    /// Column labels: the tiers, then `(gone)` for customers no longer held.
+    pub to: Vec<String>,
+    /// `counts[from][to]`.
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// Gathers the figures during a replay.
+pub struct FigureBuilder {
+    model: std::sync::Arc<Model>,
+    /// Start of the next day whose tier counts are due.
+    next_day: Option<Millis>,
+    daily: Vec<(Millis, Vec<u64>)>,
+    churn: BTreeMap<Millis, (u64, u64)>,
+    first_event: Option<Millis>,
+    last_event: Option<Millis>,
+    /// Per customer (by id hash): accepted events per channel.
+    channel_events: HashMap<u64, Vec<u32>>,
+    /// Per customer (by id hash): its emitted tiers over time, (at, tier);
+    /// `u8::MAX` once erased.
+    tier_changes: HashMap<u64, Vec<(Millis, u8)>>,
+    hasher: foldhash::fast::FixedState,
+    movement_window: Millis,
+}
+
+/// A tier change meaning "no longer held" (erased).
+const GONE: u8 = u8::MAX;
+
+impl FigureBuilder {
+    pub fn new(model: std::sync::Arc<Model>, movement_window: Millis) -> FigureBuilder {
+        FigureBuilder {
+            model,
+            next_day: None,
+            daily: Vec::new(),
+            churn: BTreeMap::new(),
+            first_event: None,
+            last_event: None,
+            channel_events: HashMap::new(),
+            tier_changes: HashMap::new(),
+            hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
+            movement_window,
+        }
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    /// The figures, from what was observed and the engine at the end.
+    pub fn finish(self, engine: &Engine, summary: &Summary) -> Figures {
+        let model = &self.model;
+        let tier_names: Vec<String> = model.tiers.iter().map(|t| t.name.to_string()).collect();
+        let end = self.last_event;
+        let summary_figures = SummaryFigures {
+            period_start: self.first_event.map(|t| format_rfc3339(t).to_string()),
+            period_end: end.map(|t| format_rfc3339(t).to_string()),
+            events: summary.events,
+            accepted: summary.accepted,
+            dead_lettered: InvalidReason::ALL
+                .iter()
+                .filter(|r| summary.invalid_count(**r) > 0)
+                .map(|r| (r.as_str().to_string(), summary.invalid_count(*r)))
+                .collect(),
+            ignored: IgnoreReason::ALL
+                .iter()
+                .filter(|r| summary.ignored_count(**r) > 0)
+                .map(|r| (r.as_str().to_string(), summary.ignored_count(*r)))
+                .collect(),
+            erasures: summary.erasures,
+            customers: summary.customers,
+            signals: SignalKind::NAMES
+                .iter()
+                .zip(summary.outputs)
+                .map(|(name, n)| (name.to_string(), n))
+                .collect(),
+        };
+
+        // The end state: every customer evaluated at the last event's time.
+        let tiers = model.tiers.len();
+        let activities = model.activities.len();
+        let channels = model.channels.len();
+        let mut bins = vec![0u64; BINS];
+        let mut score_sum = 0.0;
+        let mut per_tier_customers = vec![0u64; tiers];
+        let mut per_tier_contribution = vec![vec![0.0f64; activities]; tiers];
+        let mut per_tier_channel_events = vec![vec![0u64; channels]; tiers];
+        let mut end_tier: HashMap<u64, u8> = HashMap::new();
+        let table = engine.customers();
+        if let Some(at) = end {
+            for slot in 0..table.len() as u32 {
+                let view = engine.view_slot(slot, at);
+                let bin = ((view.score / 10.0).floor() as usize).min(BINS - 1);
+                bins[bin] += 1;
+                score_sum += view.score;
+                let tier = usize::from(view.tier).min(tiers - 1);
+                per_tier_customers[tier] += 1;
+                for (sum, c) in per_tier_contribution[tier].iter_mut().zip(&view.contributions) {
+                    *sum += c;
+                }
+                let hash = self.hash(&view.customer_id);
+                if let Some(events) = self.channel_events.get(&hash) {
+                    for (sum, n) in per_tier_channel_events[tier].iter_mut().zip(events) {
+                        *sum += u64::from(*n);
+                    }
+                }
+                end_tier.insert(hash, view.tier);
+            }
+        }
+        let held = table.len() as u64;
+        let separation = (0..tiers)
+            .map(|t| {
+                let n = per_tier_customers[t];
+                let events: u64 = per_tier_channel_events[t].iter().sum();
+                TierProfile {
+                    tier: tier_names[t].clone(),
+                    customers: n,
+                    mean_contribution: model
+                        .activities
+                        .iter()
+                        .zip(&per_tier_contribution[t])
+                        .map(|(a, sum)| (a.name.to_string(), round2(sum / n.max(1) as f64)))
+                        .collect(),
+                    channel_share: model
+                        .channels
+                        .iter()
+                        .zip(&per_tier_channel_events[t])
+                        .map(|(c, e)| (c.to_string(), round4(*e as f64 / events.max(1) as f64)))
+                        .collect(),
+                }
+            })
+            .collect();
+
+        let movement = self.movement(end, &end_tier, &tier_names);
+        let tiers_over_time = tiers_over_time(&self.daily);
+        let churn_per_day = self
+            .churn
+            .iter()
+            .map(|(day, (risk, cleared))| ChurnDay {
+                day: format_rfc3339(*day).to_string(),
+                churn_risk: *risk,
+                churn_risk_cleared: *cleared,
+            })
+            .collect();
+        Figures {
+            summary: summary_figures,
+            tiers: tier_names,
+            tiers_over_time,
+            churn_per_day,
+            distribution: Distribution {
+                at: end.map(|t| format_rfc3339(t).to_string()),
+                bins: (0..BINS).map(|b| (b * 10) as f64).collect(),
+                customers: bins,
+                mean_score: round2(score_sum / held.max(1) as f64),
+            },
+            separation,
+            movement,
+        }
+    }
+
+    /// Tier at `end - window` (from the emitted tiers) against tier at the end.
+    fn movement(&self, end: Option<Millis>, end_tier: &HashMap<u64, u8>, names: &[String]) -> Movement {
+        let tiers = names.len();
+        let mut counts = vec![vec![0u64; tiers + 1]; tiers + 1];
+        let since = end.map(|e| e - self.movement_window);
+        if let Some(since) = since {
+            let mut seen = std::collections::HashSet::new();
+            for (hash, changes) in &self.tier_changes {
+                let before = changes.iter().rev().find(|(at, _)| *at <= since).map(|(_, t)| *t);
+                let from = match before {
+                    Some(t) if t != GONE => usize::from(t).min(tiers - 1),
+                    _ => tiers, // (new)
+                };
+                let to = end_tier.get(hash).map_or(tiers, |t| usize::from(*t).min(tiers - 1));
+                if before.is_none() && to == tiers {
+                    continue; // came and went within the window
+                }
+                counts[from][to] += 1;
+                seen.insert(*hash);
+            }
+            // Customers held at the end without any signal: never scored
+            // above the lowest bound, new within the window or before it.
+            for (hash, t) in end_tier {
+                if !seen.contains(hash) {
+                    counts[tiers][usize::from(*t).min(tiers - 1)] += 1;
+                }
+            }
+        }
+        let mut from = names.to_vec();
+        from.push("(new)".into());
+        let mut to = names.to_vec();
+        to.push("(gone)".into());
+        Movement {
+            since: since.map(|t| format_rfc3339(t).to_string()),
+            from,
+            to,
+            counts,
+        }
+    }
+}
+
+impl Observer for FigureBuilder {
+    fn before_event(&mut self, engine: &Engine, t: Millis) {
+        self.first_event = Some(self.first_event.map_or(t, |f| f.min(t)));
+        self.last_event = Some(self.last_event.map_or(t, |l| l.max(t)));
+        let due = *self.next_day.get_or_insert(t - t.rem_euclid(DAY));
+        if t >= due {
+            // The tiers as the day began (the events before it applied).
+            let mut day = due;
+            while day <= t {
+                self.daily.push((day, engine.tier_counts().to_vec()));
+                day += DAY;
+            }
+            self.next_day = Some(day);
+        }
+    }
+
+    fn applied(&mut self, _engine: &Engine, event: &Event<'_>) {
+        let channel = event
+            .channel
+            .unwrap_or_else(|| self.model.activities[usize::from(event.activity)].channel);
+        let channels = self.model.channels.len();
+        let hash = self.hash(&event.customer_id);
+        let counts = self
+            .channel_events
+            .entry(hash)
+            .or_insert_with(|| vec![0; channels]);
+        if let Some(n) = counts.get_mut(usize::from(channel)) {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    fn signal(&mut self, signal: &Signal<'_>) {
+        let day = signal.at - signal.at.rem_euclid(DAY);
+        match signal.kind {
+            SignalKind::ChurnRisk { .. } => self.churn.entry(day).or_default().0 += 1,
+            SignalKind::ChurnRiskCleared => self.churn.entry(day).or_default().1 += 1,
+            SignalKind::ScoreChanged { .. } => {
+                let hash = self.hash(signal.customer_id);
+                let changes = self.tier_changes.entry(hash).or_default();
+                if changes.last().map(|(_, t)| *t) != Some(signal.tier) {
+                    changes.push((signal.at, signal.tier));
+                }
+            }
+            SignalKind::CustomerErased => {
+                let hash = self.hash(signal.customer_id);
+                self.tier_changes.entry(hash).or_default().push((signal.at, GONE));
+                self.channel_events.remove(&hash);
+            }
+        }
+    }
+}
+
+/// Daily points, or weekly ones (every seventh day) past [`DAILY_UP_TO`].
+fn tiers_over_time(daily: &[(Millis, Vec<u64>)]) -> TiersOverTime {
+    let weekly = daily.len() > DAILY_UP_TO;
+    let step = if weekly { 7 } else { 1 };
+    TiersOverTime {
+        period: if weekly { "week" } else { "day" }.into(),
+        points: daily
+            .iter()
+            .step_by(step)
+            .map(|(at, customers)| TierPoint {
+                at: format_rfc3339(*at).to_string(),
+                customers: customers.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
+}
