@@ -263,7 +263,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(&config)?;
             let window = ces_stream::timestamp::duration_millis(movement_window)
                 .map_err(anyhow::Error::msg)?;
-            report(settings, &input, &output, json.as_deref(), window, no_progress)
+            report(
+                settings,
+                &input,
+                &output,
+                json.as_deref(),
+                window,
+                no_progress,
+            )
         }
         Command::Replay {
             config,
@@ -474,12 +481,8 @@ fn report(
         }
     };
     let progress: Option<replay::Progress<'_>> = bar.is_some().then_some(&mut tick as _);
-    let (figures, summary) = ces_stream::report::figures(
-        Arc::new(settings.model),
-        reader,
-        movement_window,
-        progress,
-    )?;
+    let (figures, summary) =
+        ces_stream::report::figures(Arc::new(settings.model), reader, movement_window, progress)?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

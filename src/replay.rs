@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, EngineError, Outcome, Signal, SignalKind};
 use crate::event::{self, Event, IgnoreReason, InvalidReason, ParseContext, Parsed};
-use crate::timestamp::Millis;
 use crate::model::Model;
 use crate::output::{push_json_str, Encoder};
+use crate::timestamp::Millis;
 
 /// Why a replay stopped before the end of its input.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,14 @@ pub fn replay_into(
     dead_letters: Option<&mut dyn Write>,
     progress: Option<Progress<'_>>,
 ) -> Result<Summary, ReplayError> {
-    replay_observed(engine, input, output, dead_letters, progress, &mut NoObserver)
+    replay_observed(
+        engine,
+        input,
+        output,
+        dead_letters,
+        progress,
+        &mut NoObserver,
+    )
 }
 
 /// As [`replay_into`], telling `observer` what happens.

@@ -197,7 +197,10 @@ impl FigureBuilder {
                 score_sum += view.score;
                 let tier = usize::from(view.tier).min(tiers - 1);
                 per_tier_customers[tier] += 1;
-                for (sum, c) in per_tier_contribution[tier].iter_mut().zip(&view.contributions) {
+                for (sum, c) in per_tier_contribution[tier]
+                    .iter_mut()
+                    .zip(&view.contributions)
+                {
                     *sum += c;
                 }
                 let hash = self.hash(&view.customer_id);
@@ -261,19 +264,30 @@ impl FigureBuilder {
     }
 
     /// Tier at `end - window` (from the emitted tiers) against tier at the end.
-    fn movement(&self, end: Option<Millis>, end_tier: &HashMap<u64, u8>, names: &[String]) -> Movement {
+    fn movement(
+        &self,
+        end: Option<Millis>,
+        end_tier: &HashMap<u64, u8>,
+        names: &[String],
+    ) -> Movement {
         let tiers = names.len();
         let mut counts = vec![vec![0u64; tiers + 1]; tiers + 1];
         let since = end.map(|e| e - self.movement_window);
         if let Some(since) = since {
             let mut seen = std::collections::HashSet::new();
             for (hash, changes) in &self.tier_changes {
-                let before = changes.iter().rev().find(|(at, _)| *at <= since).map(|(_, t)| *t);
+                let before = changes
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| *at <= since)
+                    .map(|(_, t)| *t);
                 let from = match before {
                     Some(t) if t != GONE => usize::from(t).min(tiers - 1),
                     _ => tiers, // (new)
                 };
-                let to = end_tier.get(hash).map_or(tiers, |t| usize::from(*t).min(tiers - 1));
+                let to = end_tier
+                    .get(hash)
+                    .map_or(tiers, |t| usize::from(*t).min(tiers - 1));
                 if before.is_none() && to == tiers {
                     continue; // came and went within the window
                 }
@@ -346,7 +360,10 @@ impl Observer for FigureBuilder {
             }
             SignalKind::CustomerErased => {
                 let hash = self.hash(signal.customer_id);
-                self.tier_changes.entry(hash).or_default().push((signal.at, GONE));
+                self.tier_changes
+                    .entry(hash)
+                    .or_default()
+                    .push((signal.at, GONE));
                 self.channel_events.remove(&hash);
             }
         }

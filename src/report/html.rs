@@ -32,6 +32,7 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2.5rem; border-bo
 .chart { display: flex; flex-wrap: wrap; gap: 1.5rem; align-items: flex-start; }
 .chart svg { background: #fff; border: 1px solid var(--line); border-radius: 4px; max-width: 100%; height: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 0.5rem 0; }
+.wide { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid var(--line); padding: 0.2rem 0.5rem; text-align: right; }
 th { background: rgba(var(--shade), 0.08); } td:first-child, th:first-child { text-align: left; }
 .muted { color: var(--muted); }
@@ -89,19 +90,35 @@ fn summary(page: &mut String, f: &Figures) {
         s.customers
     );
     for (reason, n) in &s.dead_lettered {
-        let _ = write!(page, "<tr><th>dead-lettered: {}</th><td>{n}</td></tr>", escape(reason));
+        let _ = write!(
+            page,
+            "<tr><th>dead-lettered: {}</th><td>{n}</td></tr>",
+            escape(reason)
+        );
     }
     for (reason, n) in &s.ignored {
-        let _ = write!(page, "<tr><th>ignored: {}</th><td>{n}</td></tr>", escape(reason));
+        let _ = write!(
+            page,
+            "<tr><th>ignored: {}</th><td>{n}</td></tr>",
+            escape(reason)
+        );
     }
     for (kind, n) in &s.signals {
-        let _ = write!(page, "<tr><th>signals: {}</th><td>{n}</td></tr>", escape(kind));
+        let _ = write!(
+            page,
+            "<tr><th>signals: {}</th><td>{n}</td></tr>",
+            escape(kind)
+        );
     }
     page.push_str("</table>\n");
 }
 
 /// An SVG chart drawn by `draw` on a plotters area, as a string.
-fn svg(width: u32, height: u32, draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>)) -> String {
+fn svg(
+    width: u32,
+    height: u32,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>),
+) -> String {
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (width, height)).into_drawing_area();
@@ -149,13 +166,19 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
                 let upper: Vec<(f64, f64)> = points
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| (i as f64, p.customers.iter().take(tier + 1).sum::<u64>() as f64))
+                    .map(|(i, p)| {
+                        (
+                            i as f64,
+                            p.customers.iter().take(tier + 1).sum::<u64>() as f64,
+                        )
+                    })
                     .collect();
                 let _ = chart
                     .draw_series(AreaSeries::new(upper, 0.0, colour.mix(0.85)).border_style(colour))
                     .map(|s| {
-                        s.label(f.tiers[tier].clone())
-                            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()))
+                        s.label(f.tiers[tier].clone()).legend(move |(x, y)| {
+                            Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
+                        })
                     });
             }
             let _ = chart
@@ -167,7 +190,9 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
         });
         page.push_str(&chart);
     }
-    page.push_str("<details><summary>figures</summary><table id=\"tiers-over-time\"><tr><th>from</th>");
+    page.push_str(
+        "<details><summary>figures</summary><table id=\"tiers-over-time\"><tr><th>from</th>",
+    );
     for t in &f.tiers {
         let _ = write!(page, "<th>{}</th>", escape(t));
     }
@@ -179,8 +204,9 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
         }
         page.push_str("</tr>");
     }
-    page.push_str("</table></details>");
-    page.push_str("<table id=\"churn-per-day\"><tr><th>day</th><th>churn_risk</th><th>churn_risk_cleared</th></tr>");
+    page.push_str("</table></details></div>\n<div class=\"chart\">");
+    churn_chart(page, f);
+    page.push_str("<details><summary>figures</summary><table id=\"churn-per-day\"><tr><th>day</th><th>churn_risk</th><th>churn_risk_cleared</th></tr>");
     for d in &f.churn_per_day {
         let _ = write!(
             page,
@@ -190,7 +216,67 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
             d.churn_risk_cleared
         );
     }
-    page.push_str("</table></div>\n");
+    page.push_str("</table></details></div>\n");
+}
+
+/// Churn signals per day: two lines.
+fn churn_chart(page: &mut String, f: &Figures) {
+    let days = &f.churn_per_day;
+    if days.is_empty() {
+        page.push_str("<p class=\"muted\">No churn signal in this history.</p>");
+        return;
+    }
+    let top = days
+        .iter()
+        .map(|d| d.churn_risk.max(d.churn_risk_cleared))
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let n = days.len();
+    let chart = svg(720, 240, |root| {
+        let Ok(mut chart) = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..(n.max(2) - 1) as f64, 0f64..top * 1.1)
+        else {
+            return;
+        };
+        let labels: Vec<String> = days.iter().map(|d| d.day[..10].to_string()).collect();
+        let _ = chart
+            .configure_mesh()
+            .x_labels(6)
+            .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
+            .y_desc("signals per day")
+            .draw();
+        for (name, colour, pick) in [
+            ("churn_risk", PALETTE[0], 0usize),
+            ("churn_risk_cleared", PALETTE[2], 1usize),
+        ] {
+            let series = days.iter().enumerate().map(|(i, d)| {
+                let v = if pick == 0 {
+                    d.churn_risk
+                } else {
+                    d.churn_risk_cleared
+                };
+                (i as f64, v as f64)
+            });
+            let _ = chart
+                .draw_series(LineSeries::new(series, colour.stroke_width(2)))
+                .map(|s| {
+                    s.label(name).legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(2))
+                    })
+                });
+        }
+        let _ = chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw();
+    });
+    page.push_str(&chart);
 }
 
 fn distribution(page: &mut String, f: &Figures) {
@@ -211,7 +297,11 @@ fn distribution(page: &mut String, f: &Figures) {
         else {
             return;
         };
-        let _ = chart.configure_mesh().x_desc("score").y_desc("customers").draw();
+        let _ = chart
+            .configure_mesh()
+            .x_desc("score")
+            .y_desc("customers")
+            .draw();
         let colour = PALETTE[3];
         let _ = chart.draw_series(d.bins.iter().zip(&d.customers).map(|(lo, n)| {
             Rectangle::new([(*lo + 0.5, 0.0), (*lo + 9.5, *n as f64)], colour.filled())
@@ -220,7 +310,11 @@ fn distribution(page: &mut String, f: &Figures) {
     page.push_str(&chart);
     page.push_str("<table id=\"distribution\"><tr><th>score</th><th>customers</th></tr>");
     for (lo, n) in d.bins.iter().zip(&d.customers) {
-        let _ = write!(page, "<tr><td>{lo:.0}-{:.0}</td><td>{n}</td></tr>", lo + 10.0);
+        let _ = write!(
+            page,
+            "<tr><td>{lo:.0}-{:.0}</td><td>{n}</td></tr>",
+            lo + 10.0
+        );
     }
     page.push_str("</table></div>\n");
 }
@@ -244,19 +338,26 @@ fn separation(page: &mut String, f: &Figures) {
         .flat_map(|t| t.mean_contribution.iter().map(|(_, v)| v.abs()))
         .fold(0.0f64, f64::max)
         .max(1e-9);
-    page.push_str("<table id=\"separation-contributions\"><tr><th>tier</th><th>customers</th>");
+    page.push_str("<div class=\"wide\"><table id=\"separation-contributions\"><tr><th>tier</th><th>customers</th>");
     for (activity, _) in &first.mean_contribution {
         let _ = write!(page, "<th>{}</th>", escape(activity));
     }
     page.push_str("</tr>");
     for t in &f.separation {
-        let _ = write!(page, "<tr><td>{}</td><td>{}</td>", escape(&t.tier), t.customers);
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td>",
+            escape(&t.tier),
+            t.customers
+        );
         for (_, v) in &t.mean_contribution {
             page.push_str(&shaded(&format!("{v:.2}"), v.abs() / top));
         }
         page.push_str("</tr>");
     }
-    page.push_str("</table>\n<table id=\"separation-channels\"><tr><th>tier</th>");
+    page.push_str(
+        "</table></div>\n<div class=\"wide\"><table id=\"separation-channels\"><tr><th>tier</th>",
+    );
     for (channel, _) in &first.channel_share {
         let _ = write!(page, "<th>{}</th>", escape(channel));
     }
@@ -268,7 +369,7 @@ fn separation(page: &mut String, f: &Figures) {
         }
         page.push_str("</tr>");
     }
-    page.push_str("</table>\n");
+    page.push_str("</table></div>\n");
 }
 
 fn movement(page: &mut String, f: &Figures) {
