@@ -1,0 +1,216 @@
+//! `ces-stream report`: the figures of a small history checked by hand
+//! (tests/report/: a linear model, three customers over three days; the
+//! arithmetic is written below), bad input, and the page in a real
+//! browser (headless Chromium, installed by scripts/ci-deps.sh). No broker.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/report")
+}
+
+/// Runs `report` on `input` with the test model; (status, stderr, page, figures).
+fn report(input: &Path, extra: &[&str]) -> (bool, String, String, Value) {
+    let out = tempfile::tempdir().unwrap();
+    let (html, json) = (out.path().join("r.html"), out.path().join("r.json"));
+    let result = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["report", "--no-progress", "--config"])
+        .arg(dir().join("model.toml"))
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(&html)
+        .arg("--json")
+        .arg(&json)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    let page = std::fs::read_to_string(&html).unwrap_or_default();
+    let figures = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    (result.status.success(), stderr, page, figures)
+}
+
+/// 45 or 15 points decayed over `hours` with the model's 1000-day half-life.
+fn decayed(points: f64, hours: f64) -> f64 {
+    points * 2f64.powf(-hours / 24_000.0)
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+#[test]
+fn the_figures_of_a_small_history_are_the_hand_checked_ones() {
+    let (ok, stderr, page, f) = report(&dir().join("history.jsonl"), &["--movement-window", "1d"]);
+    assert!(ok, "{stderr}");
+    // Summary: 8 lines, one not JSON, one of an activity the model lacks.
+    let s = &f["summary"];
+    assert_eq!(s["events"], 8);
+    assert_eq!(s["accepted"], 6);
+    assert_eq!(s["dead_lettered"]["invalid_json"], 1);
+    assert_eq!(s["ignored"]["unknown_activity"], 1);
+    assert_eq!(s["customers"], 3);
+    assert_eq!(s["period_start"], "2026-11-20T09:00:00.000Z");
+    assert_eq!(s["period_end"], "2026-11-22T10:00:00.000Z");
+    assert_eq!(s["signals"]["churn_risk"], 0);
+
+    // Tiers (lowest first: very_disengaged <= 40 < somewhat_engaged <= 75
+    // < very_engaged) as each day began:
+    // - 11-20: no customer yet;
+    // - 11-21: a 45 (somewhat), b 15 and c 15 (disengaged);
+    // - 11-22: a 45 + 45 (very engaged), b 30, c 15 (disengaged).
+    let points = f["tiers_over_time"]["points"].as_array().unwrap();
+    let days: Vec<(&str, Vec<u64>)> = points
+        .iter()
+        .map(|p| {
+            (
+                p["at"].as_str().unwrap(),
+                p["customers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_u64().unwrap())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        days,
+        [
+            ("2026-11-20T00:00:00.000Z", vec![0, 0, 0]),
+            ("2026-11-21T00:00:00.000Z", vec![2, 1, 0]),
+            ("2026-11-22T00:00:00.000Z", vec![2, 0, 1]),
+        ]
+    );
+
+    // Scores at the last event (11-22 10:00), each contribution decayed
+    // for the hours since its event:
+    // a: 45 (49 h) + 45 (25 h) = 89.90; b: 15 (48.5 h) + 15 (24.5 h) + 15
+    // (0 h) = 44.97; c: 15 (48 h) = 14.98.
+    let a = decayed(45.0, 49.0) + decayed(45.0, 25.0);
+    let b = decayed(15.0, 48.5) + decayed(15.0, 24.5) + 15.0;
+    let c = decayed(15.0, 48.0);
+    assert_eq!((round2(a), round2(b), round2(c)), (89.9, 44.97, 14.98));
+    let d = &f["distribution"];
+    let bins: Vec<u64> = d["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        bins,
+        [0, 1, 0, 0, 1, 0, 0, 0, 1, 0],
+        "c in 10-20, b in 40-50, a in 80-90"
+    );
+    assert_eq!(d["mean_score"].as_f64().unwrap(), round2((a + b + c) / 3.0));
+
+    // What separates the tiers: one customer each, their own numbers.
+    let sep = f["separation"].as_array().unwrap();
+    let contribution = |tier: usize, activity: usize| {
+        sep[tier]["mean_contribution"][activity][1]
+            .as_f64()
+            .unwrap()
+    };
+    let share =
+        |tier: usize, channel: usize| sep[tier]["channel_share"][channel][1].as_f64().unwrap();
+    assert_eq!(
+        sep.iter()
+            .map(|t| t["customers"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+    assert_eq!((contribution(0, 0), contribution(0, 1)), (0.0, round2(c)));
+    assert_eq!((contribution(1, 0), contribution(1, 1)), (0.0, round2(b)));
+    assert_eq!((contribution(2, 0), contribution(2, 1)), (round2(a), 0.0));
+    // Channels in model order: shop, web (and the default one, unused).
+    assert_eq!(sep[2]["channel_share"][0][0], "shop");
+    assert_eq!((share(2, 0), share(2, 1)), (1.0, 0.0), "a only buys");
+    assert_eq!(
+        (share(0, 0), share(0, 1)),
+        (0.0, 1.0),
+        "c's dance was not an activity"
+    );
+
+    // Movement since 11-21 10:00 (one day before the end): a was already
+    // very engaged (its second buy at 09:00), b and c disengaged; at the
+    // end b is somewhat engaged.
+    let m = &f["movement"];
+    assert_eq!(m["since"], "2026-11-21T10:00:00.000Z");
+    let counts: Vec<Vec<u64>> = m["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            vec![1, 1, 0, 0], // very_disengaged -> c stays, b rises
+            vec![0, 0, 0, 0],
+            vec![0, 0, 1, 0], // very_engaged -> a stays
+            vec![0, 0, 0, 0], // (new)
+        ]
+    );
+    assert!(page.contains("<table id=\"movement\">"));
+}
+
+#[test]
+fn an_empty_history_makes_a_report_that_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let (ok, stderr, page, f) = report(&empty, &[]);
+    assert!(ok, "{stderr}");
+    assert!(page.contains("holds no event"), "{page}");
+    assert_eq!(f["summary"]["events"], 0);
+    assert_eq!(
+        f["distribution"]["customers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n.as_u64() != Some(0))
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn invalid_lines_are_counted_never_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("bad.jsonl");
+    let mut text = String::new();
+    for i in 0..50 {
+        text.push_str(match i % 5 {
+            0 => "{\"customer_id\":\"x\"\n",
+            1 => "[1,2]\n",
+            2 => "\u{0}\u{1}binary\n",
+            _ => "{\"customer_id\":\"a\",\"type\":\"visit\",\"timestamp\":\"2026-11-20T09:00:00Z\"}\n",
+        });
+    }
+    std::fs::write(&input, text).unwrap();
+    let (ok, stderr, page, f) = report(&input, &[]);
+    assert!(ok, "{stderr}");
+    let dead: u64 = f["summary"]["dead_lettered"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(dead, 30);
+    assert_eq!(f["summary"]["accepted"], 20);
+    assert!(page.contains("dead-lettered: invalid_json"), "{page}");
+}
