@@ -14,11 +14,15 @@ fn dir() -> PathBuf {
 
 /// Runs `report` on `input` with the test model; (status, stderr, page, figures).
 fn report(input: &Path, extra: &[&str]) -> (bool, String, String, Value) {
+    report_with(&dir().join("model.toml"), input, extra)
+}
+
+fn report_with(config: &Path, input: &Path, extra: &[&str]) -> (bool, String, String, Value) {
     let out = tempfile::tempdir().unwrap();
     let (html, json) = (out.path().join("r.html"), out.path().join("r.json"));
     let result = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
         .args(["report", "--no-progress", "--config"])
-        .arg(dir().join("model.toml"))
+        .arg(config)
         .arg("--input")
         .arg(input)
         .arg("--output")
@@ -213,4 +217,170 @@ fn invalid_lines_are_counted_never_fatal() {
     assert_eq!(dead, 30);
     assert_eq!(f["summary"]["accepted"], 20);
     assert!(page.contains("dead-lettered: invalid_json"), "{page}");
+}
+
+/// Headless Chromium on `page`: (the DOM once loaded, its log).
+fn chromium(page: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .args(["--enable-logging=stderr", "--v=0"])
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run chromium ({e}): run scripts/ci-deps.sh, which installs it")
+        });
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The cells of each row of the table with `id` in `dom`, as text.
+fn table(dom: &str, id: &str) -> Vec<Vec<String>> {
+    let start = dom
+        .find(&format!("<table id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no table {id}"));
+    let end = start + dom[start..].find("</table>").unwrap();
+    dom[start..end]
+        .split("<tr>")
+        .skip(1)
+        .map(|row| {
+            row.split("<td")
+                .skip(1)
+                .map(|cell| {
+                    let text = &cell[cell.find('>').unwrap() + 1..];
+                    text[..text.find("</td>").unwrap()].to_string()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_page_in_a_real_browser_draws_every_chart_fetches_nothing_and_shows_the_json_figures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let history = tmp.path().join("history.jsonl");
+    let generated = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args([
+            "generate",
+            "--events",
+            "30000",
+            "--customers",
+            "800",
+            "--span",
+            "40d",
+            "--output",
+        ])
+        .arg(&history)
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let out = tmp.path().join("page");
+    std::fs::create_dir_all(&out).unwrap();
+    let html = out.join("report.html");
+    let (ok, stderr, page, figures) = report_with(&config, &history, &[]);
+    assert!(ok, "{stderr}");
+    std::fs::write(&html, &page).unwrap();
+
+    // Self-contained: no reference to anything outside the page, and a
+    // policy that forbids fetching any.
+    assert!(page.contains("Content-Security-Policy") && page.contains("default-src 'none'"));
+    for reference in [" src=", " href=", "url(", "@import", "<script"] {
+        assert!(!page.contains(reference), "the page has {reference}");
+    }
+    assert!(page.len() < 2 << 20, "{} bytes", page.len());
+
+    let (dom, log) = chromium(&html, &["--dump-dom"]);
+    // Any console message (a script error, a blocked fetch) is a failure.
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(console.is_empty(), "{console:#?}");
+
+    // Every chart drawn, with a size and with something in it: the tiers
+    // over time, the churn signals per day, the distribution.
+    let charts: Vec<&str> = dom.split("<svg").skip(1).collect();
+    assert_eq!(charts.len(), 3, "three charts");
+    for chart in &charts {
+        let size = |attribute: &str| -> u32 {
+            let at = chart.find(&format!("{attribute}=\"")).unwrap() + attribute.len() + 2;
+            chart[at..at + chart[at..].find('"').unwrap()]
+                .parse()
+                .unwrap()
+        };
+        assert!(size("width") > 100 && size("height") > 100);
+        let shapes = chart.matches("<rect").count()
+            + chart.matches("<polyline").count()
+            + chart.matches("<polygon").count()
+            + chart.matches("<path").count();
+        assert!(shapes > 10, "an empty chart: {shapes} shapes");
+    }
+
+    // The tables hold the numbers of --json.
+    let summary = table(&dom, "summary");
+    assert_eq!(summary[1][0], figures["summary"]["events"].to_string());
+    assert_eq!(summary[2][0], figures["summary"]["accepted"].to_string());
+    let distribution = table(&dom, "distribution");
+    let bins: Vec<String> = figures["distribution"]["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        distribution
+            .iter()
+            .skip(1)
+            .map(|r| r[1].clone())
+            .collect::<Vec<_>>(),
+        bins
+    );
+    let movement = table(&dom, "movement");
+    let counts: Vec<Vec<String>> = figures["movement"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        movement
+            .iter()
+            .skip(1)
+            .map(|r| r[1..].to_vec())
+            .collect::<Vec<_>>(),
+        counts
+    );
+    let tiers = table(&dom, "tiers-over-time");
+    assert_eq!(
+        tiers.len() - 1,
+        figures["tiers_over_time"]["points"]
+            .as_array()
+            .unwrap()
+            .len()
+    );
+
+    // A screenshot for anyone to look at.
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report-screenshot.png");
+    let (_, log) = chromium(
+        &html,
+        &[
+            "--window-size=1300,3200",
+            &format!("--screenshot={}", shot.display()),
+        ],
+    );
+    assert!(
+        shot.metadata().is_ok_and(|m| m.len() > 50_000),
+        "no screenshot: {log}"
+    );
 }
