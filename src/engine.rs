@@ -997,6 +997,17 @@ impl Engine {
             .map(|slot| self.view_slot(slot, t))
     }
 
+    /// The score and tier of the customer in `slot` at `t`, its
+    /// contributions written into `contributions` (model order): a
+    /// [`Self::view_slot`] that allocates nothing, for reports over every
+    /// customer.
+    pub fn evaluate_slot(&self, slot: Slot, t: Millis, contributions: &mut [f64]) -> (f64, TierId) {
+        let rec = self.table.record(slot);
+        let t = t.max(rec.last_event_at());
+        let e = Self::score_at(&self.model, rec, t, contributions);
+        (e.score, self.model.tier_from(e.score, rec.emitted_tier()))
+    }
+
     /// The state of the customer in `slot` at `t`.
     pub fn view_slot(&self, slot: Slot, t: Millis) -> CustomerView {
         let rec = self.table.record(slot);

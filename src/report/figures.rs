@@ -5,6 +5,7 @@
 //! reads the engine at the end.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::Serialize;
 
@@ -116,14 +117,36 @@ pub struct FigureBuilder {
     churn: BTreeMap<Millis, (u64, u64)>,
     first_event: Option<Millis>,
     last_event: Option<Millis>,
-    /// Per customer (by id hash): accepted events per channel.
-    channel_events: HashMap<u64, Vec<u32>>,
+    /// Per customer (by id hash): where its accepted events per channel
+    /// start in `channel_counts` (one allocation for everyone).
+    channel_events: HashMap<u64, u32, IdHash>,
+    channel_counts: Vec<u32>,
     /// Per customer (by id hash): its emitted tiers over time, (at, tier);
     /// `u8::MAX` once erased.
-    tier_changes: HashMap<u64, Vec<(Millis, u8)>>,
+    tier_changes: HashMap<u64, Vec<(Millis, u8)>, IdHash>,
     hasher: foldhash::fast::FixedState,
     movement_window: Millis,
 }
+
+/// Keys that are hashes already: taken as they are.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type IdHash = BuildHasherDefault<IdentityHasher>;
 
 /// A tier change meaning "no longer held" (erased).
 const GONE: u8 = u8::MAX;
@@ -137,8 +160,9 @@ impl FigureBuilder {
             churn: BTreeMap::new(),
             first_event: None,
             last_event: None,
-            channel_events: HashMap::new(),
-            tier_changes: HashMap::new(),
+            channel_events: HashMap::default(),
+            channel_counts: Vec::new(),
+            tier_changes: HashMap::default(),
             hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
             movement_window,
         }
@@ -187,29 +211,30 @@ impl FigureBuilder {
         let mut per_tier_customers = vec![0u64; tiers];
         let mut per_tier_contribution = vec![vec![0.0f64; activities]; tiers];
         let mut per_tier_channel_events = vec![vec![0u64; channels]; tiers];
-        let mut end_tier: HashMap<u64, u8> = HashMap::new();
+        let mut end_tier: HashMap<u64, u8, IdHash> = HashMap::default();
         let table = engine.customers();
+        let mut contributions = vec![0.0; activities];
         if let Some(at) = end {
+            end_tier.reserve(table.len());
             for slot in 0..table.len() as u32 {
-                let view = engine.view_slot(slot, at);
-                let bin = ((view.score / 10.0).floor() as usize).min(BINS - 1);
+                let (score, tier_id) = engine.evaluate_slot(slot, at, &mut contributions);
+                let bin = ((score / 10.0).floor() as usize).min(BINS - 1);
                 bins[bin] += 1;
-                score_sum += view.score;
-                let tier = usize::from(view.tier).min(tiers - 1);
+                score_sum += score;
+                let tier = usize::from(tier_id).min(tiers - 1);
                 per_tier_customers[tier] += 1;
-                for (sum, c) in per_tier_contribution[tier]
-                    .iter_mut()
-                    .zip(&view.contributions)
-                {
+                for (sum, c) in per_tier_contribution[tier].iter_mut().zip(&contributions) {
                     *sum += c;
                 }
-                let hash = self.hash(&view.customer_id);
-                if let Some(events) = self.channel_events.get(&hash) {
+                let hash = self.hash(table.id(slot));
+                if let Some(&start) = self.channel_events.get(&hash) {
+                    let start = start as usize;
+                    let events = &self.channel_counts[start..start + channels];
                     for (sum, n) in per_tier_channel_events[tier].iter_mut().zip(events) {
                         *sum += u64::from(*n);
                     }
                 }
-                end_tier.insert(hash, view.tier);
+                end_tier.insert(hash, tier_id);
             }
         }
         let held = table.len() as u64;
@@ -267,7 +292,7 @@ impl FigureBuilder {
     fn movement(
         &self,
         end: Option<Millis>,
-        end_tier: &HashMap<u64, u8>,
+        end_tier: &HashMap<u64, u8, IdHash>,
         names: &[String],
     ) -> Movement {
         let tiers = names.len();
@@ -337,11 +362,13 @@ impl Observer for FigureBuilder {
             .unwrap_or_else(|| self.model.activities[usize::from(event.activity)].channel);
         let channels = self.model.channels.len();
         let hash = self.hash(&event.customer_id);
-        let counts = self
-            .channel_events
-            .entry(hash)
-            .or_insert_with(|| vec![0; channels]);
-        if let Some(n) = counts.get_mut(usize::from(channel)) {
+        let counts = &mut self.channel_counts;
+        let at = *self.channel_events.entry(hash).or_insert_with(|| {
+            let at = counts.len() as u32;
+            counts.resize(counts.len() + channels, 0);
+            at
+        });
+        if let Some(n) = counts.get_mut(at as usize + usize::from(channel)) {
             *n = n.saturating_add(1);
         }
     }
@@ -364,6 +391,7 @@ impl Observer for FigureBuilder {
                     .entry(hash)
                     .or_default()
                     .push((signal.at, GONE));
+                // Its counts stay in place, no longer found.
                 self.channel_events.remove(&hash);
             }
         }
