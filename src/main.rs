@@ -171,6 +171,10 @@ enum Command {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Compare with the same history under this model: tier migration,
+        /// churn alerts per week, score differences, the top movers.
+        #[arg(long)]
+        compare: Option<PathBuf>,
         /// The movement matrix compares with the tiers this long before
         /// the last event (e.g. 30d, 7d).
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
@@ -257,14 +261,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             input,
             output,
             json,
+            compare,
             movement_window,
             no_progress,
         } => {
             let settings = Settings::load(&config)?;
+            let other = compare.as_deref().map(Settings::load).transpose()?;
             let window = ces_stream::timestamp::duration_millis(movement_window)
                 .map_err(anyhow::Error::msg)?;
             report(
                 settings,
+                other,
                 &input,
                 &output,
                 json.as_deref(),
@@ -468,12 +475,21 @@ fn create(path: &PathBuf) -> anyhow::Result<BufWriter<File>> {
 /// `report`: the history replayed, its figures as a page (and JSON).
 fn report(
     settings: Settings,
+    other: Option<Settings>,
     input: &std::path::Path,
     output: &std::path::Path,
     json: Option<&std::path::Path>,
     movement_window: i64,
     no_progress: bool,
 ) -> anyhow::Result<ExitCode> {
+    let title = format!("ces-stream report: {}", input.display());
+    // A comparison reads the history twice: standard input is kept in a
+    // file of its own meanwhile.
+    let spooled = match (&other, input.as_os_str() == "-") {
+        (Some(_), true) => Some(spool_stdin()?),
+        _ => None,
+    };
+    let input = spooled.as_ref().map_or(input, |s| s.0.as_path());
     let (reader, bar) = open_input(input, no_progress)?;
     let mut tick = |bytes: u64| {
         if let Some(b) = &bar {
@@ -481,13 +497,25 @@ fn report(
         }
     };
     let progress: Option<replay::Progress<'_>> = bar.is_some().then_some(&mut tick as _);
-    let (figures, summary) =
-        ces_stream::report::figures(Arc::new(settings.model), reader, movement_window, progress)?;
+    let model = Arc::new(settings.model);
+    let (figures, summary) = match other {
+        None => ces_stream::report::figures(model, reader, movement_window, progress)?,
+        Some(other) => {
+            let (again, _) = open_input(input, true)?;
+            ces_stream::report::figures_compared(
+                model,
+                Arc::new(other.model),
+                reader,
+                again,
+                movement_window,
+                progress,
+            )?
+        }
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     eprint!("{}", summary.render());
-    let title = format!("ces-stream report: {}", input.display());
     std::fs::write(output, ces_stream::report::html::render(&figures, &title))
         .with_context(|| format!("cannot write {}", output.display()))?;
     if let Some(path) = json {
@@ -497,6 +525,25 @@ fn report(
     }
     eprintln!("report: {}", output.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Standard input copied to a temporary file, removed when dropped.
+struct Spooled(PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn spool_stdin() -> anyhow::Result<Spooled> {
+    let path = std::env::temp_dir().join(format!("ces-stream-report-{}.jsonl", std::process::id()));
+    let spooled = Spooled(path);
+    let mut file = create(&spooled.0)?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut file)
+        .context("cannot keep standard input for the comparison")?;
+    file.flush()?;
+    Ok(spooled)
 }
 
 /// The input of `replay` and `report` (`-`: stdin), and a progress bar

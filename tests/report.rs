@@ -384,3 +384,41 @@ fn the_page_in_a_real_browser_draws_every_chart_fetches_nothing_and_shows_the_js
         "no screenshot: {log}"
     );
 }
+
+#[test]
+fn a_comparison_with_a_model_of_other_tiers_names_both_and_finds_the_mover() {
+    let other = dir().join("other.toml");
+    let (ok, stderr, page, f) = report(
+        &dir().join("history.jsonl"),
+        &["--compare", other.to_str().unwrap()],
+    );
+    assert!(ok, "{stderr}");
+    let c = &f["comparison"];
+    assert_eq!(
+        c["tiers"],
+        serde_json::json!(["very_disengaged", "somewhat_engaged", "very_engaged"])
+    );
+    assert_eq!(c["other_tiers"], serde_json::json!(["low", "high"]));
+    // Under the other model a has 20 + 20 (decayed: 39.96), b and c as
+    // before (44.97, 14.98): all three are "low".
+    assert_eq!(c["migration"], serde_json::json!([[1, 0], [1, 0], [1, 0]]));
+    let a_this = decayed(45.0, 49.0) + decayed(45.0, 25.0);
+    let a_other = decayed(20.0, 49.0) + decayed(20.0, 25.0);
+    let mover = &c["top_movers"][0];
+    assert_eq!(mover["customer_id"], "a");
+    assert_eq!(mover["score"].as_f64().unwrap(), round2(a_this));
+    assert_eq!(mover["other_score"].as_f64().unwrap(), round2(a_other));
+    assert_eq!(c["top_movers"].as_array().unwrap().len(), 3);
+    // b and c score the same under both: a difference of 0; a's is -49.94.
+    let bins: Vec<u64> = c["difference_customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!((bins[10], bins[5], bins.iter().sum::<u64>()), (2, 1, 3));
+    assert!(
+        page.contains("<th>low</th>") && page.contains("<td>very_engaged</td>"),
+        "{page}"
+    );
+}

@@ -33,6 +33,9 @@ pub struct Figures {
     pub distribution: Distribution,
     pub separation: Vec<TierProfile>,
     pub movement: Movement,
+    /// With `--compare`: the same history under the other model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<super::compare::Comparison>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -173,6 +176,11 @@ impl FigureBuilder {
         self.hasher.hash_one(id)
     }
 
+    /// The last event's time, if any.
+    pub fn last_event(&self) -> Option<Millis> {
+        self.last_event
+    }
+
     /// The figures, from what was observed and the engine at the end.
     pub fn finish(self, engine: &Engine, summary: &Summary) -> Figures {
         let model = &self.model;
@@ -285,6 +293,7 @@ impl FigureBuilder {
             },
             separation,
             movement,
+            comparison: None,
         }
     }
 

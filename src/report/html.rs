@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
+use super::compare::Comparison;
 use super::figures::Figures;
 
 /// Colours of the tiers, lowest first (cycled past eight).
@@ -57,6 +58,9 @@ pub fn render(figures: &Figures, title: &str) -> String {
     distribution(&mut page, figures);
     separation(&mut page, figures);
     movement(&mut page, figures);
+    if let Some(comparison) = &figures.comparison {
+        compared(&mut page, comparison);
+    }
     page.push_str("</body></html>\n");
     page
 }
@@ -393,4 +397,103 @@ fn movement(page: &mut String, f: &Figures) {
         page.push_str("</tr>");
     }
     page.push_str("</table>\n");
+}
+
+fn compared(page: &mut String, c: &Comparison) {
+    page.push_str("<h2>Against the other model</h2>\n<p class=\"muted\">The same events under the model of <code>--compare</code>. Tier migration at the end: this model's tier (rows) against the other's (columns).</p>\n");
+    let top = c
+        .migration
+        .iter()
+        .flatten()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    page.push_str("<div class=\"wide\"><table id=\"migration\"><tr><th>this \\ other</th>");
+    for t in &c.other_tiers {
+        let _ = write!(page, "<th>{}</th>", escape(t));
+    }
+    page.push_str("</tr>");
+    for (tier, row) in c.tiers.iter().zip(&c.migration) {
+        let _ = write!(page, "<tr><td>{}</td>", escape(tier));
+        for n in row {
+            page.push_str(&shaded(&n.to_string(), *n as f64 / top));
+        }
+        page.push_str("</tr>");
+    }
+    page.push_str("</table></div>\n");
+    if c.only_this + c.only_other > 0 {
+        let _ = writeln!(
+            page,
+            "<p>{} customers only this model holds at the end, {} only the other.</p>",
+            c.only_this, c.only_other
+        );
+    }
+    page.push_str("<div class=\"chart\">");
+    let top = c
+        .difference_customers
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let chart = svg(520, 280, |root| {
+        let Ok(mut chart) = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(56)
+            .build_cartesian_2d(-100f64..100f64, 0f64..top * 1.05)
+        else {
+            return;
+        };
+        let _ = chart
+            .configure_mesh()
+            .x_desc("other score - this score")
+            .y_desc("customers")
+            .draw();
+        let colour = PALETTE[4];
+        let _ = chart.draw_series(c.difference_bins.iter().zip(&c.difference_customers).map(
+            |(lo, n)| Rectangle::new([(*lo + 0.5, 0.0), (*lo + 9.5, *n as f64)], colour.filled()),
+        ));
+    });
+    page.push_str(&chart);
+    page.push_str("<details><summary>figures</summary><table id=\"difference\"><tr><th>difference</th><th>customers</th></tr>");
+    for (lo, n) in c.difference_bins.iter().zip(&c.difference_customers) {
+        let _ = write!(
+            page,
+            "<tr><td>{lo:.0} to {:.0}</td><td>{n}</td></tr>",
+            lo + 10.0
+        );
+    }
+    page.push_str("</table></details></div>\n");
+    page.push_str("<table id=\"churn-per-week\"><tr><th>week from</th><th>churn_risk, this model</th><th>churn_risk, other model</th></tr>");
+    for w in &c.churn_per_week {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&w.week),
+            w.this_model,
+            w.other_model
+        );
+    }
+    page.push_str("</table>\n<h3>The customers whose score moves most</h3>\n<div class=\"wide\"><table id=\"top-movers\"><tr><th>customer</th><th>this score</th><th>other score</th><th>this model's contributions</th><th>the other's</th></tr>");
+    let list = |items: &[(String, f64)]| {
+        items
+            .iter()
+            .map(|(name, v)| format!("{} {v:.2}", escape(name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for m in &c.top_movers {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+            escape(&m.customer_id),
+            m.score,
+            m.other_score,
+            list(&m.contributions),
+            list(&m.other_contributions)
+        );
+    }
+    page.push_str("</table></div>\n");
 }
