@@ -422,3 +422,154 @@ fn a_comparison_with_a_model_of_other_tiers_names_both_and_finds_the_mover() {
         "{page}"
     );
 }
+
+/// Reads a JSONL file.
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn on_a_generated_history_the_figures_agree_with_replays_own_outputs_and_final_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let history = tmp.path().join("history.jsonl");
+    let bin = env!("CARGO_BIN_EXE_ces-stream");
+    let generated = Command::new(bin)
+        .args([
+            "generate",
+            "--events",
+            "40000",
+            "--customers",
+            "1500",
+            "--span",
+            "30d",
+            "--erasures",
+            "0.002",
+            "--output",
+        ])
+        .arg(&history)
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let (ok, stderr, _, f) = report_with(&config, &history, &[]);
+    assert!(ok, "{stderr}");
+
+    // replay, with the final state at the report's end (the last event).
+    let end = f["summary"]["period_end"].as_str().unwrap();
+    let (outputs, state) = (tmp.path().join("out.jsonl"), tmp.path().join("state.jsonl"));
+    let replayed = Command::new(bin)
+        .args(["replay", "--no-progress", "--config"])
+        .arg(&config)
+        .arg("--input")
+        .arg(&history)
+        .arg("--output")
+        .arg(&outputs)
+        .arg("--final-state")
+        .arg(&state)
+        .args(["--at", end])
+        .output()
+        .unwrap();
+    assert!(replayed.status.success());
+    let (outputs, state) = (lines(&outputs), lines(&state));
+
+    // Signals by kind, and churn signals per day, from replay's outputs.
+    for kind in [
+        "score_changed",
+        "churn_risk",
+        "churn_risk_cleared",
+        "customer_erased",
+    ] {
+        let n = outputs.iter().filter(|o| o["kind"] == kind).count() as u64;
+        assert_eq!(f["summary"]["signals"][kind].as_u64().unwrap(), n, "{kind}");
+    }
+    let mut churn: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for o in &outputs {
+        let day = format!("{}T00:00:00.000Z", &o["at"].as_str().unwrap_or("")[..10]);
+        match o["kind"].as_str() {
+            Some("churn_risk") => churn.entry(day).or_default().0 += 1,
+            Some("churn_risk_cleared") => churn.entry(day).or_default().1 += 1,
+            _ => {}
+        }
+    }
+    let reported: std::collections::BTreeMap<String, (u64, u64)> = f["churn_per_day"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["day"].as_str().unwrap().to_string(),
+                (
+                    d["churn_risk"].as_u64().unwrap(),
+                    d["churn_risk_cleared"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(reported, churn);
+
+    // The distribution, the tiers and the mean contributions at the end,
+    // from the final state.
+    assert_eq!(
+        f["summary"]["customers"].as_u64().unwrap(),
+        state.len() as u64
+    );
+    let mut bins = vec![0u64; 10];
+    let mut sum = 0.0;
+    for s in &state {
+        let score = s["score"].as_f64().unwrap();
+        sum += score;
+        bins[((score / 10.0).floor() as usize).min(9)] += 1;
+    }
+    let reported_bins: Vec<u64> = f["distribution"]["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    // Final-state scores are rounded to 0.01: a score within 0.005 of a
+    // bin bound may land on either side; none does here, or the counts
+    // differ by at most that many.
+    let near_bounds = state
+        .iter()
+        .filter(|s| {
+            let score = s["score"].as_f64().unwrap();
+            let frac = score / 10.0 - (score / 10.0).round();
+            frac.abs() < 0.001 && score > 0.0
+        })
+        .count() as u64;
+    let off: u64 = reported_bins
+        .iter()
+        .zip(&bins)
+        .map(|(a, b)| a.abs_diff(*b))
+        .sum();
+    assert!(off <= 2 * near_bounds, "{reported_bins:?} against {bins:?}");
+    let mean = (sum / state.len() as f64 * 100.0).round() / 100.0;
+    assert!((f["distribution"]["mean_score"].as_f64().unwrap() - mean).abs() <= 0.01);
+    for (t, profile) in f["separation"].as_array().unwrap().iter().enumerate() {
+        let tier = f["tiers"][t].as_str().unwrap();
+        let members: Vec<&Value> = state.iter().filter(|s| s["tier"] == tier).collect();
+        assert_eq!(
+            profile["customers"].as_u64().unwrap(),
+            members.len() as u64,
+            "{tier}"
+        );
+        for pair in profile["mean_contribution"].as_array().unwrap() {
+            let activity = pair[0].as_str().unwrap();
+            let expected = members
+                .iter()
+                .map(|s| s["contributions"][activity].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+                / members.len().max(1) as f64;
+            // Each final-state contribution is rounded to 0.01.
+            assert!(
+                (pair[1].as_f64().unwrap() - expected).abs() <= 0.011,
+                "{tier} {activity}: {} against {expected}",
+                pair[1]
+            );
+        }
+    }
+}
