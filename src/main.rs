@@ -175,6 +175,11 @@ enum Command {
         /// churn alerts per week, score differences, the top movers.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// Show the score distribution per segment: an `attributes` key of
+        /// the events (each customer's latest value), or `channel` (each
+        /// customer's main channel).
+        #[arg(long)]
+        segment_by: Option<String>,
         /// The movement matrix compares with the tiers this long before
         /// the last event (e.g. 30d, 7d).
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
@@ -262,20 +267,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             json,
             compare,
+            segment_by,
             movement_window,
             no_progress,
         } => {
             let settings = Settings::load(&config)?;
             let other = compare.as_deref().map(Settings::load).transpose()?;
-            let window = ces_stream::timestamp::duration_millis(movement_window)
-                .map_err(anyhow::Error::msg)?;
+            let options = ces_stream::report::ReportOptions {
+                movement_window: ces_stream::timestamp::duration_millis(movement_window)
+                    .map_err(anyhow::Error::msg)?,
+                segment_by: segment_by
+                    .as_deref()
+                    .map(ces_stream::report::figures::SegmentBy::parse),
+            };
             report(
                 settings,
                 other,
                 &input,
                 &output,
                 json.as_deref(),
-                window,
+                &options,
                 no_progress,
             )
         }
@@ -479,7 +490,7 @@ fn report(
     input: &std::path::Path,
     output: &std::path::Path,
     json: Option<&std::path::Path>,
-    movement_window: i64,
+    options: &ces_stream::report::ReportOptions,
     no_progress: bool,
 ) -> anyhow::Result<ExitCode> {
     let title = format!("ces-stream report: {}", input.display());
@@ -499,7 +510,7 @@ fn report(
     let progress: Option<replay::Progress<'_>> = bar.is_some().then_some(&mut tick as _);
     let model = Arc::new(settings.model);
     let (figures, summary) = match other {
-        None => ces_stream::report::figures(model, reader, movement_window, progress)?,
+        None => ces_stream::report::figures(model, reader, options, progress)?,
         Some(other) => {
             let (again, _) = open_input(input, true)?;
             ces_stream::report::figures_compared(
@@ -507,7 +518,7 @@ fn report(
                 Arc::new(other.model),
                 reader,
                 again,
-                movement_window,
+                options,
                 progress,
             )?
         }

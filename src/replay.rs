@@ -129,9 +129,9 @@ pub trait Observer {
     /// Before an event at `t` is applied.
     #[inline]
     fn before_event(&mut self, _engine: &Engine, _t: Millis) {}
-    /// An event was applied (accepted).
+    /// An event was applied (accepted); `line` is its text.
     #[inline]
-    fn applied(&mut self, _engine: &Engine, _event: &Event<'_>) {}
+    fn applied(&mut self, _engine: &Engine, _event: &Event<'_>, _line: &[u8]) {}
     /// An output event.
     #[inline]
     fn signal(&mut self, _signal: &Signal<'_>) {}
@@ -349,7 +349,7 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                     match engine.process_replay_hashed(ev, hashes[i], &mut sink) {
                         Ok(Outcome::Applied { .. }) => {
                             summary.accepted += 1;
-                            observer.applied(engine, ev);
+                            observer.applied(engine, ev, &text[lines[i].1.clone()]);
                         }
                         Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
                         Err(source) => {

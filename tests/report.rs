@@ -573,3 +573,54 @@ fn on_a_generated_history_the_figures_agree_with_replays_own_outputs_and_final_s
         }
     }
 }
+
+#[test]
+fn segments_by_attribute_by_channel_and_by_an_unknown_key() {
+    let history = dir().join("history.jsonl");
+    let rows = |f: &Value| -> Vec<(String, u64, f64)> {
+        f["segments"]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["segment"].as_str().unwrap().to_string(),
+                    r["customers"].as_u64().unwrap(),
+                    r["mean_score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let a_raw = decayed(45.0, 49.0) + decayed(45.0, 25.0);
+    let b_raw = decayed(15.0, 48.5) + decayed(15.0, 24.5) + 15.0;
+    let c_raw = decayed(15.0, 48.0);
+    let (a, b, c) = (round2(a_raw), round2(b_raw), round2(c_raw));
+    // a's events say plan "pro", b's "free", c's none.
+    let (ok, stderr, page, f) = report(&history, &["--segment-by", "plan"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        rows(&f),
+        [
+            ("(none)".into(), 1, c),
+            ("free".into(), 1, b),
+            ("pro".into(), 1, a)
+        ]
+    );
+    assert!(page.contains("<table id=\"segments\">"));
+    // Main channels: a buys (shop), b and c visit (web).
+    let (_, _, _, f) = report(&history, &["--segment-by", "channel"]);
+    assert_eq!(
+        rows(&f),
+        [
+            ("web".into(), 2, round2((b_raw + c_raw) / 2.0)),
+            ("shop".into(), 1, a)
+        ]
+    );
+    // A key no event has: everyone in (none), and the page says why.
+    let (_, _, page, f) = report(&history, &["--segment-by", "tenant"]);
+    assert_eq!(rows(&f).len(), 1);
+    assert!(
+        page.contains("no accepted event has attributes.tenant"),
+        "{page}"
+    );
+}

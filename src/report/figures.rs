@@ -33,6 +33,9 @@ pub struct Figures {
     pub distribution: Distribution,
     pub separation: Vec<TierProfile>,
     pub movement: Movement,
+    /// With `--segment-by`: the distribution per segment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Segments>,
     /// With `--compare`: the same history under the other model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comparison: Option<super::compare::Comparison>,
@@ -88,6 +91,77 @@ pub struct Distribution {
     pub mean_score: f64,
 }
 
+/// The distribution at the end per segment (`--segment-by`), largest
+/// segments first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Segments {
+    pub by: String,
+    /// Said on the page: why every customer is in `(none)`, say.
+    pub note: Option<String>,
+    pub rows: Vec<SegmentRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SegmentRow {
+    pub segment: String,
+    pub customers: u64,
+    pub mean_score: f64,
+    /// Customers per 10-point bin, as [`Distribution::customers`].
+    pub bins: Vec<u64>,
+}
+
+/// The rows of the segments, the smaller ones past [`SEGMENTS_SHOWN`]
+/// summed as `(other)`.
+fn segment_figures(by: &SegmentBy, segments: HashMap<String, (u64, f64, Vec<u64>)>) -> Segments {
+    let mut rows: Vec<SegmentRow> = segments
+        .into_iter()
+        .map(|(segment, (customers, sum, bins))| SegmentRow {
+            segment,
+            customers,
+            mean_score: sum / customers.max(1) as f64,
+            bins,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.customers
+            .cmp(&a.customers)
+            .then(a.segment.cmp(&b.segment))
+    });
+    if rows.len() > SEGMENTS_SHOWN {
+        let rest = rows.split_off(SEGMENTS_SHOWN - 1);
+        let customers: u64 = rest.iter().map(|r| r.customers).sum();
+        let sum: f64 = rest.iter().map(|r| r.mean_score * r.customers as f64).sum();
+        let mut bins = vec![0; BINS];
+        for r in &rest {
+            for (b, n) in bins.iter_mut().zip(&r.bins) {
+                *b += n;
+            }
+        }
+        rows.push(SegmentRow {
+            segment: "(other)".into(),
+            customers,
+            mean_score: sum / customers.max(1) as f64,
+            bins,
+        });
+    }
+    for r in &mut rows {
+        r.mean_score = round2(r.mean_score);
+    }
+    let note = (rows.len() == 1 && rows[0].segment == "(none)").then(|| match by {
+        SegmentBy::Attribute(key) => {
+            format!("no accepted event has attributes.{key}: every customer is in (none)")
+        }
+        SegmentBy::Channel => {
+            "no customer has an event in a channel: every customer is in (none)".into()
+        }
+    });
+    Segments {
+        by: by.label(),
+        note,
+        rows,
+    }
+}
+
 /// What the customers of one tier do, at the end.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TierProfile {
@@ -129,6 +203,57 @@ pub struct FigureBuilder {
     tier_changes: HashMap<u64, Vec<(Millis, u8)>, IdHash>,
     hasher: foldhash::fast::FixedState,
     movement_window: Millis,
+    segment_by: Option<SegmentBy>,
+    /// Per customer (by id hash): its segment's index in `segment_names`,
+    /// as its latest event gave it.
+    segment_of: HashMap<u64, u32, IdHash>,
+    segment_names: Vec<String>,
+    segment_indexes: HashMap<String, u32>,
+}
+
+/// What `--segment-by` groups customers by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentBy {
+    /// An `attributes` key of the events (the customer's latest value).
+    Attribute(String),
+    /// The channel of most of the customer's events.
+    Channel,
+}
+
+impl SegmentBy {
+    pub fn parse(text: &str) -> SegmentBy {
+        match text {
+            "channel" => SegmentBy::Channel,
+            key => SegmentBy::Attribute(key.to_string()),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            SegmentBy::Channel => "channel (each customer's main channel)".into(),
+            SegmentBy::Attribute(key) => format!("attributes.{key}"),
+        }
+    }
+}
+
+/// Distinct segment values kept apart; the rest count as `(other)`.
+const MAX_SEGMENT_VALUES: usize = 1_000;
+/// Segments shown; the smaller ones are summed as `(other)`.
+const SEGMENTS_SHOWN: usize = 12;
+
+/// The value of `attributes.<key>` in an event's text, as text.
+fn attribute(line: &[u8], key: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    let probe: Probe = serde_json::from_slice(line).ok()?;
+    match probe.attributes?.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 /// Keys that are hashes already: taken as they are.
@@ -168,7 +293,36 @@ impl FigureBuilder {
             tier_changes: HashMap::default(),
             hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
             movement_window,
+            segment_by: None,
+            segment_of: HashMap::default(),
+            segment_names: Vec::new(),
+            segment_indexes: HashMap::new(),
         }
+    }
+
+    /// Groups the end's scores by `segment_by` too.
+    pub fn with_segments(mut self, segment_by: Option<SegmentBy>) -> FigureBuilder {
+        self.segment_by = segment_by;
+        self
+    }
+
+    fn segment_index(&mut self, value: String) -> u32 {
+        if let Some(&i) = self.segment_indexes.get(&value) {
+            return i;
+        }
+        let value = if self.segment_names.len() >= MAX_SEGMENT_VALUES {
+            "(other)".to_string()
+        } else {
+            value
+        };
+        let i = *self
+            .segment_indexes
+            .entry(value.clone())
+            .or_insert(self.segment_names.len() as u32);
+        if i as usize == self.segment_names.len() {
+            self.segment_names.push(value);
+        }
+        i
     }
 
     fn hash(&self, id: &str) -> u64 {
@@ -220,6 +374,8 @@ impl FigureBuilder {
         let mut per_tier_contribution = vec![vec![0.0f64; activities]; tiers];
         let mut per_tier_channel_events = vec![vec![0u64; channels]; tiers];
         let mut end_tier: HashMap<u64, u8, IdHash> = HashMap::default();
+        // Per segment (by name): customers, score sum, bins.
+        let mut segments: HashMap<String, (u64, f64, Vec<u64>)> = HashMap::new();
         let table = engine.customers();
         let mut contributions = vec![0.0; activities];
         if let Some(at) = end {
@@ -242,9 +398,38 @@ impl FigureBuilder {
                         *sum += u64::from(*n);
                     }
                 }
+                if let Some(by) = &self.segment_by {
+                    let name = match by {
+                        SegmentBy::Attribute(_) => self
+                            .segment_of
+                            .get(&hash)
+                            .map_or("(none)", |i| self.segment_names[*i as usize].as_str()),
+                        SegmentBy::Channel => self
+                            .channel_events
+                            .get(&hash)
+                            .and_then(|&start| {
+                                let start = start as usize;
+                                let counts = &self.channel_counts[start..start + channels];
+                                let (main, n) =
+                                    counts.iter().enumerate().max_by_key(|(_, n)| **n)?;
+                                (*n > 0).then(|| &*model.channels[main])
+                            })
+                            .unwrap_or("(none)"),
+                    };
+                    let entry = segments
+                        .entry(name.to_string())
+                        .or_insert_with(|| (0, 0.0, vec![0; BINS]));
+                    entry.0 += 1;
+                    entry.1 += score;
+                    entry.2[bin] += 1;
+                }
                 end_tier.insert(hash, tier_id);
             }
         }
+        let segments = self
+            .segment_by
+            .as_ref()
+            .map(|by| segment_figures(by, segments));
         let held = table.len() as u64;
         let separation = (0..tiers)
             .map(|t| {
@@ -293,6 +478,7 @@ impl FigureBuilder {
             },
             separation,
             movement,
+            segments,
             comparison: None,
         }
     }
@@ -365,7 +551,19 @@ impl Observer for FigureBuilder {
         }
     }
 
-    fn applied(&mut self, _engine: &Engine, event: &Event<'_>) {
+    fn applied(&mut self, _engine: &Engine, event: &Event<'_>, line: &[u8]) {
+        if let Some(SegmentBy::Attribute(key)) = &self.segment_by {
+            let value = if key == "segment" {
+                event.segment.as_deref().map(str::to_string)
+            } else {
+                attribute(line, key)
+            };
+            if let Some(value) = value {
+                let index = self.segment_index(value);
+                let hash = self.hash(&event.customer_id);
+                self.segment_of.insert(hash, index);
+            }
+        }
         let channel = event
             .channel
             .unwrap_or_else(|| self.model.activities[usize::from(event.activity)].channel);

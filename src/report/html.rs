@@ -321,6 +321,37 @@ fn distribution(page: &mut String, f: &Figures) {
         );
     }
     page.push_str("</table></div>\n");
+    if let Some(segments) = &f.segments {
+        segments_table(page, segments, &d.bins);
+    }
+}
+
+/// The distribution per segment: a row each, its bins shaded.
+fn segments_table(page: &mut String, s: &super::figures::Segments, bins: &[f64]) {
+    let _ = writeln!(page, "<h3>By {}</h3>", escape(&s.by));
+    if let Some(note) = &s.note {
+        let _ = writeln!(page, "<p>{}</p>", escape(note));
+    }
+    page.push_str("<div class=\"wide\"><table id=\"segments\"><tr><th>segment</th><th>customers</th><th>mean score</th>");
+    for lo in bins {
+        let _ = write!(page, "<th>{lo:.0}-{:.0}</th>", lo + 10.0);
+    }
+    page.push_str("</tr>");
+    for row in &s.rows {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{:.2}</td>",
+            escape(&row.segment),
+            row.customers,
+            row.mean_score
+        );
+        let most = row.bins.iter().copied().max().unwrap_or(0).max(1) as f64;
+        for n in &row.bins {
+            page.push_str(&shaded(&n.to_string(), *n as f64 / most));
+        }
+        page.push_str("</tr>");
+    }
+    page.push_str("</table></div>\n");
 }
 
 /// A cell shaded by `share` (0..1) of the row's or table's largest value.

@@ -18,17 +18,27 @@ use crate::engine::Engine;
 use crate::model::Model;
 use crate::replay::{replay_observed, Progress, ReplayError, Summary};
 use compare::ChurnWeeks;
-use figures::{FigureBuilder, Figures};
+use figures::{FigureBuilder, Figures, SegmentBy};
+
+/// What a report shows besides its fixed sections.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// The movement matrix compares with the tiers this long before the end.
+    pub movement_window: crate::timestamp::Millis,
+    /// `--segment-by`.
+    pub segment_by: Option<SegmentBy>,
+}
 
 /// Replays `input` under `model` and gathers the report's figures.
 pub fn figures(
     model: Arc<Model>,
     input: impl BufRead,
-    movement_window: crate::timestamp::Millis,
+    options: &ReportOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
     let mut engine = Engine::new(Arc::clone(&model));
-    let mut builder = FigureBuilder::new(model, movement_window);
+    let mut builder = FigureBuilder::new(model, options.movement_window)
+        .with_segments(options.segment_by.clone());
     let summary = replay_observed(
         &mut engine,
         input,
@@ -47,11 +57,12 @@ pub fn figures_compared(
     other: Arc<Model>,
     input: impl BufRead,
     again: impl BufRead,
-    movement_window: crate::timestamp::Millis,
+    options: &ReportOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
     let mut engine = Engine::new(Arc::clone(&model));
-    let mut builder = FigureBuilder::new(model, movement_window);
+    let mut builder = FigureBuilder::new(model, options.movement_window)
+        .with_segments(options.segment_by.clone());
     let mut this_weeks = ChurnWeeks::default();
     let summary = replay_observed(
         &mut engine,
@@ -88,9 +99,9 @@ impl<A: crate::replay::Observer, B: crate::replay::Observer> crate::replay::Obse
         self.0.before_event(engine, t);
         self.1.before_event(engine, t);
     }
-    fn applied(&mut self, engine: &Engine, event: &crate::event::Event<'_>) {
-        self.0.applied(engine, event);
-        self.1.applied(engine, event);
+    fn applied(&mut self, engine: &Engine, event: &crate::event::Event<'_>, line: &[u8]) {
+        self.0.applied(engine, event, line);
+        self.1.applied(engine, event, line);
     }
     fn signal(&mut self, signal: &crate::engine::Signal<'_>) {
         self.0.signal(signal);
