@@ -8,6 +8,7 @@ use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::customers::Slot;
 use crate::engine::{Engine, EngineError, Outcome, Signal, SignalKind};
 use crate::event::{self, Event, IgnoreReason, InvalidReason, ParseContext, Parsed};
 use crate::model::Model;
@@ -129,9 +130,14 @@ pub trait Observer {
     /// Before an event at `t` is applied.
     #[inline]
     fn before_event(&mut self, _engine: &Engine, _t: Millis) {}
-    /// An event was applied (accepted); `line` is its text.
+    /// An event was applied (accepted) to the customer in `slot`; `line`
+    /// is its text.
     #[inline]
-    fn applied(&mut self, _engine: &Engine, _event: &Event<'_>, _line: &[u8]) {}
+    fn applied(&mut self, _engine: &Engine, _event: &Event<'_>, _slot: Slot, _line: &[u8]) {}
+    /// A customer whose event comes soon may be in `slot`: a hint to load
+    /// what the observer keeps of it.
+    #[inline]
+    fn prefetch(&mut self, _slot: Slot) {}
     /// An output event.
     #[inline]
     fn signal(&mut self, _signal: &Signal<'_>) {}
@@ -334,7 +340,7 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                 engine.prefetch_index_hashed(h);
             }
             if let Some(&h) = hashes.get(i + PREFETCH_DISTANCE) {
-                engine.prefetch_hashed(h);
+                engine.prefetch_hashed_with(h, |slot| observer.prefetch(slot));
             }
             let line_no = lines[i].0;
             match p {
@@ -347,9 +353,9 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                         out.push(b'\n');
                     };
                     match engine.process_replay_hashed(ev, hashes[i], &mut sink) {
-                        Ok(Outcome::Applied { .. }) => {
+                        Ok(Outcome::Applied { slot, .. }) => {
                             summary.accepted += 1;
-                            observer.applied(engine, ev, &text[lines[i].1.clone()]);
+                            observer.applied(engine, ev, slot, &text[lines[i].1.clone()]);
                         }
                         Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
                         Err(source) => {

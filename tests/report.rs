@@ -624,3 +624,41 @@ fn segments_by_attribute_by_channel_and_by_an_unknown_key() {
         "{page}"
     );
 }
+
+#[test]
+fn counters_follow_the_records_an_erasure_moves() {
+    // x, y, z take slots 0, 1, 2; erasing x moves z's record into slot 0,
+    // and z's next event must count for z, not for what x left there.
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("erasure.jsonl");
+    std::fs::write(
+        &input,
+        [
+            r#"{"customer_id":"x","type":"buy","timestamp":"2026-11-20T09:00:00Z"}"#,
+            r#"{"customer_id":"y","type":"buy","timestamp":"2026-11-20T09:10:00Z"}"#,
+            r#"{"customer_id":"z","type":"visit","timestamp":"2026-11-20T09:20:00Z"}"#,
+            r#"{"erase":"x"}"#,
+            r#"{"customer_id":"z","type":"visit","timestamp":"2026-11-20T09:30:00Z"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (ok, stderr, _, f) = report(&input, &["--segment-by", "channel"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(f["summary"]["customers"], 2);
+    // z (30 points, disengaged) only visited the web; y (45, somewhat
+    // engaged) only bought.
+    let sep = &f["separation"];
+    assert_eq!(sep[0]["customers"], 1);
+    assert_eq!(sep[0]["channel_share"][1], serde_json::json!(["web", 1.0]));
+    assert_eq!(sep[1]["channel_share"][0], serde_json::json!(["shop", 1.0]));
+    let segments: Vec<&str> = f["segments"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["segment"].as_str().unwrap())
+        .collect();
+    assert_eq!(segments, ["shop", "web"]);
+    // The window (30 days) starts before any event: both are new.
+    assert_eq!(f["movement"]["counts"][3], serde_json::json!([1, 1, 0, 0]));
+}

@@ -9,6 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::Serialize;
 
+use crate::customers::{prefetch_lines, Slot};
 use crate::engine::{Engine, Signal, SignalKind};
 use crate::event::{Event, IgnoreReason, InvalidReason};
 use crate::model::Model;
@@ -194,19 +195,21 @@ pub struct FigureBuilder {
     churn: BTreeMap<Millis, (u64, u64)>,
     first_event: Option<Millis>,
     last_event: Option<Millis>,
-    /// Per customer (by id hash): where its accepted events per channel
-    /// start in `channel_counts` (one allocation for everyone).
-    channel_events: HashMap<u64, u32, IdHash>,
+    /// Per slot of the engine's table: accepted events per channel
+    /// (`channels` counters a slot), moved as the table moves its records.
     channel_counts: Vec<u32>,
+    channels: usize,
+    /// Removals of the table already applied to the slot arrays.
+    moves_applied: usize,
     /// Per customer (by id hash): its emitted tiers over time, (at, tier);
-    /// `u8::MAX` once erased.
-    tier_changes: HashMap<u64, Vec<(Millis, u8)>, IdHash>,
+    /// `GONE` once erased.
+    tier_changes: HashMap<u64, TierLog, IdHash>,
     hasher: foldhash::fast::FixedState,
     movement_window: Millis,
     segment_by: Option<SegmentBy>,
-    /// Per customer (by id hash): its segment's index in `segment_names`,
-    /// as its latest event gave it.
-    segment_of: HashMap<u64, u32, IdHash>,
+    /// Per slot: its segment's index in `segment_names`, as its latest
+    /// event gave it; [`NO_SEGMENT`] for none.
+    segment_of: Vec<u32>,
     segment_names: Vec<String>,
     segment_indexes: HashMap<String, u32>,
 }
@@ -276,11 +279,24 @@ impl Hasher for IdentityHasher {
 
 type IdHash = BuildHasherDefault<IdentityHasher>;
 
+/// A customer's emitted tiers over time, and whether it is held at the end.
+#[derive(Debug, Default)]
+struct TierLog {
+    changes: Vec<(Millis, u8)>,
+    held: bool,
+}
+
+/// No segment value seen for the customer.
+const NO_SEGMENT: u32 = u32::MAX;
+
 /// A tier change meaning "no longer held" (erased).
 const GONE: u8 = u8::MAX;
 
 impl FigureBuilder {
+    /// The engine it watches must keep its journal of moves
+    /// ([`Engine::track_moves`]): the builder keeps counters per slot.
     pub fn new(model: std::sync::Arc<Model>, movement_window: Millis) -> FigureBuilder {
+        let channels = model.channels.len();
         FigureBuilder {
             model,
             next_day: None,
@@ -288,13 +304,14 @@ impl FigureBuilder {
             churn: BTreeMap::new(),
             first_event: None,
             last_event: None,
-            channel_events: HashMap::default(),
             channel_counts: Vec::new(),
+            channels,
+            moves_applied: 0,
             tier_changes: HashMap::default(),
             hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
             movement_window,
             segment_by: None,
-            segment_of: HashMap::default(),
+            segment_of: Vec::new(),
             segment_names: Vec::new(),
             segment_indexes: HashMap::new(),
         }
@@ -336,8 +353,9 @@ impl FigureBuilder {
     }
 
     /// The figures, from what was observed and the engine at the end.
-    pub fn finish(self, engine: &Engine, summary: &Summary) -> Figures {
-        let model = &self.model;
+    pub fn finish(mut self, engine: &Engine, summary: &Summary) -> Figures {
+        self.follow_moves(engine);
+        let model = std::sync::Arc::clone(&self.model);
         let tier_names: Vec<String> = model.tiers.iter().map(|t| t.name.to_string()).collect();
         let end = self.last_event;
         let summary_figures = SummaryFigures {
@@ -373,13 +391,14 @@ impl FigureBuilder {
         let mut per_tier_customers = vec![0u64; tiers];
         let mut per_tier_contribution = vec![vec![0.0f64; activities]; tiers];
         let mut per_tier_channel_events = vec![vec![0u64; channels]; tiers];
-        let mut end_tier: HashMap<u64, u8, IdHash> = HashMap::default();
         // Per segment (by name): customers, score sum, bins.
         let mut segments: HashMap<String, (u64, f64, Vec<u64>)> = HashMap::new();
+        let mut movement = vec![vec![0u64; tiers + 1]; tiers + 1];
+        let since = end.map(|e| e - self.movement_window);
+        let mut tier_changes = std::mem::take(&mut self.tier_changes);
         let table = engine.customers();
         let mut contributions = vec![0.0; activities];
-        if let Some(at) = end {
-            end_tier.reserve(table.len());
+        if let (Some(at), Some(since)) = (end, since) {
             for slot in 0..table.len() as u32 {
                 let (score, tier_id) = engine.evaluate_slot(slot, at, &mut contributions);
                 let bin = ((score / 10.0).floor() as usize).min(BINS - 1);
@@ -390,31 +409,37 @@ impl FigureBuilder {
                 for (sum, c) in per_tier_contribution[tier].iter_mut().zip(&contributions) {
                     *sum += c;
                 }
-                let hash = self.hash(table.id(slot));
-                if let Some(&start) = self.channel_events.get(&hash) {
-                    let start = start as usize;
-                    let events = &self.channel_counts[start..start + channels];
-                    for (sum, n) in per_tier_channel_events[tier].iter_mut().zip(events) {
-                        *sum += u64::from(*n);
-                    }
+                let start = slot as usize * channels;
+                let events = self
+                    .channel_counts
+                    .get(start..start + channels)
+                    .unwrap_or(&[]);
+                for (sum, n) in per_tier_channel_events[tier].iter_mut().zip(events) {
+                    *sum += u64::from(*n);
                 }
+                // Movement: the tier at `since` by the emitted tiers; a
+                // customer without any is counted as new.
+                let from = match tier_changes.get_mut(&self.hash(table.id(slot))) {
+                    Some(log) => {
+                        log.held = true;
+                        tier_at(&log.changes, since)
+                            .map_or(tiers, |t| usize::from(t).min(tiers - 1))
+                    }
+                    None => tiers,
+                };
+                movement[from][tier] += 1;
                 if let Some(by) = &self.segment_by {
                     let name = match by {
-                        SegmentBy::Attribute(_) => self
-                            .segment_of
-                            .get(&hash)
-                            .map_or("(none)", |i| self.segment_names[*i as usize].as_str()),
-                        SegmentBy::Channel => self
-                            .channel_events
-                            .get(&hash)
-                            .and_then(|&start| {
-                                let start = start as usize;
-                                let counts = &self.channel_counts[start..start + channels];
-                                let (main, n) =
-                                    counts.iter().enumerate().max_by_key(|(_, n)| **n)?;
-                                (*n > 0).then(|| &*model.channels[main])
-                            })
-                            .unwrap_or("(none)"),
+                        SegmentBy::Attribute(_) => match self.segment_of.get(slot as usize) {
+                            Some(&i) if i != NO_SEGMENT => self.segment_names[i as usize].as_str(),
+                            _ => "(none)",
+                        },
+                        SegmentBy::Channel => events
+                            .iter()
+                            .enumerate()
+                            .max_by_key(|(_, n)| **n)
+                            .filter(|(_, n)| **n > 0)
+                            .map_or("(none)", |(main, _)| &*model.channels[main]),
                     };
                     let entry = segments
                         .entry(name.to_string())
@@ -423,7 +448,12 @@ impl FigureBuilder {
                     entry.1 += score;
                     entry.2[bin] += 1;
                 }
-                end_tier.insert(hash, tier_id);
+            }
+            // Customers held at `since` and gone by the end.
+            for log in tier_changes.values().filter(|log| !log.held) {
+                if let Some(t) = tier_at(&log.changes, since) {
+                    movement[usize::from(t).min(tiers - 1)][tiers] += 1;
+                }
             }
         }
         let segments = self
@@ -454,7 +484,7 @@ impl FigureBuilder {
             })
             .collect();
 
-        let movement = self.movement(end, &end_tier, &tier_names);
+        let movement = movement_figures(since, movement, &tier_names);
         let tiers_over_time = tiers_over_time(&self.daily);
         let churn_per_day = self
             .churn
@@ -483,55 +513,45 @@ impl FigureBuilder {
         }
     }
 
-    /// Tier at `end - window` (from the emitted tiers) against tier at the end.
-    fn movement(
-        &self,
-        end: Option<Millis>,
-        end_tier: &HashMap<u64, u8, IdHash>,
-        names: &[String],
-    ) -> Movement {
-        let tiers = names.len();
-        let mut counts = vec![vec![0u64; tiers + 1]; tiers + 1];
-        let since = end.map(|e| e - self.movement_window);
-        if let Some(since) = since {
-            let mut seen = std::collections::HashSet::new();
-            for (hash, changes) in &self.tier_changes {
-                let before = changes
-                    .iter()
-                    .rev()
-                    .find(|(at, _)| *at <= since)
-                    .map(|(_, t)| *t);
-                let from = match before {
-                    Some(t) if t != GONE => usize::from(t).min(tiers - 1),
-                    _ => tiers, // (new)
-                };
-                let to = end_tier
-                    .get(hash)
-                    .map_or(tiers, |t| usize::from(*t).min(tiers - 1));
-                if before.is_none() && to == tiers {
-                    continue; // came and went within the window
-                }
-                counts[from][to] += 1;
-                seen.insert(*hash);
+    /// Applies the table's removals since the last call to the slot
+    /// arrays: a removed slot takes the last slot's counters.
+    fn follow_moves(&mut self, engine: &Engine) {
+        let channels = self.channels;
+        let moves = engine.moves();
+        for &(removed, last) in moves.get(self.moves_applied..).unwrap_or(&[]) {
+            let (removed, last) = (removed as usize, last as usize);
+            if removed != last && last < self.segment_of.len() {
+                self.channel_counts
+                    .copy_within(last * channels..(last + 1) * channels, removed * channels);
+                self.segment_of[removed] = self.segment_of[last];
             }
-            // Customers held at the end without any signal: never scored
-            // above the lowest bound, new within the window or before it.
-            for (hash, t) in end_tier {
-                if !seen.contains(hash) {
-                    counts[tiers][usize::from(*t).min(tiers - 1)] += 1;
-                }
-            }
+            self.channel_counts.truncate(last * channels);
+            self.segment_of.truncate(last);
         }
-        let mut from = names.to_vec();
-        from.push("(new)".into());
-        let mut to = names.to_vec();
-        to.push("(gone)".into());
-        Movement {
-            since: since.map(|t| format_rfc3339(t).to_string()),
-            from,
-            to,
-            counts,
-        }
+        self.moves_applied = moves.len();
+    }
+}
+
+/// The emitted tier at `since`, if the customer was held then.
+fn tier_at(changes: &[(Millis, u8)], since: Millis) -> Option<u8> {
+    changes
+        .iter()
+        .rev()
+        .find(|(at, _)| *at <= since)
+        .map(|(_, t)| *t)
+        .filter(|t| *t != GONE)
+}
+
+fn movement_figures(since: Option<Millis>, counts: Vec<Vec<u64>>, names: &[String]) -> Movement {
+    let mut from = names.to_vec();
+    from.push("(new)".into());
+    let mut to = names.to_vec();
+    to.push("(gone)".into());
+    Movement {
+        since: since.map(|t| format_rfc3339(t).to_string()),
+        from,
+        to,
+        counts,
     }
 }
 
@@ -551,7 +571,22 @@ impl Observer for FigureBuilder {
         }
     }
 
-    fn applied(&mut self, _engine: &Engine, event: &Event<'_>, line: &[u8]) {
+    fn applied(&mut self, engine: &Engine, event: &Event<'_>, slot: Slot, line: &[u8]) {
+        self.follow_moves(engine);
+        let (s, channels) = (slot as usize, self.channels);
+        if s >= self.segment_of.len() {
+            self.segment_of.resize(s + 1, NO_SEGMENT);
+            self.channel_counts.resize((s + 1) * channels, 0);
+        }
+        let channel = event
+            .channel
+            .unwrap_or_else(|| self.model.activities[usize::from(event.activity)].channel);
+        if let Some(n) = self
+            .channel_counts
+            .get_mut(s * channels + usize::from(channel))
+        {
+            *n = n.saturating_add(1);
+        }
         if let Some(SegmentBy::Attribute(key)) = &self.segment_by {
             let value = if key == "segment" {
                 event.segment.as_deref().map(str::to_string)
@@ -559,24 +594,15 @@ impl Observer for FigureBuilder {
                 attribute(line, key)
             };
             if let Some(value) = value {
-                let index = self.segment_index(value);
-                let hash = self.hash(&event.customer_id);
-                self.segment_of.insert(hash, index);
+                self.segment_of[s] = self.segment_index(value);
             }
         }
-        let channel = event
-            .channel
-            .unwrap_or_else(|| self.model.activities[usize::from(event.activity)].channel);
-        let channels = self.model.channels.len();
-        let hash = self.hash(&event.customer_id);
-        let counts = &mut self.channel_counts;
-        let at = *self.channel_events.entry(hash).or_insert_with(|| {
-            let at = counts.len() as u32;
-            counts.resize(counts.len() + channels, 0);
-            at
-        });
-        if let Some(n) = counts.get_mut(at as usize + usize::from(channel)) {
-            *n = n.saturating_add(1);
+    }
+
+    fn prefetch(&mut self, slot: Slot) {
+        let start = slot as usize * self.channels;
+        if let Some(counts) = self.channel_counts.get(start..start + self.channels) {
+            prefetch_lines(counts);
         }
     }
 
@@ -587,19 +613,15 @@ impl Observer for FigureBuilder {
             SignalKind::ChurnRiskCleared => self.churn.entry(day).or_default().1 += 1,
             SignalKind::ScoreChanged { .. } => {
                 let hash = self.hash(signal.customer_id);
-                let changes = self.tier_changes.entry(hash).or_default();
-                if changes.last().map(|(_, t)| *t) != Some(signal.tier) {
-                    changes.push((signal.at, signal.tier));
+                let log = self.tier_changes.entry(hash).or_default();
+                if log.changes.last().map(|(_, t)| *t) != Some(signal.tier) {
+                    log.changes.push((signal.at, signal.tier));
                 }
             }
             SignalKind::CustomerErased => {
                 let hash = self.hash(signal.customer_id);
-                self.tier_changes
-                    .entry(hash)
-                    .or_default()
-                    .push((signal.at, GONE));
-                // Its counts stay in place, no longer found.
-                self.channel_events.remove(&hash);
+                let log = self.tier_changes.entry(hash).or_default();
+                log.changes.push((signal.at, GONE));
             }
         }
     }

@@ -37,6 +37,7 @@ pub fn figures(
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
     let mut engine = Engine::new(Arc::clone(&model));
+    engine.track_moves();
     let mut builder = FigureBuilder::new(model, options.movement_window)
         .with_segments(options.segment_by.clone());
     let summary = replay_observed(
@@ -61,6 +62,7 @@ pub fn figures_compared(
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
     let mut engine = Engine::new(Arc::clone(&model));
+    engine.track_moves();
     let mut builder = FigureBuilder::new(model, options.movement_window)
         .with_segments(options.segment_by.clone());
     let mut this_weeks = ChurnWeeks::default();
@@ -99,9 +101,19 @@ impl<A: crate::replay::Observer, B: crate::replay::Observer> crate::replay::Obse
         self.0.before_event(engine, t);
         self.1.before_event(engine, t);
     }
-    fn applied(&mut self, engine: &Engine, event: &crate::event::Event<'_>, line: &[u8]) {
-        self.0.applied(engine, event, line);
-        self.1.applied(engine, event, line);
+    fn applied(
+        &mut self,
+        engine: &Engine,
+        event: &crate::event::Event<'_>,
+        slot: crate::customers::Slot,
+        line: &[u8],
+    ) {
+        self.0.applied(engine, event, slot, line);
+        self.1.applied(engine, event, slot, line);
+    }
+    fn prefetch(&mut self, slot: crate::customers::Slot) {
+        self.0.prefetch(slot);
+        self.1.prefetch(slot);
     }
     fn signal(&mut self, signal: &crate::engine::Signal<'_>) {
         self.0.signal(signal);
