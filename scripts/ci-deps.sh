@@ -33,6 +33,14 @@ if ! command -v promtool >/dev/null; then
 fi
 promtool --version 2>&1 | head -1 >&2
 
+# The report's page is checked in a real browser (tests/report.rs).
+if ! command -v chromium >/dev/null; then
+  echo "ci-deps: installing chromium (headless, for the report's page tests)" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >&2
+fi
+chromium --version 2>&1 | head -1 >&2
+
 for tool in java mvn; do
   if ! command -v "$tool" >/dev/null; then
     echo "ci-deps: installing $tool (the Apache Kafka broker of the tests)" >&2

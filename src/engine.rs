@@ -181,6 +181,8 @@ pub struct Engine {
     at_risk: u64,
     /// Customers removed by sweeps (`scoring.forget_after`) so far.
     forgotten: u64,
+    /// With [`Self::track_moves`]: every removal's (slot, last slot).
+    moves: Option<Vec<(Slot, Slot)>>,
     /// The decay over `QUIET_STEPS[i] - 1` sweep intervals.
     grid_decay: [f64; 4],
 }
@@ -284,6 +286,7 @@ impl Engine {
             tier_counts: vec![0; model_tiers],
             at_risk: 0,
             forgotten: 0,
+            moves: None,
             grid_decay,
         }
     }
@@ -349,6 +352,25 @@ impl Engine {
     #[inline]
     pub fn prefetch_hashed(&self, hash: u64) {
         self.table.prefetch_hashed(hash);
+    }
+
+    /// [`Self::prefetch_hashed`], handing each candidate slot to `also`.
+    #[inline]
+    pub fn prefetch_hashed_with(&self, hash: u64, also: impl FnMut(Slot)) {
+        self.table.prefetch_hashed_with(hash, also);
+    }
+
+    /// Keeps a journal of the records a removal moves, for whoever keeps
+    /// data of its own per slot (the report): see [`Self::moves`].
+    pub fn track_moves(&mut self) {
+        self.moves.get_or_insert_with(Vec::new);
+    }
+
+    /// Every removal since [`Self::track_moves`], in order: (the removed
+    /// slot, the last slot, whose record moved into it; equal when the
+    /// last record itself was removed).
+    pub fn moves(&self) -> &[(Slot, Slot)] {
+        self.moves.as_deref().unwrap_or_default()
     }
 
     /// [`Self::prefetch_index`] by the id's [`Self::customer_hash`].
@@ -500,6 +522,10 @@ impl Engine {
         }
         if rec.has(flags::AT_RISK) {
             self.at_risk = self.at_risk.saturating_sub(1);
+        }
+        if let Some(moves) = &mut self.moves {
+            let last = self.table.len().saturating_sub(1) as Slot;
+            moves.push((slot, last));
         }
         self.table.remove(slot);
     }
@@ -995,6 +1021,17 @@ impl Engine {
         self.table
             .find(customer_id)
             .map(|slot| self.view_slot(slot, t))
+    }
+
+    /// The score and tier of the customer in `slot` at `t`, its
+    /// contributions written into `contributions` (model order): a
+    /// [`Self::view_slot`] that allocates nothing, for reports over every
+    /// customer.
+    pub fn evaluate_slot(&self, slot: Slot, t: Millis, contributions: &mut [f64]) -> (f64, TierId) {
+        let rec = self.table.record(slot);
+        let t = t.max(rec.last_event_at());
+        let e = Self::score_at(&self.model, rec, t, contributions);
+        (e.score, self.model.tier_from(e.score, rec.emitted_tier()))
     }
 
     /// The state of the customer in `slot` at `t`.

@@ -26,6 +26,7 @@ pub mod model;
 pub mod output;
 pub mod partition;
 pub mod replay;
+pub mod report;
 pub mod service;
 pub mod shutdown;
 pub mod snapshot;

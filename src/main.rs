@@ -155,6 +155,39 @@ enum Command {
     /// Generate a synthetic clickstream (personas, bots, a few malformed
     /// events) into a JSONL file or a Kafka topic.
     Generate(GenerateArgs),
+    /// Replay a history and write a self-contained HTML report of it: tiers
+    /// over time, the score distribution, what separates the tiers, how
+    /// customers moved.
+    Report {
+        /// The configuration file (only the scoring sections are needed).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The events, one JSON object per line; `-` reads stdin.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Where to write the HTML page.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Compare with the same history under this model: tier migration,
+        /// churn alerts per week, score differences, the top movers.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Show the score distribution per segment: an `attributes` key of
+        /// the events (each customer's latest value), or `channel` (each
+        /// customer's main channel).
+        #[arg(long)]
+        segment_by: Option<String>,
+        /// The movement matrix compares with the tiers this long before
+        /// the last event (e.g. 30d, 7d).
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        movement_window: std::time::Duration,
+        /// Do not show a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Validate a configuration file and print the effective model, defaults filled in.
     CheckConfig {
         /// The configuration file.
@@ -228,6 +261,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => generate(args),
+        Command::Report {
+            config,
+            input,
+            output,
+            json,
+            compare,
+            segment_by,
+            movement_window,
+            no_progress,
+        } => {
+            let settings = Settings::load(&config)?;
+            let other = compare.as_deref().map(Settings::load).transpose()?;
+            let options = ces_stream::report::ReportOptions {
+                movement_window: ces_stream::timestamp::duration_millis(movement_window)
+                    .map_err(anyhow::Error::msg)?,
+                segment_by: segment_by
+                    .as_deref()
+                    .map(ces_stream::report::figures::SegmentBy::parse),
+            };
+            report(
+                settings,
+                other,
+                &input,
+                &output,
+                json.as_deref(),
+                &options,
+                no_progress,
+            )
+        }
         Command::Replay {
             config,
             input,
@@ -421,6 +483,109 @@ fn create(path: &PathBuf) -> anyhow::Result<BufWriter<File>> {
     Ok(BufWriter::with_capacity(1 << 20, f))
 }
 
+/// `report`: the history replayed, its figures as a page (and JSON).
+fn report(
+    settings: Settings,
+    other: Option<Settings>,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    json: Option<&std::path::Path>,
+    options: &ces_stream::report::ReportOptions,
+    no_progress: bool,
+) -> anyhow::Result<ExitCode> {
+    let title = format!("ces-stream report: {}", input.display());
+    // A comparison reads the history twice: standard input is kept in a
+    // file of its own meanwhile.
+    let spooled = match (&other, input.as_os_str() == "-") {
+        (Some(_), true) => Some(spool_stdin()?),
+        _ => None,
+    };
+    let input = spooled.as_ref().map_or(input, |s| s.0.as_path());
+    let (reader, bar) = open_input(input, no_progress)?;
+    let mut tick = |bytes: u64| {
+        if let Some(b) = &bar {
+            b.set_position(bytes);
+        }
+    };
+    let progress: Option<replay::Progress<'_>> = bar.is_some().then_some(&mut tick as _);
+    let model = Arc::new(settings.model);
+    let (figures, summary) = match other {
+        None => ces_stream::report::figures(model, reader, options, progress)?,
+        Some(other) => {
+            let (again, _) = open_input(input, true)?;
+            ces_stream::report::figures_compared(
+                model,
+                Arc::new(other.model),
+                reader,
+                again,
+                options,
+                progress,
+            )?
+        }
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    eprint!("{}", summary.render());
+    std::fs::write(output, ces_stream::report::html::render(&figures, &title))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&figures)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!("report: {}", output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Standard input copied to a temporary file, removed when dropped.
+struct Spooled(PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn spool_stdin() -> anyhow::Result<Spooled> {
+    let path = std::env::temp_dir().join(format!("ces-stream-report-{}.jsonl", std::process::id()));
+    let spooled = Spooled(path);
+    let mut file = create(&spooled.0)?;
+    std::io::copy(&mut std::io::stdin().lock(), &mut file)
+        .context("cannot keep standard input for the comparison")?;
+    file.flush()?;
+    Ok(spooled)
+}
+
+/// The input of `replay` and `report` (`-`: stdin), and a progress bar
+/// when someone watches and the size is known.
+fn open_input(
+    input: &std::path::Path,
+    no_progress: bool,
+) -> anyhow::Result<(Box<dyn std::io::BufRead>, Option<indicatif::ProgressBar>)> {
+    let is_stdin = input.as_os_str() == "-";
+    let reader: Box<dyn std::io::BufRead> = if is_stdin {
+        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()))
+    } else {
+        let f = File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+        Box::new(BufReader::with_capacity(1 << 20, f))
+    };
+    let bar = (!no_progress && !is_stdin && std::io::stderr().is_terminal())
+        .then(|| std::fs::metadata(input).map(|m| m.len()).ok())
+        .flatten()
+        .map(|len| {
+            let bar = indicatif::ProgressBar::new(len);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+    Ok((reader, bar))
+}
+
 fn run_replay(
     settings: Settings,
     input: PathBuf,
@@ -440,28 +605,7 @@ fn run_replay(
         None => Box::new(std::io::stdout().lock()),
     };
 
-    let is_stdin = input.as_os_str() == "-";
-    let reader: Box<dyn std::io::BufRead> = if is_stdin {
-        Box::new(BufReader::with_capacity(1 << 20, std::io::stdin().lock()))
-    } else {
-        let f = File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
-        Box::new(BufReader::with_capacity(1 << 20, f))
-    };
-
-    // A progress bar only when someone watches and the size is known.
-    let bar = (!no_progress && !is_stdin && std::io::stderr().is_terminal())
-        .then(|| std::fs::metadata(&input).map(|m| m.len()).ok())
-        .flatten()
-        .map(|len| {
-            let bar = indicatif::ProgressBar::new(len);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar
-        });
+    let (reader, bar) = open_input(&input, no_progress)?;
     let mut tick = |bytes: u64| {
         if let Some(b) = &bar {
             b.set_position(bytes);

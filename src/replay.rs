@@ -8,10 +8,12 @@ use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::customers::Slot;
 use crate::engine::{Engine, EngineError, Outcome, Signal, SignalKind};
-use crate::event::{self, IgnoreReason, InvalidReason, ParseContext, Parsed};
+use crate::event::{self, Event, IgnoreReason, InvalidReason, ParseContext, Parsed};
 use crate::model::Model;
 use crate::output::{push_json_str, Encoder};
+use crate::timestamp::Millis;
 
 /// Why a replay stopped before the end of its input.
 #[derive(Debug, thiserror::Error)]
@@ -122,16 +124,60 @@ pub fn replay(
     Ok((engine, summary))
 }
 
+/// What a caller may watch of a replay as it goes (the report's figures):
+/// each call is made in file order, with the engine as it is then.
+pub trait Observer {
+    /// Before an event at `t` is applied.
+    #[inline]
+    fn before_event(&mut self, _engine: &Engine, _t: Millis) {}
+    /// An event was applied (accepted) to the customer in `slot`; `line`
+    /// is its text.
+    #[inline]
+    fn applied(&mut self, _engine: &Engine, _event: &Event<'_>, _slot: Slot, _line: &[u8]) {}
+    /// A customer whose event comes soon may be in `slot`: a hint to load
+    /// what the observer keeps of it.
+    #[inline]
+    fn prefetch(&mut self, _slot: Slot) {}
+    /// An output event.
+    #[inline]
+    fn signal(&mut self, _signal: &Signal<'_>) {}
+}
+
+/// Watches nothing: `replay` itself.
+pub struct NoObserver;
+
+impl Observer for NoObserver {}
+
 /// Replays `input` through `engine`.
 pub fn replay_into(
+    engine: &mut Engine,
+    input: impl BufRead,
+    output: impl Write,
+    dead_letters: Option<&mut dyn Write>,
+    progress: Option<Progress<'_>>,
+) -> Result<Summary, ReplayError> {
+    replay_observed(
+        engine,
+        input,
+        output,
+        dead_letters,
+        progress,
+        &mut NoObserver,
+    )
+}
+
+/// As [`replay_into`], telling `observer` what happens.
+pub fn replay_observed<O: Observer>(
     engine: &mut Engine,
     mut input: impl BufRead,
     mut output: impl Write,
     dead_letters: Option<&mut dyn Write>,
     mut progress: Option<Progress<'_>>,
+    observer: &mut O,
 ) -> Result<Summary, ReplayError> {
     let started = Instant::now();
     let mut run = Run {
+        observer,
         encoder: Encoder::new(engine.model()),
         engine,
         summary: Summary::default(),
@@ -226,7 +272,8 @@ pub fn replay_into(
 }
 
 /// The state of one replay between batches.
-struct Run<'e, 'd> {
+struct Run<'e, 'd, 'o, O: Observer> {
+    observer: &'o mut O,
     engine: &'e mut Engine,
     encoder: Encoder,
     summary: Summary,
@@ -244,7 +291,7 @@ struct Run<'e, 'd> {
     hashes: Vec<u64>,
 }
 
-impl Run<'_, '_> {
+impl<O: Observer> Run<'_, '_, '_, O> {
     /// Counts the line at `range` of `text` (its newline excluded) and
     /// queues it unless it is blank.
     #[inline]
@@ -262,6 +309,7 @@ impl Run<'_, '_> {
     /// Parses and applies the queued lines of `text`, and empties the queue.
     fn batch(&mut self, text: &[u8], output: &mut impl Write) -> Result<(), ReplayError> {
         let Run {
+            observer,
             engine,
             encoder,
             summary,
@@ -292,18 +340,23 @@ impl Run<'_, '_> {
                 engine.prefetch_index_hashed(h);
             }
             if let Some(&h) = hashes.get(i + PREFETCH_DISTANCE) {
-                engine.prefetch_hashed(h);
+                engine.prefetch_hashed_with(h, |slot| observer.prefetch(slot));
             }
             let line_no = lines[i].0;
             match p {
                 Parsed::Event(ev) => {
+                    observer.before_event(engine, ev.timestamp);
                     let mut sink = |s: &Signal<'_>| {
                         outputs[s.kind.index()] += 1;
+                        observer.signal(s);
                         encoder.encode(s, out);
                         out.push(b'\n');
                     };
                     match engine.process_replay_hashed(ev, hashes[i], &mut sink) {
-                        Ok(Outcome::Applied { .. }) => summary.accepted += 1,
+                        Ok(Outcome::Applied { slot, .. }) => {
+                            summary.accepted += 1;
+                            observer.applied(engine, ev, slot, &text[lines[i].1.clone()]);
+                        }
                         Ok(Outcome::Ignored(r)) => summary.ignored[r as usize] += 1,
                         Err(source) => {
                             return Err(ReplayError::Engine {
@@ -317,6 +370,7 @@ impl Run<'_, '_> {
                     summary.erasures += 1;
                     engine.erase_replay(id, &mut |s: &Signal<'_>| {
                         outputs[s.kind.index()] += 1;
+                        observer.signal(s);
                         encoder.encode(s, out);
                         out.push(b'\n');
                     });

@@ -28,6 +28,7 @@ pub mod table;
 pub use id::CustomerId;
 pub use index::{Slot, SlotIndex};
 pub use layout::{flags, header_word, Layout};
+pub use prefetch::prefetch_lines;
 pub use record::{Record, RecordMut};
 pub use table::{CustomerTable, NewCustomer, Removed, TableFull};
 

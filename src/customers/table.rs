@@ -460,9 +460,17 @@ impl CustomerTable {
     /// [`Self::prefetch`] with the id's hash computed beforehand.
     #[inline]
     pub fn prefetch_hashed(&self, hash: u64) {
+        self.prefetch_hashed_with(hash, |_| {});
+    }
+
+    /// [`Self::prefetch_hashed`], also handing each candidate slot to
+    /// `also` (a report prefetches its own counters of the customer).
+    #[inline]
+    pub fn prefetch_hashed_with(&self, hash: u64, mut also: impl FnMut(Slot)) {
         let (words, wake, stride) = (&self.words, &self.wake, self.layout.stride);
         // Every candidate of the probe is prefetched; none is compared.
         self.index.candidates(hash, |slot| {
+            also(slot);
             let base = slot as usize * stride;
             if let Some(rec) = words.get(base..base + stride) {
                 prefetch_lines(rec);

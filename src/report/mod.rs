@@ -1,0 +1,122 @@
+//! `ces-stream report`: a history replayed by the same engine and rules as
+//! `replay`, summed up in one self-contained HTML page (and, with
+//! `--json`, the same figures for other tools): what the tiers hold and
+//! how they moved, what separates them, where the scores lie.
+//!
+//! Streaming, as `replay`: the figures are aggregates gathered while the
+//! events go by ([`figures`]), so memory is replay's plus a few counters
+//! per customer; the page ([`html`]) holds aggregates only.
+
+pub mod compare;
+pub mod figures;
+pub mod html;
+
+use std::io::BufRead;
+use std::sync::Arc;
+
+use crate::engine::Engine;
+use crate::model::Model;
+use crate::replay::{replay_observed, Progress, ReplayError, Summary};
+use compare::ChurnWeeks;
+use figures::{FigureBuilder, Figures, SegmentBy};
+
+/// What a report shows besides its fixed sections.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// The movement matrix compares with the tiers this long before the end.
+    pub movement_window: crate::timestamp::Millis,
+    /// `--segment-by`.
+    pub segment_by: Option<SegmentBy>,
+}
+
+/// Replays `input` under `model` and gathers the report's figures.
+pub fn figures(
+    model: Arc<Model>,
+    input: impl BufRead,
+    options: &ReportOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<(Figures, Summary), ReplayError> {
+    let mut engine = Engine::new(Arc::clone(&model));
+    engine.track_moves();
+    let mut builder = FigureBuilder::new(model, options.movement_window)
+        .with_segments(options.segment_by.clone());
+    let summary = replay_observed(
+        &mut engine,
+        input,
+        std::io::sink(),
+        None,
+        progress,
+        &mut builder,
+    )?;
+    Ok((builder.finish(&engine, &summary), summary))
+}
+
+/// As [`figures`], and the same history replayed under `other` (read a
+/// second time from `again`) compared with it customer by customer.
+pub fn figures_compared(
+    model: Arc<Model>,
+    other: Arc<Model>,
+    input: impl BufRead,
+    again: impl BufRead,
+    options: &ReportOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<(Figures, Summary), ReplayError> {
+    let mut engine = Engine::new(Arc::clone(&model));
+    engine.track_moves();
+    let mut builder = FigureBuilder::new(model, options.movement_window)
+        .with_segments(options.segment_by.clone());
+    let mut this_weeks = ChurnWeeks::default();
+    let summary = replay_observed(
+        &mut engine,
+        input,
+        std::io::sink(),
+        None,
+        progress,
+        &mut Both(&mut builder, &mut this_weeks),
+    )?;
+    let mut other_engine = Engine::new(other);
+    let mut other_weeks = ChurnWeeks::default();
+    replay_observed(
+        &mut other_engine,
+        again,
+        std::io::sink(),
+        None,
+        None,
+        &mut other_weeks,
+    )?;
+    let end = builder.last_event();
+    let comparison = compare::compare(&engine, &other_engine, end, &this_weeks, &other_weeks);
+    let mut figures = builder.finish(&engine, &summary);
+    figures.comparison = Some(comparison);
+    Ok((figures, summary))
+}
+
+/// Two observers of one replay.
+struct Both<'a, A, B>(&'a mut A, &'a mut B);
+
+impl<A: crate::replay::Observer, B: crate::replay::Observer> crate::replay::Observer
+    for Both<'_, A, B>
+{
+    fn before_event(&mut self, engine: &Engine, t: crate::timestamp::Millis) {
+        self.0.before_event(engine, t);
+        self.1.before_event(engine, t);
+    }
+    fn applied(
+        &mut self,
+        engine: &Engine,
+        event: &crate::event::Event<'_>,
+        slot: crate::customers::Slot,
+        line: &[u8],
+    ) {
+        self.0.applied(engine, event, slot, line);
+        self.1.applied(engine, event, slot, line);
+    }
+    fn prefetch(&mut self, slot: crate::customers::Slot) {
+        self.0.prefetch(slot);
+        self.1.prefetch(slot);
+    }
+    fn signal(&mut self, signal: &crate::engine::Signal<'_>) {
+        self.0.signal(signal);
+        self.1.signal(signal);
+    }
+}
