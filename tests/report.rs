@@ -46,6 +46,15 @@ fn decayed(points: f64, hours: f64) -> f64 {
     points * 2f64.powf(-hours / 24_000.0)
 }
 
+/// A JSON array of counts.
+fn numbers(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect()
+}
+
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
@@ -73,17 +82,7 @@ fn the_figures_of_a_small_history_are_the_hand_checked_ones() {
     let points = f["tiers_over_time"]["points"].as_array().unwrap();
     let days: Vec<(&str, Vec<u64>)> = points
         .iter()
-        .map(|p| {
-            (
-                p["at"].as_str().unwrap(),
-                p["customers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|n| n.as_u64().unwrap())
-                    .collect(),
-            )
-        })
+        .map(|p| (p["at"].as_str().unwrap(), numbers(&p["customers"])))
         .collect();
     assert_eq!(
         days,
@@ -103,12 +102,7 @@ fn the_figures_of_a_small_history_are_the_hand_checked_ones() {
     let c = decayed(15.0, 48.0);
     assert_eq!((round2(a), round2(b), round2(c)), (89.9, 44.97, 14.98));
     let d = &f["distribution"];
-    let bins: Vec<u64> = d["customers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .collect();
+    let bins: Vec<u64> = numbers(&d["customers"]);
     assert_eq!(
         bins,
         [0, 1, 0, 0, 1, 0, 0, 0, 1, 0],
@@ -152,13 +146,7 @@ fn the_figures_of_a_small_history_are_the_hand_checked_ones() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|n| n.as_u64().unwrap())
-                .collect()
-        })
+        .map(numbers)
         .collect();
     assert_eq!(
         counts,
@@ -410,12 +398,7 @@ fn a_comparison_with_a_model_of_other_tiers_names_both_and_finds_the_mover() {
     assert_eq!(mover["other_score"].as_f64().unwrap(), round2(a_other));
     assert_eq!(c["top_movers"].as_array().unwrap().len(), 3);
     // b and c score the same under both: a difference of 0; a's is -49.94.
-    let bins: Vec<u64> = c["difference_customers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .collect();
+    let bins: Vec<u64> = numbers(&c["difference_customers"]);
     assert_eq!((bins[10], bins[5], bins.iter().sum::<u64>()), (2, 1, 3));
     assert!(
         page.contains("<th>low</th>") && page.contains("<td>very_engaged</td>"),
@@ -524,12 +507,7 @@ fn on_a_generated_history_the_figures_agree_with_replays_own_outputs_and_final_s
         sum += score;
         bins[((score / 10.0).floor() as usize).min(9)] += 1;
     }
-    let reported_bins: Vec<u64> = f["distribution"]["customers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .collect();
+    let reported_bins: Vec<u64> = numbers(&f["distribution"]["customers"]);
     // Final-state scores are rounded to 0.01: a score within 0.005 of a
     // bin bound may land on either side; none does here, or the counts
     // differ by at most that many.

@@ -6,10 +6,11 @@
 
 use std::fmt::Write as _;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::compare::Comparison;
-use super::figures::Figures;
+use super::figures::{ChurnDay, Figures};
 
 /// Colours of the tiers, lowest first (cycled past eight).
 const PALETTE: [RGBColor; 8] = [
@@ -133,6 +134,74 @@ fn svg(
     out
 }
 
+/// A chart over consecutive days: `labels` name the points (0, 1, ...),
+/// the y axis runs to `top` with `headroom` above it; `draw` adds the
+/// series, and the legend is drawn after them.
+fn day_chart(
+    size: (u32, u32),
+    labels: &[String],
+    top: f64,
+    y_desc: &str,
+    draw: impl FnOnce(
+        &mut ChartContext<'_, SVGBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    ),
+) -> String {
+    let n = labels.len();
+    svg(size.0, size.1, |root| {
+        let Ok(mut chart) = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..(n.max(2) - 1) as f64, 0f64..top)
+        else {
+            return;
+        };
+        let _ = chart
+            .configure_mesh()
+            .x_labels(6)
+            .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
+            .y_desc(y_desc)
+            .draw();
+        draw(&mut chart);
+        let _ = chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw();
+    })
+}
+
+/// Bars of 10-point bins (`bins` are their lower bounds) over `x_range`.
+fn bars_chart(
+    size: (u32, u32),
+    x_range: std::ops::Range<f64>,
+    bins: &[f64],
+    counts: &[u64],
+    x_desc: &str,
+    colour: RGBColor,
+) -> String {
+    let top = counts.iter().copied().max().unwrap_or(0).max(1) as f64;
+    svg(size.0, size.1, |root| {
+        let Ok(mut chart) = ChartBuilder::on(root)
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x_range, 0f64..top * 1.05)
+        else {
+            return;
+        };
+        let _ = chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("customers")
+            .draw();
+        let _ = chart.draw_series(bins.iter().zip(counts).map(|(lo, n)| {
+            Rectangle::new([(*lo + 0.5, 0.0), (*lo + 9.5, *n as f64)], colour.filled())
+        }));
+    })
+}
+
 fn tiers_over_time(page: &mut String, f: &Figures) {
     let points = &f.tiers_over_time.points;
     let _ = write!(
@@ -147,23 +216,8 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
             .max()
             .unwrap_or(0)
             .max(1) as f64;
-        let n = points.len();
-        let chart = svg(720, 320, |root| {
-            let Ok(mut chart) = ChartBuilder::on(root)
-                .margin(12)
-                .x_label_area_size(30)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0f64..(n.max(2) - 1) as f64, 0f64..top * 1.05)
-            else {
-                return;
-            };
-            let labels: Vec<String> = points.iter().map(|p| p.at[..10].to_string()).collect();
-            let _ = chart
-                .configure_mesh()
-                .x_labels(6)
-                .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
-                .y_desc("customers")
-                .draw();
+        let labels: Vec<String> = points.iter().map(|p| p.at[..10].to_string()).collect();
+        let chart = day_chart((720, 320), &labels, top * 1.05, "customers", |chart| {
             // Stacked: each tier's band from the sum below it.
             for tier in (0..f.tiers.len()).rev() {
                 let colour = PALETTE[tier % PALETTE.len()];
@@ -185,12 +239,6 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
                         })
                     });
             }
-            let _ = chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw();
         });
         page.push_str(&chart);
     }
@@ -223,6 +271,9 @@ fn tiers_over_time(page: &mut String, f: &Figures) {
     page.push_str("</table></details></div>\n");
 }
 
+/// One of a day's counts.
+type DayCount = fn(&ChurnDay) -> u64;
+
 /// Churn signals per day: two lines.
 fn churn_chart(page: &mut String, f: &Figures) {
     let days = &f.churn_per_day;
@@ -236,35 +287,17 @@ fn churn_chart(page: &mut String, f: &Figures) {
         .max()
         .unwrap_or(0)
         .max(1) as f64;
-    let n = days.len();
-    let chart = svg(720, 240, |root| {
-        let Ok(mut chart) = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0f64..(n.max(2) - 1) as f64, 0f64..top * 1.1)
-        else {
-            return;
-        };
-        let labels: Vec<String> = days.iter().map(|d| d.day[..10].to_string()).collect();
-        let _ = chart
-            .configure_mesh()
-            .x_labels(6)
-            .x_label_formatter(&|x| labels.get(x.round() as usize).cloned().unwrap_or_default())
-            .y_desc("signals per day")
-            .draw();
-        for (name, colour, pick) in [
-            ("churn_risk", PALETTE[0], 0usize),
-            ("churn_risk_cleared", PALETTE[2], 1usize),
-        ] {
-            let series = days.iter().enumerate().map(|(i, d)| {
-                let v = if pick == 0 {
-                    d.churn_risk
-                } else {
-                    d.churn_risk_cleared
-                };
-                (i as f64, v as f64)
-            });
+    let labels: Vec<String> = days.iter().map(|d| d.day[..10].to_string()).collect();
+    let chart = day_chart((720, 240), &labels, top * 1.1, "signals per day", |chart| {
+        let counts: [(&str, RGBColor, DayCount); 2] = [
+            ("churn_risk", PALETTE[0], |d| d.churn_risk),
+            ("churn_risk_cleared", PALETTE[2], |d| d.churn_risk_cleared),
+        ];
+        for (name, colour, count) in counts {
+            let series = days
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (i as f64, count(d) as f64));
             let _ = chart
                 .draw_series(LineSeries::new(series, colour.stroke_width(2)))
                 .map(|s| {
@@ -273,12 +306,6 @@ fn churn_chart(page: &mut String, f: &Figures) {
                     })
                 });
         }
-        let _ = chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw();
     });
     page.push_str(&chart);
 }
@@ -291,26 +318,14 @@ fn distribution(page: &mut String, f: &Figures) {
         escape(d.at.as_deref().unwrap_or("(no event)")),
         d.mean_score
     );
-    let top = d.customers.iter().copied().max().unwrap_or(0).max(1) as f64;
-    let chart = svg(520, 300, |root| {
-        let Ok(mut chart) = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0f64..100f64, 0f64..top * 1.05)
-        else {
-            return;
-        };
-        let _ = chart
-            .configure_mesh()
-            .x_desc("score")
-            .y_desc("customers")
-            .draw();
-        let colour = PALETTE[3];
-        let _ = chart.draw_series(d.bins.iter().zip(&d.customers).map(|(lo, n)| {
-            Rectangle::new([(*lo + 0.5, 0.0), (*lo + 9.5, *n as f64)], colour.filled())
-        }));
-    });
+    let chart = bars_chart(
+        (520, 300),
+        0.0..100.0,
+        &d.bins,
+        &d.customers,
+        "score",
+        PALETTE[3],
+    );
     page.push_str(&chart);
     page.push_str("<table id=\"distribution\"><tr><th>score</th><th>customers</th></tr>");
     for (lo, n) in d.bins.iter().zip(&d.customers) {
@@ -461,32 +476,14 @@ fn compared(page: &mut String, c: &Comparison) {
         );
     }
     page.push_str("<div class=\"chart\">");
-    let top = c
-        .difference_customers
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
-    let chart = svg(520, 280, |root| {
-        let Ok(mut chart) = ChartBuilder::on(root)
-            .margin(12)
-            .x_label_area_size(30)
-            .y_label_area_size(56)
-            .build_cartesian_2d(-100f64..100f64, 0f64..top * 1.05)
-        else {
-            return;
-        };
-        let _ = chart
-            .configure_mesh()
-            .x_desc("other score - this score")
-            .y_desc("customers")
-            .draw();
-        let colour = PALETTE[4];
-        let _ = chart.draw_series(c.difference_bins.iter().zip(&c.difference_customers).map(
-            |(lo, n)| Rectangle::new([(*lo + 0.5, 0.0), (*lo + 9.5, *n as f64)], colour.filled()),
-        ));
-    });
+    let chart = bars_chart(
+        (520, 280),
+        -100.0..100.0,
+        &c.difference_bins,
+        &c.difference_customers,
+        "other score - this score",
+        PALETTE[4],
+    );
     page.push_str(&chart);
     page.push_str("<details><summary>figures</summary><table id=\"difference\"><tr><th>difference</th><th>customers</th></tr>");
     for (lo, n) in c.difference_bins.iter().zip(&c.difference_customers) {

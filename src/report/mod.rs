@@ -29,6 +29,16 @@ pub struct ReportOptions {
     pub segment_by: Option<SegmentBy>,
 }
 
+/// An engine for `model` and the builder that watches it (the engine
+/// keeps its journal of moves: the builder's counters follow its slots).
+fn watched_engine(model: Arc<Model>, options: &ReportOptions) -> (Engine, FigureBuilder) {
+    let mut engine = Engine::new(Arc::clone(&model));
+    engine.track_moves();
+    let builder = FigureBuilder::new(model, options.movement_window)
+        .with_segments(options.segment_by.clone());
+    (engine, builder)
+}
+
 /// Replays `input` under `model` and gathers the report's figures.
 pub fn figures(
     model: Arc<Model>,
@@ -36,10 +46,7 @@ pub fn figures(
     options: &ReportOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
-    let mut engine = Engine::new(Arc::clone(&model));
-    engine.track_moves();
-    let mut builder = FigureBuilder::new(model, options.movement_window)
-        .with_segments(options.segment_by.clone());
+    let (mut engine, mut builder) = watched_engine(model, options);
     let summary = replay_observed(
         &mut engine,
         input,
@@ -61,10 +68,7 @@ pub fn figures_compared(
     options: &ReportOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
-    let mut engine = Engine::new(Arc::clone(&model));
-    engine.track_moves();
-    let mut builder = FigureBuilder::new(model, options.movement_window)
-        .with_segments(options.segment_by.clone());
+    let (mut engine, mut builder) = watched_engine(model, options);
     let mut this_weeks = ChurnWeeks::default();
     let summary = replay_observed(
         &mut engine,
