@@ -291,6 +291,14 @@ impl Engine {
         }
     }
 
+    /// A fresh engine for `model` whose customer ids hash as in `other`'s
+    /// ([`Self::customer_hash`]): one hash per event serves both.
+    pub fn hashing_like(model: Arc<Model>, other: &Engine) -> Engine {
+        let mut engine = Engine::new(model);
+        engine.table.hash_like(&other.table);
+        engine
+    }
+
     /// An engine over a restored table.
     pub fn from_parts(
         model: Arc<Model>,

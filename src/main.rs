@@ -494,13 +494,6 @@ fn report(
     no_progress: bool,
 ) -> anyhow::Result<ExitCode> {
     let title = format!("ces-stream report: {}", input.display());
-    // A comparison reads the history twice: standard input is kept in a
-    // file of its own meanwhile.
-    let spooled = match (&other, input.as_os_str() == "-") {
-        (Some(_), true) => Some(spool_stdin()?),
-        _ => None,
-    };
-    let input = spooled.as_ref().map_or(input, |s| s.0.as_path());
     let (reader, bar) = open_input(input, no_progress)?;
     let mut tick = |bytes: u64| {
         if let Some(b) = &bar {
@@ -511,17 +504,13 @@ fn report(
     let model = Arc::new(settings.model);
     let (figures, summary) = match other {
         None => ces_stream::report::figures(model, reader, options, progress)?,
-        Some(other) => {
-            let (again, _) = open_input(input, true)?;
-            ces_stream::report::figures_compared(
-                model,
-                Arc::new(other.model),
-                reader,
-                again,
-                options,
-                progress,
-            )?
-        }
+        Some(other) => ces_stream::report::figures_compared(
+            model,
+            Arc::new(other.model),
+            reader,
+            options,
+            progress,
+        )?,
     };
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -536,25 +525,6 @@ fn report(
     }
     eprintln!("report: {}", output.display());
     Ok(ExitCode::SUCCESS)
-}
-
-/// Standard input copied to a temporary file, removed when dropped.
-struct Spooled(PathBuf);
-
-impl Drop for Spooled {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn spool_stdin() -> anyhow::Result<Spooled> {
-    let path = std::env::temp_dir().join(format!("ces-stream-report-{}.jsonl", std::process::id()));
-    let spooled = Spooled(path);
-    let mut file = create(&spooled.0)?;
-    std::io::copy(&mut std::io::stdin().lock(), &mut file)
-        .context("cannot keep standard input for the comparison")?;
-    file.flush()?;
-    Ok(spooled)
 }
 
 /// The input of `replay` and `report` (`-`: stdin), and a progress bar

@@ -144,6 +144,20 @@ pub trait Observer {
     /// An output event.
     #[inline]
     fn signal(&mut self, _signal: &Signal<'_>) {}
+    /// The customer whose id hashes to `hash` (by the engine's hasher) has
+    /// an event two prefetch distances ahead: a hint to load the index
+    /// lines of whatever the observer looks customers up in.
+    #[inline]
+    fn customer_far_ahead(&mut self, _hash: u64) {}
+    /// As [`Self::customer_far_ahead`], one prefetch distance ahead: a
+    /// hint to load the customer's own state.
+    #[inline]
+    fn customer_ahead(&mut self, _hash: u64) {}
+    /// Every non-blank line (number `line_no`, text `line`), as parsed
+    /// under the engine's model, after the engine handled it; `hash` is
+    /// its customer id's hash for an event, else 0.
+    #[inline]
+    fn parsed(&mut self, _line_no: u64, _line: &[u8], _parsed: &Parsed<'_>, _hash: u64) {}
 }
 
 /// Watches nothing: `replay` itself.
@@ -164,18 +178,19 @@ pub fn replay_into(
     replay_observed(
         engine,
         input,
-        output,
+        Some(output),
         dead_letters,
         progress,
         &mut NoObserver,
     )
 }
 
-/// As [`replay_into`], telling `observer` what happens.
+/// As [`replay_into`], telling `observer` what happens; without `output`
+/// the outputs are not encoded at all (the report only counts them).
 pub fn replay_observed<O: Observer>(
     engine: &mut Engine,
     mut input: impl BufRead,
-    mut output: impl Write,
+    mut output: Option<impl Write>,
     dead_letters: Option<&mut dyn Write>,
     mut progress: Option<Progress<'_>>,
     observer: &mut O,
@@ -258,10 +273,12 @@ pub fn replay_observed<O: Observer>(
             p(bytes_read);
         }
     }
-    output
-        .write_all(&run.out)
-        .map_err(ReplayError::WriteOutput)?;
-    output.flush().map_err(ReplayError::WriteOutput)?;
+    if let Some(output) = output.as_mut() {
+        output
+            .write_all(&run.out)
+            .map_err(ReplayError::WriteOutput)?;
+        output.flush().map_err(ReplayError::WriteOutput)?;
+    }
     if let Some(w) = run.dead_letters {
         w.flush().map_err(ReplayError::WriteDeadLetter)?;
     }
@@ -312,7 +329,7 @@ impl<O: Observer> Run<'_, '_, '_, O> {
     }
 
     /// Parses and applies the queued lines of `text`, and empties the queue.
-    fn batch(&mut self, text: &[u8], output: &mut impl Write) -> Result<(), ReplayError> {
+    fn batch(&mut self, text: &[u8], output: &mut Option<impl Write>) -> Result<(), ReplayError> {
         let Run {
             observer,
             engine,
@@ -326,6 +343,7 @@ impl<O: Observer> Run<'_, '_, '_, O> {
             hashes,
         } = self;
         summary.events += lines.len() as u64;
+        let encodes = output.is_some();
         let model = engine.model();
         let parsed: Vec<Parsed<'_>> = lines
             .iter()
@@ -343,9 +361,13 @@ impl<O: Observer> Run<'_, '_, '_, O> {
             // (its index lines loaded by now).
             if let Some(&h) = hashes.get(i + 2 * PREFETCH_DISTANCE) {
                 engine.prefetch_index_hashed(h);
+                if O::OBSERVES {
+                    observer.customer_far_ahead(h);
+                }
             }
             if let Some(&h) = hashes.get(i + PREFETCH_DISTANCE) {
                 if O::OBSERVES {
+                    observer.customer_ahead(h);
                     engine.prefetch_hashed_with(h, |slot| observer.prefetch(slot));
                 } else {
                     engine.prefetch_hashed(h);
@@ -362,8 +384,10 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                         if O::OBSERVES {
                             observer.signal(s);
                         }
-                        encoder.encode(s, out);
-                        out.push(b'\n');
+                        if encodes {
+                            encoder.encode(s, out);
+                            out.push(b'\n');
+                        }
                     };
                     match engine.process_replay_hashed(ev, hashes[i], &mut sink) {
                         Ok(Outcome::Applied { slot, .. }) => {
@@ -388,8 +412,10 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                         if O::OBSERVES {
                             observer.signal(s);
                         }
-                        encoder.encode(s, out);
-                        out.push(b'\n');
+                        if encodes {
+                            encoder.encode(s, out);
+                            out.push(b'\n');
+                        }
                     });
                 }
                 Parsed::Ignored(r) => summary.ignored[*r as usize] += 1,
@@ -403,8 +429,13 @@ impl<O: Observer> Run<'_, '_, '_, O> {
                     }
                 }
             }
+            if O::OBSERVES {
+                observer.parsed(line_no, &text[lines[i].1.clone()], p, hashes[i]);
+            }
             if out.len() >= FLUSH_BYTES {
-                output.write_all(out).map_err(ReplayError::WriteOutput)?;
+                if let Some(output) = output.as_mut() {
+                    output.write_all(out).map_err(ReplayError::WriteOutput)?;
+                }
                 out.clear();
             }
         }

@@ -640,3 +640,186 @@ fn counters_follow_the_records_an_erasure_moves() {
     // The window (30 days) starts before any event: both are new.
     assert_eq!(f["movement"]["counts"][3], serde_json::json!([1, 1, 0, 0]));
 }
+
+#[test]
+fn movement_follows_erased_forgotten_and_returning_customers() {
+    // The test model, with customers forgotten after two silent days
+    // (sweeps every hour). The window is the last day: since 11-25 00:00.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::fs::read_to_string(dir().join("model.toml"))
+        .unwrap()
+        .replace("[scoring]\n", "[scoring]\nforget_after = \"2d\"\n");
+    let config = tmp.path().join("model.toml");
+    std::fs::write(&config, model).unwrap();
+    let input = tmp.path().join("history.jsonl");
+    let event = |id: &str, kind: &str, at: &str| {
+        format!(r#"{{"customer_id":"{id}","type":"{kind}","timestamp":"2026-11-{at}:00Z"}}"#)
+    };
+    std::fs::write(
+        &input,
+        [
+            // reborn: forgotten at the 11-23 09:00 sweep, back (15 points)
+            // on 11-24, before the window: very disengaged at its start
+            // and end.
+            event("reborn", "buy", "21T09:00"),
+            // forgotten_early: forgotten at 11-24 10:00, before the window:
+            // in no row at all.
+            event("forgotten_early", "buy", "22T10:00"),
+            // returning: erased before the window, back within it: new.
+            event("returning", "buy", "22T11:00"),
+            event("bounce", "buy", "23T00:30"),
+            event("forgotten_late", "buy", "23T06:00"),
+            r#"{"erase":"returning"}"#.to_string(),
+            // erased: very engaged (90) at the start, erased within.
+            event("erased", "buy", "24T08:00"),
+            event("stays", "visit", "24T09:00"),
+            event("erased", "buy", "24T11:00"),
+            event("reborn", "visit", "24T12:00"),
+            // bounce: somewhat engaged at the start; its own event comes
+            // after the 11-25 01:00 sweep forgot it, and starts it anew
+            // (45 points): somewhat engaged at the end.
+            event("bounce", "buy", "25T01:30"),
+            // forgotten_late was forgotten by the 11-25 06:00 sweep: gone.
+            event("returning", "visit", "25T08:00"),
+            r#"{"erase":"erased"}"#.to_string(),
+            event("stays", "visit", "26T00:00"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let (ok, stderr, _, f) = report_with(&config, &input, &["--movement-window", "1d"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(f["movement"]["since"], "2026-11-25T00:00:00.000Z");
+    // Held at the end: reborn, bounce, stays, returning.
+    assert_eq!(f["summary"]["customers"], 4);
+    let counts: Vec<Vec<u64>> = f["movement"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(numbers)
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            vec![2, 0, 0, 0], // very_disengaged: reborn and stays stay
+            vec![0, 1, 0, 1], // somewhat_engaged: bounce stays, forgotten_late gone
+            vec![0, 0, 0, 1], // very_engaged: erased gone
+            vec![1, 0, 0, 0], // (new): returning
+        ]
+    );
+}
+
+/// `replay` of `history` under `config`: its outputs and its final state
+/// at `at`.
+fn replay_outputs_and_state(config: &Path, history: &Path, at: &str) -> (Vec<Value>, Vec<Value>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (outputs, state) = (tmp.path().join("out.jsonl"), tmp.path().join("state.jsonl"));
+    let replayed = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["replay", "--no-progress", "--config"])
+        .arg(config)
+        .arg("--input")
+        .arg(history)
+        .arg("--output")
+        .arg(&outputs)
+        .arg("--final-state")
+        .arg(&state)
+        .args(["--at", at])
+        .output()
+        .unwrap();
+    assert!(replayed.status.success());
+    (lines(&outputs), lines(&state))
+}
+
+#[test]
+fn a_comparison_on_a_generated_history_agrees_with_two_replays() {
+    // Both models go over the history in one pass: parsed once when they
+    // read events alike (purchases worth more, more hysteresis), parsed
+    // again under the other when they do not (social_like unknown there,
+    // so those events are ignored by the other model only).
+    let tmp = tempfile::tempdir().unwrap();
+    let history = tmp.path().join("history.jsonl");
+    let bin = env!("CARGO_BIN_EXE_ces-stream");
+    let generated = Command::new(bin)
+        .args(["generate", "--events", "30000", "--customers", "1200"])
+        .args(["--span", "60d", "--erasures", "0.002", "--output"])
+        .arg(&history)
+        .output()
+        .unwrap();
+    assert!(generated.status.success());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let default = std::fs::read_to_string(&config).unwrap();
+    let alike = default
+        .replace("purchase = { weight = 10.0", "purchase = { weight = 25.0")
+        .replace("tier_hysteresis = 2.0", "tier_hysteresis = 3.0");
+    let unlike = default
+        .lines()
+        .filter(|l| !l.starts_with("social_like ="))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(alike != default && unlike != default);
+    for (name, text) in [("alike", alike), ("unlike", unlike)] {
+        let other = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&other, text).unwrap();
+        let (ok, stderr, _, f) =
+            report_with(&config, &history, &["--compare", other.to_str().unwrap()]);
+        assert!(ok, "{name}: {stderr}");
+        let end = f["summary"]["period_end"].as_str().unwrap();
+        let (this_outputs, this_state) = replay_outputs_and_state(&config, &history, end);
+        let (other_outputs, other_state) = replay_outputs_and_state(&other, &history, end);
+        let c = &f["comparison"];
+
+        // The migration matrix, from the two final states.
+        let tier_index = |names: &Value, tier: &Value| {
+            names
+                .as_array()
+                .unwrap()
+                .iter()
+                .position(|n| n == tier)
+                .unwrap()
+        };
+        let others: std::collections::HashMap<&str, &Value> = other_state
+            .iter()
+            .map(|s| (s["customer_id"].as_str().unwrap(), s))
+            .collect();
+        let mut migration = vec![vec![0u64; 3]; 3];
+        let mut both = 0u64;
+        for s in &this_state {
+            if let Some(o) = others.get(s["customer_id"].as_str().unwrap()) {
+                both += 1;
+                migration[tier_index(&c["tiers"], &s["tier"])]
+                    [tier_index(&c["other_tiers"], &o["tier"])] += 1;
+            }
+        }
+        let reported: Vec<Vec<u64>> = c["migration"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(numbers)
+            .collect();
+        assert_eq!(reported, migration, "{name}");
+        assert!(
+            migration[0][0] < both,
+            "{name}: the models agree everywhere"
+        );
+        assert_eq!(
+            c["only_this"].as_u64().unwrap(),
+            this_state.len() as u64 - both
+        );
+        assert_eq!(
+            c["only_other"].as_u64().unwrap(),
+            other_state.len() as u64 - both
+        );
+
+        // Churn alerts per week, from the two replays' outputs.
+        let churn =
+            |outputs: &[Value]| outputs.iter().filter(|o| o["kind"] == "churn_risk").count() as u64;
+        let weeks = c["churn_per_week"].as_array().unwrap();
+        let total = |key: &str| weeks.iter().map(|w| w[key].as_u64().unwrap()).sum::<u64>();
+        assert_eq!(total("this_model"), churn(&this_outputs), "{name}");
+        assert_eq!(total("other_model"), churn(&other_outputs), "{name}");
+        assert!(
+            churn(&this_outputs) > 0,
+            "{name}: no churn alert to compare"
+        );
+    }
+}

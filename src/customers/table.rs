@@ -88,6 +88,13 @@ impl CustomerTable {
         }
     }
 
+    /// From now on, ids hash as in `other` (the table must be empty): two
+    /// tables fed the same events then share each event's one hash.
+    pub fn hash_like(&mut self, other: &CustomerTable) {
+        debug_assert!(self.is_empty());
+        self.hasher = other.hasher.clone();
+    }
+
     /// Keeps the ids of removed customers until [`Self::take_removed`].
     pub fn track_removals(&mut self) {
         self.removed.get_or_insert_with(Vec::new);

@@ -368,6 +368,24 @@ impl Model {
         &self.caps
     }
 
+    /// Whether `other` parses every line as this model does (the same
+    /// input rules, activities, channels and Segment mapping; weights,
+    /// tiers and signals may differ): then one parse serves both.
+    pub fn parses_like(&self, other: &Model) -> bool {
+        let (input, theirs) = (&self.input, &other.input);
+        input.format == theirs.format
+            && input.max_event_bytes == theirs.max_event_bytes
+            && input.max_future_skew == theirs.max_future_skew
+            && input.segment_events == theirs.segment_events
+            && self.channels == other.channels
+            && self.activities.len() == other.activities.len()
+            && self
+                .activities
+                .iter()
+                .zip(&other.activities)
+                .all(|(a, b)| a.name == b.name && a.channel == b.channel)
+    }
+
     pub fn activity(&self, name: &str) -> Option<ActivityId> {
         self.activity_by_name.get(name)
     }

@@ -201,9 +201,12 @@ pub struct FigureBuilder {
     channels: usize,
     /// Removals of the table already applied to the slot arrays.
     moves_applied: usize,
-    /// Per customer (by id hash): its emitted tiers over time, (at, tier);
-    /// `GONE` once erased.
-    tier_changes: HashMap<u64, TierLog, IdHash>,
+    /// Per slot: its customer's [`TierChange::customer`] key.
+    slot_customer: Vec<u64>,
+    /// Every customer's emitted tier over time, in the order things
+    /// happened to it: read at the end, once the movement window's start
+    /// is known.
+    tier_log: Vec<TierChange>,
     hasher: foldhash::fast::FixedState,
     movement_window: Millis,
     segment_by: Option<SegmentBy>,
@@ -279,17 +282,20 @@ impl Hasher for IdentityHasher {
 
 type IdHash = BuildHasherDefault<IdentityHasher>;
 
-/// A customer's emitted tiers over time, and whether it is held at the end.
-#[derive(Debug, Default)]
-struct TierLog {
-    changes: Vec<(Millis, u8)>,
-    held: bool,
+/// From `at` on, the customer is held with emitted tier `tier`, or no
+/// longer held ([`GONE`]: erased or forgotten).
+#[derive(Debug, Clone, Copy)]
+struct TierChange {
+    /// The customer: a hash of its id.
+    customer: u64,
+    at: Millis,
+    tier: u8,
 }
 
 /// No segment value seen for the customer.
 const NO_SEGMENT: u32 = u32::MAX;
 
-/// A tier change meaning "no longer held" (erased).
+/// A tier change meaning "no longer held" (erased or forgotten).
 const GONE: u8 = u8::MAX;
 
 impl FigureBuilder {
@@ -307,7 +313,8 @@ impl FigureBuilder {
             channel_counts: Vec::new(),
             channels,
             moves_applied: 0,
-            tier_changes: HashMap::default(),
+            slot_customer: Vec::new(),
+            tier_log: Vec::new(),
             hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
             movement_window,
             segment_by: None,
@@ -354,7 +361,9 @@ impl FigureBuilder {
 
     /// The figures, from what was observed and the engine at the end.
     pub fn finish(mut self, engine: &Engine, summary: &Summary) -> Figures {
-        self.follow_moves(engine);
+        if let Some(now) = self.last_event {
+            self.follow_moves(engine, now);
+        }
         let model = std::sync::Arc::clone(&self.model);
         let tier_names: Vec<String> = model.tiers.iter().map(|t| t.name.to_string()).collect();
         let end = self.last_event;
@@ -395,10 +404,17 @@ impl FigureBuilder {
         let mut segments: HashMap<String, (u64, f64, Vec<u64>)> = HashMap::new();
         let mut movement = vec![vec![0u64; tiers + 1]; tiers + 1];
         let since = end.map(|e| e - self.movement_window);
-        let mut tier_changes = std::mem::take(&mut self.tier_changes);
+        // Each customer's emitted tier at `since` (GONE: held no longer),
+        // for those that had been held by then.
+        let mut tier_at_since: HashMap<u64, u8, IdHash> = HashMap::default();
+        if let Some(since) = since {
+            for change in self.tier_log.iter().filter(|c| c.at <= since) {
+                tier_at_since.insert(change.customer, change.tier);
+            }
+        }
         let table = engine.customers();
         let mut contributions = vec![0.0; activities];
-        if let (Some(at), Some(since)) = (end, since) {
+        if let Some(at) = end {
             for slot in 0..table.len() as u32 {
                 let (score, tier_id) = engine.evaluate_slot(slot, at, &mut contributions);
                 let bin = ((score / 10.0).floor() as usize).min(BINS - 1);
@@ -417,15 +433,15 @@ impl FigureBuilder {
                 for (sum, n) in per_tier_channel_events[tier].iter_mut().zip(events) {
                     *sum += u64::from(*n);
                 }
-                // Movement: the tier at `since` by the emitted tiers; a
-                // customer without any is counted as new.
-                let from = match tier_changes.get_mut(&self.hash(table.id(slot))) {
-                    Some(log) => {
-                        log.held = true;
-                        tier_at(&log.changes, since)
-                            .map_or(tiers, |t| usize::from(t).min(tiers - 1))
-                    }
-                    None => tiers,
+                // Movement: the emitted tier at `since`; a customer not
+                // held then is counted as new.
+                let from = match tier_at_since.is_empty() {
+                    true => None,
+                    false => tier_at_since.remove(&self.slot_customer[slot as usize]),
+                };
+                let from = match from {
+                    Some(t) if t != GONE => usize::from(t).min(tiers - 1),
+                    _ => tiers,
                 };
                 movement[from][tier] += 1;
                 if let Some(by) = &self.segment_by {
@@ -450,10 +466,8 @@ impl FigureBuilder {
                 }
             }
             // Customers held at `since` and gone by the end.
-            for log in tier_changes.values().filter(|log| !log.held) {
-                if let Some(t) = tier_at(&log.changes, since) {
-                    movement[usize::from(t).min(tiers - 1)][tiers] += 1;
-                }
+            for &t in tier_at_since.values().filter(|t| **t != GONE) {
+                movement[usize::from(t).min(tiers - 1)][tiers] += 1;
             }
         }
         let segments = self
@@ -514,32 +528,32 @@ impl FigureBuilder {
     }
 
     /// Applies the table's removals since the last call to the slot
-    /// arrays: a removed slot takes the last slot's counters.
-    fn follow_moves(&mut self, engine: &Engine) {
+    /// arrays (a removed slot takes the last slot's counters), and logs
+    /// each removed customer as gone at `now`.
+    fn follow_moves(&mut self, engine: &Engine, now: Millis) {
         let channels = self.channels;
         let moves = engine.moves();
         for &(removed, last) in moves.get(self.moves_applied..).unwrap_or(&[]) {
             let (removed, last) = (removed as usize, last as usize);
+            if let Some(&customer) = self.slot_customer.get(removed) {
+                self.tier_log.push(TierChange {
+                    customer,
+                    at: now,
+                    tier: GONE,
+                });
+            }
             if removed != last && last < self.segment_of.len() {
                 self.channel_counts
                     .copy_within(last * channels..(last + 1) * channels, removed * channels);
                 self.segment_of[removed] = self.segment_of[last];
+                self.slot_customer[removed] = self.slot_customer[last];
             }
             self.channel_counts.truncate(last * channels);
             self.segment_of.truncate(last);
+            self.slot_customer.truncate(last);
         }
         self.moves_applied = moves.len();
     }
-}
-
-/// The emitted tier at `since`, if the customer was held then.
-fn tier_at(changes: &[(Millis, u8)], since: Millis) -> Option<u8> {
-    changes
-        .iter()
-        .rev()
-        .find(|(at, _)| *at <= since)
-        .map(|(_, t)| *t)
-        .filter(|t| *t != GONE)
 }
 
 fn movement_figures(since: Option<Millis>, counts: Vec<Vec<u64>>, names: &[String]) -> Movement {
@@ -557,6 +571,10 @@ fn movement_figures(since: Option<Millis>, counts: Vec<Vec<u64>>, names: &[Strin
 
 impl Observer for FigureBuilder {
     fn before_event(&mut self, engine: &Engine, t: Millis) {
+        // Removals since the last event (an erasure's): gone by then.
+        if let Some(now) = self.last_event {
+            self.follow_moves(engine, now);
+        }
         self.first_event = Some(self.first_event.map_or(t, |f| f.min(t)));
         self.last_event = Some(self.last_event.map_or(t, |l| l.max(t)));
         let due = *self.next_day.get_or_insert(t - t.rem_euclid(DAY));
@@ -572,11 +590,23 @@ impl Observer for FigureBuilder {
     }
 
     fn applied(&mut self, engine: &Engine, event: &Event<'_>, slot: Slot, line: &[u8]) {
-        self.follow_moves(engine);
+        // Removals while the event was applied (a sweep's) came before it.
+        let now = self.last_event.unwrap_or(event.timestamp);
+        self.follow_moves(engine, now);
         let (s, channels) = (slot as usize, self.channels);
         if s >= self.segment_of.len() {
+            // A new customer (slots are handed out in order), held from
+            // now on with the tier the event left it in: logged after the
+            // event's signals and removals, so it is what counts for now.
             self.segment_of.resize(s + 1, NO_SEGMENT);
             self.channel_counts.resize((s + 1) * channels, 0);
+            let customer = self.hash(&event.customer_id);
+            self.slot_customer.resize(s + 1, customer);
+            self.tier_log.push(TierChange {
+                customer,
+                at: now,
+                tier: engine.customers().record(slot).emitted_tier(),
+            });
         }
         let channel = event
             .channel
@@ -611,18 +641,18 @@ impl Observer for FigureBuilder {
         match signal.kind {
             SignalKind::ChurnRisk { .. } => self.churn.entry(day).or_default().0 += 1,
             SignalKind::ChurnRiskCleared => self.churn.entry(day).or_default().1 += 1,
-            SignalKind::ScoreChanged { .. } => {
-                let hash = self.hash(signal.customer_id);
-                let log = self.tier_changes.entry(hash).or_default();
-                if log.changes.last().map(|(_, t)| *t) != Some(signal.tier) {
-                    log.changes.push((signal.at, signal.tier));
+            SignalKind::ScoreChanged { previous_tier, .. } => {
+                if signal.tier != previous_tier {
+                    self.tier_log.push(TierChange {
+                        customer: self.hash(signal.customer_id),
+                        at: signal.at,
+                        tier: signal.tier,
+                    });
                 }
             }
-            SignalKind::CustomerErased => {
-                let hash = self.hash(signal.customer_id);
-                let log = self.tier_changes.entry(hash).or_default();
-                log.changes.push((signal.at, GONE));
-            }
+            // Logged as it leaves the table (`follow_moves`), as a
+            // forgotten customer is.
+            SignalKind::CustomerErased => {}
         }
     }
 }

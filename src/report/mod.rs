@@ -10,6 +10,7 @@
 pub mod compare;
 pub mod figures;
 pub mod html;
+pub mod other_model;
 
 use std::io::BufRead;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::model::Model;
 use crate::replay::{replay_observed, Progress, ReplayError, Summary};
 use compare::ChurnWeeks;
 use figures::{FigureBuilder, Figures, SegmentBy};
+use other_model::OtherModelReplay;
 
 /// What a report shows besides its fixed sections.
 #[derive(Debug, Clone)]
@@ -50,7 +52,7 @@ pub fn figures(
     let summary = replay_observed(
         &mut engine,
         input,
-        std::io::sink(),
+        None::<std::io::Sink>,
         None,
         progress,
         &mut builder,
@@ -58,36 +60,28 @@ pub fn figures(
     Ok((builder.finish(&engine, &summary), summary))
 }
 
-/// As [`figures`], and the same history replayed under `other` (read a
-/// second time from `again`) compared with it customer by customer.
+/// As [`figures`], and the same history replayed under `other` in the
+/// same pass (read and, when the models read events alike, parsed once),
+/// compared with it customer by customer.
 pub fn figures_compared(
     model: Arc<Model>,
     other: Arc<Model>,
     input: impl BufRead,
-    again: impl BufRead,
     options: &ReportOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<(Figures, Summary), ReplayError> {
     let (mut engine, mut builder) = watched_engine(model, options);
     let mut this_weeks = ChurnWeeks::default();
+    let mut other_replay = OtherModelReplay::new(other, &engine);
     let summary = replay_observed(
         &mut engine,
         input,
-        std::io::sink(),
+        None::<std::io::Sink>,
         None,
         progress,
-        &mut Both(&mut builder, &mut this_weeks),
+        &mut Both(&mut builder, &mut Both(&mut this_weeks, &mut other_replay)),
     )?;
-    let mut other_engine = Engine::new(other);
-    let mut other_weeks = ChurnWeeks::default();
-    replay_observed(
-        &mut other_engine,
-        again,
-        std::io::sink(),
-        None,
-        None,
-        &mut other_weeks,
-    )?;
+    let (other_engine, other_weeks) = other_replay.finish()?;
     let end = builder.last_event();
     let comparison = compare::compare(&engine, &other_engine, end, &this_weeks, &other_weeks);
     let mut figures = builder.finish(&engine, &summary);
@@ -122,5 +116,17 @@ impl<A: crate::replay::Observer, B: crate::replay::Observer> crate::replay::Obse
     fn signal(&mut self, signal: &crate::engine::Signal<'_>) {
         self.0.signal(signal);
         self.1.signal(signal);
+    }
+    fn customer_far_ahead(&mut self, hash: u64) {
+        self.0.customer_far_ahead(hash);
+        self.1.customer_far_ahead(hash);
+    }
+    fn customer_ahead(&mut self, hash: u64) {
+        self.0.customer_ahead(hash);
+        self.1.customer_ahead(hash);
+    }
+    fn parsed(&mut self, line_no: u64, line: &[u8], parsed: &crate::event::Parsed<'_>, hash: u64) {
+        self.0.parsed(line_no, line, parsed, hash);
+        self.1.parsed(line_no, line, parsed, hash);
     }
 }
