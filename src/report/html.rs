@@ -426,7 +426,7 @@ fn movement(page: &mut String, f: &Figures) {
     let m = &f.movement;
     let _ = write!(
         page,
-        "<h2>Movement</h2>\n<p class=\"muted\">Tier at {} (rows) against tier at the end (columns), in customers.</p>\n",
+        "<h2>Movement</h2>\n<p class=\"muted\">Tier at {} (rows) against tier at the end (columns), in customers: (new) were not held then, (gone) were erased or forgotten since.</p>\n",
         escape(m.since.as_deref().unwrap_or("(no event)"))
     );
     let top = m.counts.iter().flatten().copied().max().unwrap_or(0).max(1) as f64;
