@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use ces_stream::config::Settings;
 use ces_stream::replay;
+use ces_stream::report::MovementStart;
 
 /// jemalloc for the whole process, librdkafka's C code included (its
 /// `malloc` and `free` are replaced too). With glibc's allocator, a worker
@@ -184,6 +185,10 @@ enum Command {
         /// the last event (e.g. 30d, 7d).
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         movement_window: std::time::Duration,
+        /// The movement matrix compares with the tiers at this time instead
+        /// (RFC 3339, e.g. 2026-10-01T00:00:00Z).
+        #[arg(long, conflicts_with = "movement_window")]
+        since: Option<String>,
         /// Do not show a progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -269,13 +274,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             compare,
             segment_by,
             movement_window,
+            since,
             no_progress,
         } => {
             let settings = Settings::load(&config)?;
             let other = compare.as_deref().map(Settings::load).transpose()?;
+            let movement_start = match since {
+                Some(text) => MovementStart::At(parse_time(&text)?),
+                None => MovementStart::Before(
+                    ces_stream::timestamp::duration_millis(movement_window)
+                        .map_err(anyhow::Error::msg)?,
+                ),
+            };
             let options = ces_stream::report::ReportOptions {
-                movement_window: ces_stream::timestamp::duration_millis(movement_window)
-                    .map_err(anyhow::Error::msg)?,
+                movement_start,
                 segment_by: segment_by
                     .as_deref()
                     .map(ces_stream::report::figures::SegmentBy::parse),

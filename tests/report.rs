@@ -707,6 +707,21 @@ fn movement_follows_erased_forgotten_and_returning_customers() {
             vec![1, 0, 0, 0], // (new): returning
         ]
     );
+    // The same start given as a time.
+    let (ok, stderr, _, at) = report_with(&config, &input, &["--since", "2026-11-25T00:00:00Z"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(at["movement"], f["movement"]);
+    // Before every event: everyone held at the end is new.
+    let (_, _, _, early) = report_with(&config, &input, &["--since", "2026-11-01T00:00:00Z"]);
+    assert_eq!(
+        early["movement"]["counts"][3],
+        serde_json::json!([3, 1, 0, 0])
+    );
+    let (ok, stderr, _, _) = report_with(&config, &input, &["--since", "yesterday"]);
+    assert!(
+        !ok && stderr.contains("\"yesterday\" is not an RFC 3339 time"),
+        "{stderr}"
+    );
 }
 
 /// `replay` of `history` under `config`: its outputs and its final state

@@ -24,6 +24,21 @@ const BINS: usize = 10;
 /// The movement matrix compares with the tiers this long before the end.
 pub const DEFAULT_MOVEMENT_WINDOW: Millis = 30 * DAY;
 
+/// When the movement matrix's "from" tiers are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MovementStart {
+    /// This long before the last event (`--movement-window`).
+    Before(Millis),
+    /// At this time (`--since`).
+    At(Millis),
+}
+
+impl Default for MovementStart {
+    fn default() -> MovementStart {
+        MovementStart::Before(DEFAULT_MOVEMENT_WINDOW)
+    }
+}
+
 /// Every figure of a report, as `--json` writes it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Figures {
@@ -208,7 +223,7 @@ pub struct FigureBuilder {
     /// is known.
     tier_log: Vec<TierChange>,
     hasher: foldhash::fast::FixedState,
-    movement_window: Millis,
+    movement_start: MovementStart,
     segment_by: Option<SegmentBy>,
     /// Per slot: its segment's index in `segment_names`, as its latest
     /// event gave it; [`NO_SEGMENT`] for none.
@@ -301,7 +316,7 @@ const GONE: u8 = u8::MAX;
 impl FigureBuilder {
     /// The engine it watches must keep its journal of moves
     /// ([`Engine::track_moves`]): the builder keeps counters per slot.
-    pub fn new(model: std::sync::Arc<Model>, movement_window: Millis) -> FigureBuilder {
+    pub fn new(model: std::sync::Arc<Model>, movement_start: MovementStart) -> FigureBuilder {
         let channels = model.channels.len();
         FigureBuilder {
             model,
@@ -316,7 +331,7 @@ impl FigureBuilder {
             slot_customer: Vec::new(),
             tier_log: Vec::new(),
             hasher: foldhash::fast::FixedState::with_seed(0x6365_7372_6570_6f72),
-            movement_window,
+            movement_start,
             segment_by: None,
             segment_of: Vec::new(),
             segment_names: Vec::new(),
@@ -403,7 +418,10 @@ impl FigureBuilder {
         // Per segment (by name): customers, score sum, bins.
         let mut segments: HashMap<String, (u64, f64, Vec<u64>)> = HashMap::new();
         let mut movement = vec![vec![0u64; tiers + 1]; tiers + 1];
-        let since = end.map(|e| e - self.movement_window);
+        let since = end.map(|e| match self.movement_start {
+            MovementStart::Before(window) => e - window,
+            MovementStart::At(at) => at,
+        });
         // Each customer's emitted tier at `since` (GONE: held no longer),
         // for those that had been held by then.
         let mut tier_at_since: HashMap<u64, u8, IdHash> = HashMap::default();

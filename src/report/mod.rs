@@ -19,14 +19,15 @@ use crate::engine::Engine;
 use crate::model::Model;
 use crate::replay::{replay_observed, Progress, ReplayError, Summary};
 use compare::ChurnWeeks;
+pub use figures::MovementStart;
 use figures::{FigureBuilder, Figures, SegmentBy};
 use other_model::OtherModelReplay;
 
 /// What a report shows besides its fixed sections.
 #[derive(Debug, Clone)]
 pub struct ReportOptions {
-    /// The movement matrix compares with the tiers this long before the end.
-    pub movement_window: crate::timestamp::Millis,
+    /// When the movement matrix's "from" tiers are taken.
+    pub movement_start: MovementStart,
     /// `--segment-by`.
     pub segment_by: Option<SegmentBy>,
 }
@@ -36,8 +37,8 @@ pub struct ReportOptions {
 fn watched_engine(model: Arc<Model>, options: &ReportOptions) -> (Engine, FigureBuilder) {
     let mut engine = Engine::new(Arc::clone(&model));
     engine.track_moves();
-    let builder = FigureBuilder::new(model, options.movement_window)
-        .with_segments(options.segment_by.clone());
+    let builder =
+        FigureBuilder::new(model, options.movement_start).with_segments(options.segment_by.clone());
     (engine, builder)
 }
 
