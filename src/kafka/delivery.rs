@@ -429,6 +429,10 @@ pub struct Delivery {
     transactional: bool,
     /// Why the open transaction must be aborted (a delivery failed).
     doomed: Mutex<Option<String>>,
+    /// Transactional: every partition a delivery report named since
+    /// [`Self::take_touched`], acknowledged or not (what an unfinished
+    /// transaction may have written; see `transaction_seal`).
+    touched: Mutex<Vec<(Box<str>, i32)>>,
     /// Why the producer cannot go on (librdkafka's fatal error).
     unusable: Mutex<Option<String>>,
     /// The first authentication or TLS failure (see `first_contact`).
@@ -449,6 +453,7 @@ impl Delivery {
             metrics,
             transactional: false,
             doomed: Mutex::new(None),
+            touched: Mutex::new(Vec::new()),
             unusable: Mutex::new(None),
             refusal: Refusal::default(),
         }
@@ -470,6 +475,26 @@ impl Delivery {
     /// failed. Taken, so that the next transaction starts clean.
     pub fn transaction_failed(&self) -> Option<String> {
         self.doomed.lock().take()
+    }
+
+    /// The partitions reports named since the last call (transactional).
+    pub fn take_touched(&self) -> Vec<(Box<str>, i32)> {
+        std::mem::take(&mut *self.touched.lock())
+    }
+
+    /// Notes the partition of a report (a handful per transaction: a
+    /// linear search allocates nothing).
+    fn touch(&self, topic: &str, partition: i32) {
+        if !self.transactional || partition < 0 {
+            return;
+        }
+        let mut touched = self.touched.lock();
+        if !touched
+            .iter()
+            .any(|(t, p)| *p == partition && &**t == topic)
+        {
+            touched.push((topic.into(), partition));
+        }
     }
 
     /// Why the producer cannot go on (librdkafka reported a fatal error).
@@ -548,6 +573,9 @@ impl ProducerContext for Delivery {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        match result {
+            Ok(msg) | Err((_, msg)) => self.touch(msg.topic(), msg.partition()),
+        }
         match result {
             Ok(_) => {
                 let Some(source) = self.codec.decode(opaque) else {

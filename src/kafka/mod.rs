@@ -12,4 +12,5 @@ pub mod restore;
 pub mod settings;
 pub mod shared;
 pub mod transaction;
+pub mod transaction_seal;
 pub mod worker;

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::producer::{Producer, ThreadedProducer};
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::kafka::delivery::Delivery;
+use crate::kafka::delivery::{Delivery, SourceCodec};
 use crate::kafka::error::PipelineError;
 use crate::kafka::settings::KafkaSettings;
+use crate::kafka::transaction_seal::{Unfinished, SEAL_KEY};
 use crate::metrics::{Metrics, TRANSACTION_ABORT_CAUSES};
 
 /// How long one transactional call may take before it is tried again.
@@ -76,6 +77,12 @@ pub struct Transactions {
     /// the state store sends through this producer, out of the worker's
     /// sight.
     unhandled: Option<Failure>,
+    /// The input offsets the open transaction's commit carries, once
+    /// the commit is attempted.
+    attempted: Vec<(String, i32, i64)>,
+    /// The last transaction that ended without a confirmed commit, until
+    /// the worker has sealed what it touched (`transaction_seal`).
+    unfinished: Option<Unfinished>,
     metrics: Metrics,
 }
 
@@ -97,6 +104,8 @@ impl Transactions {
             producer,
             open: None,
             unhandled: None,
+            attempted: Vec::new(),
+            unfinished: None,
             metrics,
         })
     }
@@ -119,6 +128,10 @@ impl Transactions {
         match self.producer.begin_transaction() {
             Ok(()) => {
                 self.open = Some(Instant::now());
+                self.attempted.clear();
+                // What the last transaction touched is known by now (its
+                // commit or abort waited for every report).
+                self.producer.context().take_touched();
                 Ok(())
             }
             Err(e) => Err(self.fail(e, AbortCause::Error)),
@@ -142,6 +155,14 @@ impl Transactions {
         }
         let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
         let committing = Instant::now();
+        self.attempted = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+                _ => None,
+            })
+            .collect();
         let sent = if offsets.count() > 0 {
             retrying(deadline, || {
                 self.producer
@@ -195,6 +216,51 @@ impl Transactions {
         self.fail(e, AbortCause::Error)
     }
 
+    /// Takes the last transaction that ended without a confirmed commit,
+    /// if it touched any partition: the worker finds out how it ended and
+    /// has [`Self::seal`] close what it touched when it was aborted.
+    pub fn take_unfinished(&mut self) -> Option<Unfinished> {
+        self.unfinished.take().filter(|u| !u.partitions.is_empty())
+    }
+
+    /// Writes one record to each of `partitions` in a transaction of its
+    /// own and aborts it: the abort's markers close, as aborted, whatever
+    /// an unfinished transaction of this producer left open there (see
+    /// `transaction_seal`). On failure the transaction is aborted (or the
+    /// producer replaced) as any other, and what it touched is unfinished
+    /// in turn.
+    pub fn seal(&mut self, partitions: &[(Box<str>, i32)]) -> Result<(), Failure> {
+        self.ensure_open()?;
+        for (topic, partition) in partitions {
+            let record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(topic, SourceCodec::NO_SOURCE)
+                    .partition(*partition)
+                    .key(SEAL_KEY);
+            if let Err((e, _)) = self.producer.send(record) {
+                return Err(self.fail(e, AbortCause::Error));
+            }
+        }
+        let deadline = Instant::now() + self.settings.shutdown_timeout.max(CALL_TIMEOUT);
+        send_in_flight(&self.producer, deadline);
+        self.open = None;
+        match retrying(deadline, || self.producer.abort_transaction(CALL_TIMEOUT)) {
+            Ok(()) => {
+                self.settle_purged();
+                self.producer.context().take_touched();
+                tracing::warn!(
+                    worker = self.worker,
+                    partitions = ?partitions,
+                    "sealed the partitions an aborted transaction wrote to (an abort's marker closes what it may have left open)"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.open = Some(Instant::now());
+                Err(self.fail(e, AbortCause::Error))
+            }
+        }
+    }
+
     /// Takes the failure the worker has not rewound for, if any.
     pub fn take_unhandled(&mut self) -> Option<Failure> {
         self.unhandled.take()
@@ -217,6 +283,7 @@ impl Transactions {
         match retrying(deadline, || self.producer.abort_transaction(CALL_TIMEOUT)) {
             Ok(()) => {
                 self.settle_purged();
+                self.note_unfinished();
                 self.count_abort(cause);
                 tracing::warn!(
                     worker = self.worker,
@@ -225,14 +292,19 @@ impl Transactions {
                 );
                 self.unhandled(Failure::Aborted(why))
             }
-            Err(e) => self.replace(format!("{why}; the abort failed too: {e}")),
+            Err(e) => {
+                self.note_unfinished();
+                self.replace(format!("{why}; the abort failed too: {e}"))
+            }
         }
     }
 
     /// Drops the producer and initialises a new one with the same
     /// transactional id (which aborts whatever the old one left open).
     fn replace(&mut self, why: String) -> Failure {
-        self.open = None;
+        if self.open.take().is_some() {
+            self.note_unfinished();
+        }
         self.count_abort(AbortCause::Fatal);
         tracing::error!(
             worker = self.worker,
@@ -258,6 +330,24 @@ impl Transactions {
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = self.producer.context().transaction_failed();
+    }
+
+    /// The transaction just ended without a confirmed commit: what it
+    /// touched and the offsets its commit carried, for the worker.
+    fn note_unfinished(&mut self) {
+        let touched = self.producer.context().take_touched();
+        let offsets = std::mem::take(&mut self.attempted);
+        let unfinished = self.unfinished.get_or_insert_with(Unfinished::default);
+        for p in touched {
+            if !unfinished.partitions.contains(&p) {
+                unfinished.partitions.push(p);
+            }
+        }
+        // A seal's own transaction carries no offsets: the outcome of the
+        // one it was sealing is still the question.
+        if !offsets.is_empty() {
+            unfinished.offsets = offsets;
+        }
     }
 
     fn unhandled(&mut self, failure: Failure) -> Failure {

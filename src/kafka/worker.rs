@@ -1031,6 +1031,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         tracing::warn!(worker = self.index, partitions = ?failed, "rewinding to the last committed state: {why:?}");
         let ctx = Arc::clone(&self.ctx);
         let group = ctx.group.get().cloned();
+        self.seal_unfinished(group.as_deref());
         for unit in self
             .units
             .iter_mut()
@@ -1086,6 +1087,32 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             if let (Some(hooks), Some(sink)) = (&ctx.hooks, &self.sink) {
                 hooks.attach(p, Arc::clone(sink));
             }
+        }
+    }
+
+    /// exactly_once: before anything new is written, closes the partitions
+    /// the failed transaction touched if it was really aborted (the
+    /// group's committed offsets say), since a broker that restarted may
+    /// have left its records there open (see `transaction_seal`). A seal
+    /// that fails is a failure as any other: the next rewind seals again.
+    fn seal_unfinished(&mut self, group: Option<&dyn GroupHandle>) {
+        let Some(txn) = &self.txn else {
+            return;
+        };
+        let Some(unfinished) = txn.lock().take_unfinished() else {
+            return;
+        };
+        let aborted = unfinished.was_aborted(|topic, partition| {
+            let group = group.ok_or(())?;
+            let topics = [topic.to_string()];
+            match committed_by_broker(group, &topics, partition, &self.ctx.stop) {
+                Some(committed) => Ok(committed.first().copied().flatten()),
+                None => Err(()),
+            }
+        });
+        if aborted == Some(true) {
+            // A failure is kept as unhandled: the next turn rewinds again.
+            let _ = txn.lock().seal(&unfinished.partitions);
         }
     }
 
