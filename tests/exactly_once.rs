@@ -143,20 +143,74 @@ fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
     finish(&soak, &mut [a, b], &per_partition);
 }
 
-/// Ignored in the suite for now (`cargo test --test exactly_once --
-/// --ignored` runs it): in one run in 27 (one in ten before the zombie
-/// fix of the group metadata), the transaction whose
-/// commit is under way when the broker is killed -9 ends one way on the
-/// output partitions and the other way for the group's offsets: its
-/// outputs are published and published again by the rewind (7 to 52
-/// duplicates, the first copies at the first offsets of output partitions
-/// 1 and 3), or lost (2 and 7 of them). Its end went through an abort the
-/// restarted broker refused (`INVALID_TXN_STATE`) and a replaced producer;
-/// why the two sides differ is not found yet: the open issue says what was
-/// ruled out.
+/// A node of a three-node cluster (every topic with three replicas, two
+/// in sync, as production keeps them) is killed -9 while transactions are
+/// open, the output's leader among its partitions; the others take over
+/// its partitions, groups and transactions, transactions commit without
+/// it, and it comes back. Every output and dead letter exactly once.
 #[test]
-#[ignore = "exactly_once across a kill -9 of the broker is not yet guaranteed (1 run in 27 fails); see the exactly_once issue"]
-fn the_broker_killed_in_the_middle_of_open_transactions() {
+fn a_broker_killed_in_the_middle_of_open_transactions() {
+    let mut cluster = common::cluster::Cluster::apache_kafka(3);
+    let soak = Soak::on(
+        &cluster.bootstrap,
+        PARTITIONS,
+        "store = \"kafka\"\ninterval = \"300ms\"\n",
+        |m| m,
+    )
+    .exactly_once();
+    let per_partition = soak_stream(12_000, 300, 12, 41, PARTITIONS);
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &per_partition,
+        150,
+        Duration::from_millis(100),
+    );
+    a.wait_until("transactions commit", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_committed_total") > 5.0
+    });
+    let victim = cluster.leader_of(&soak.output, 0);
+    cluster.nodes[victim].kill();
+    let before = a.metric("ces_transactions_committed_total");
+    a.wait_until(
+        "transactions commit with a node down",
+        Duration::from_secs(120),
+        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
+    );
+    cluster.nodes[victim].restart();
+    let before = a.metric("ces_transactions_committed_total");
+    a.wait_until(
+        "transactions commit after the node's restart",
+        Duration::from_secs(120),
+        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
+    );
+    producer
+        .join()
+        .expect("the producer survives the node's kill and restart");
+    finish(&soak, &mut [a], &per_partition);
+}
+
+/// The same on a lone broker, killed -9 and started again: ignored, since
+/// no client can make it pass every time. When the broker restarts, its
+/// transaction coordinator finishes the transactions under way while some
+/// partitions have no leader yet, and Apache Kafka skips the markers of
+/// those (it takes them for deleted; KAFKA-5202). One run in about 27
+/// failed: the broker's log said "Couldn't find leader endpoint for
+/// partitions Set(dead-…-0, signals-…-2, signals-…-0, __consumer_offsets-2)
+/// ... likely deleted already and hence can be skipped" for a commit under
+/// way, whose records then stayed open until the producer's next marker
+/// ended them (its commit published an aborted transaction's outputs
+/// twice; its abort dropped a committed one's; open offsets stalled the
+/// group's committed offsets). ces-stream seals what an aborted
+/// transaction touched (`src/kafka/transaction_seal.rs`); a committed one
+/// left open cannot be closed by a client without publishing a record of
+/// its own. Kept to reproduce it: `cargo test --test exactly_once --
+/// --ignored`.
+#[test]
+#[ignore = "a lone broker's restart can leave transactions open (Apache Kafka skips markers of leaderless partitions, KAFKA-5202): the cluster test is the guarantee"]
+fn a_lone_broker_killed_in_the_middle_of_open_transactions() {
     let mut broker = Broker::apache_kafka(&[]);
     let soak = Soak::on(
         &broker.bootstrap,

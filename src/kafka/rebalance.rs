@@ -333,7 +333,8 @@ impl GroupContext {
                 said = Some(Instant::now());
                 tracing::warn!(
                     waited_ms = started.elapsed().as_millis() as u64,
-                    "the group's committed offsets are not known yet ({why}): the assigned partitions wait for them"
+                    "the group's committed offsets are not known yet ({why}): the assigned partitions wait for them{}",
+                    crate::kafka::transaction_seal::hanging_hint(started.elapsed())
                 );
             }
             std::thread::sleep(Duration::from_millis(100));

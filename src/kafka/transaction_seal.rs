@@ -23,6 +23,8 @@
 //! aborted: its markers close whatever was left open as aborted, before
 //! anything new is written.
 
+use std::time::Duration;
+
 /// The key of a sealing record (never visible: its transaction aborts).
 pub const SEAL_KEY: &[u8] = b"ces-seal";
 
@@ -57,6 +59,17 @@ impl Unfinished {
             }
         }
         known.then_some(true)
+    }
+}
+
+/// After a minute without the group's committed offsets: what may hold
+/// them (a transaction a broker restart left open, see this
+/// module) and Kafka's tool for it.
+pub fn hanging_hint(waited: Duration) -> &'static str {
+    if waited >= Duration::from_secs(60) {
+        "; if this goes on, a transaction may have been left open by a broker's restart (its markers skipped): `kafka-transactions.sh find-hanging --broker-id N` finds it, `kafka-transactions.sh abort` ends it"
+    } else {
+        ""
     }
 }
 

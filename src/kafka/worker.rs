@@ -1229,7 +1229,8 @@ fn committed_by_broker(
                     tracing::warn!(
                         partition,
                         waited_ms = started.elapsed().as_millis() as u64,
-                        "cannot read the committed offsets yet ({e}): the partition waits for them"
+                        "cannot read the committed offsets yet ({e}): the partition waits for them{}",
+                        crate::kafka::transaction_seal::hanging_hint(started.elapsed())
                     );
                 }
                 std::thread::sleep(Duration::from_millis(200));

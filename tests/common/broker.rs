@@ -92,6 +92,14 @@ pub struct Broker {
     sasl_ssl: Option<SaslSsl>,
     /// `127.0.0.1:<port>` of the SASL_SSL listener.
     pub sasl_ssl_bootstrap: Option<String>,
+    /// The KRaft node id (1 for a lone broker).
+    node_id: u32,
+    /// The port of the controller listener.
+    controller_port: u16,
+    /// `controller.quorum.voters` of a node of a cluster
+    /// (`tests/common/cluster.rs`); `None`: a lone broker that is its own
+    /// quorum.
+    voters: Option<String>,
 }
 
 /// A SASL_SSL listener (SCRAM-SHA-512) beside the PLAINTEXT one, which the
@@ -147,6 +155,9 @@ impl Broker {
                 .collect(),
             sasl_ssl,
             sasl_ssl_bootstrap: None,
+            node_id: 1,
+            controller_port: 0,
+            voters: None,
         };
         // A port taken between free_port() and the broker's bind makes the
         // broker exit at once: try other ports.
@@ -156,7 +167,8 @@ impl Broker {
             if broker.sasl_ssl.is_some() {
                 broker.sasl_ssl_bootstrap = Some(format!("127.0.0.1:{}", free_port()));
             }
-            broker.write_properties(free_port());
+            broker.controller_port = free_port();
+            broker.write_properties();
             broker.format();
             broker.spawn();
             match broker.wait_ready(Duration::from_secs(90)) {
@@ -201,6 +213,9 @@ impl Broker {
                 overrides: Vec::new(),
                 sasl_ssl: None,
                 sasl_ssl_bootstrap: None,
+                node_id: 1,
+                controller_port: 0,
+                voters: None,
             };
             if broker.wait_ready(Duration::from_secs(20)).is_ok() {
                 return broker;
@@ -220,11 +235,56 @@ impl Broker {
         std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
     }
 
-    fn write_properties(&self, controller_port: u16) {
-        let (port, data) = (self.port, self.dir.join("data"));
+    /// Node `node_id` of a cluster whose controllers are `voters`
+    /// (`id@host:port,...`), listening on `port` and `controller_port`,
+    /// formatted, not started: [`Broker::spawn_node`] starts it.
+    pub fn cluster_node(
+        node_id: u32,
+        port: u16,
+        controller_port: u16,
+        voters: &str,
+        overrides: &[(&str, &str)],
+    ) -> Broker {
+        remove_stale_dirs();
+        let dir = std::env::temp_dir().join(format!(
+            "{DIR_PREFIX}{}-node{node_id}-{port}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the broker");
+        let broker = Broker {
+            bootstrap: format!("127.0.0.1:{port}"),
+            flavor: Flavor::ApacheKafka,
+            child: None,
+            dir,
+            port,
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            sasl_ssl: None,
+            sasl_ssl_bootstrap: None,
+            node_id,
+            controller_port,
+            voters: Some(voters.to_string()),
+        };
+        broker.write_properties();
+        broker.format();
+        broker
+    }
+
+    /// Starts a node made by [`Broker::cluster_node`] (without waiting:
+    /// a node is ready only once a majority of the quorum runs).
+    pub fn spawn_node(&mut self) {
+        self.spawn();
+    }
+
+    fn write_properties(&self) {
+        let (port, data, controller_port) =
+            (self.port, self.dir.join("data"), self.controller_port);
         let mut settings: Vec<(String, String)> = [
             ("process.roles", "broker,controller".to_string()),
-            ("node.id", "1".into()),
+            ("node.id", self.node_id.to_string()),
             (
                 "controller.quorum.bootstrap.servers",
                 format!("127.0.0.1:{controller_port}"),
@@ -272,6 +332,10 @@ impl Broker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let Some(voters) = &self.voters {
+            settings.retain(|(k, _)| k != "controller.quorum.bootstrap.servers");
+            settings.push(("controller.quorum.voters".into(), voters.clone()));
+        }
         if let (Some(sasl), Some(address)) = (&self.sasl_ssl, &self.sasl_ssl_bootstrap) {
             for (key, value) in settings.iter_mut() {
                 match key.as_str() {
@@ -362,7 +426,10 @@ impl Broker {
         let mut command = self.java("kafka.tools.StorageTool", "format.out");
         command
             .args(["format", "-t", CLUSTER_ID, "-c", "server.properties"])
-            .args(["--standalone", "--ignore-formatted"]);
+            .arg("--ignore-formatted");
+        if self.voters.is_none() {
+            command.arg("--standalone");
+        }
         for (name, password) in self.sasl_ssl.iter().flat_map(|s| &s.users) {
             command
                 .arg("--add-scram")

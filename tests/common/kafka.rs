@@ -43,6 +43,12 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
 }
 
 pub fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    // Apache Kafka's default replication factor: 1 on a lone broker, 3 on
+    // a cluster (tests/common/cluster.rs); tansu wants a number.
+    let replication = match super::broker::Flavor::from_env() {
+        super::broker::Flavor::ApacheKafka => TopicReplication::Fixed(-1),
+        super::broker::Flavor::Tansu => TopicReplication::Fixed(1),
+    };
     let admin: AdminClient<DefaultClientContext> = client_config(bootstrap).create().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -50,7 +56,7 @@ pub fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
         .unwrap();
     let results = runtime
         .block_on(admin.create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(name, partitions, replication)],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         ))
         .unwrap();

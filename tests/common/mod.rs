@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod cluster;
 pub mod kafka;
 pub mod produce;
 pub mod soak;
