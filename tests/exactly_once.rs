@@ -145,9 +145,10 @@ fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
 
 /// A node of a three-node cluster (every topic with three replicas, two
 /// in sync, as production keeps them) is killed -9 while transactions are
-/// open, the output's leader among its partitions; the others take over
-/// its partitions, groups and transactions, transactions commit without
-/// it, and it comes back. Every output and dead letter exactly once.
+/// open: the transaction coordinator of the first worker's producer. The
+/// others take over its transactions, partitions and groups, transactions
+/// commit without it, and it comes back. Every output and dead letter
+/// exactly once.
 #[test]
 fn a_broker_killed_in_the_middle_of_open_transactions() {
     let mut cluster = common::cluster::Cluster::apache_kafka(3);
@@ -171,7 +172,7 @@ fn a_broker_killed_in_the_middle_of_open_transactions() {
     a.wait_until("transactions commit", Duration::from_secs(60), |a| {
         a.metric("ces_transactions_committed_total") > 5.0
     });
-    let victim = cluster.leader_of(&soak.output, 0);
+    let victim = cluster.transaction_coordinator_of(&format!("{}-a-0", soak.group), 4);
     cluster.nodes[victim].kill();
     let before = a.metric("ces_transactions_committed_total");
     a.wait_until(

@@ -100,6 +100,18 @@ impl Cluster {
         }
     }
 
+    /// The index in [`Self::nodes`] of the transaction coordinator of
+    /// `transactional_id`: the leader of its `__transaction_state`
+    /// partition (Kafka's `TransactionStateManager.partitionFor`: the id's
+    /// Java `String.hashCode`, its absolute value, modulo the partitions).
+    pub fn transaction_coordinator_of(&self, transactional_id: &str, partitions: i32) -> usize {
+        let hash = transactional_id.encode_utf16().fold(0i32, |h, unit| {
+            h.wrapping_mul(31).wrapping_add(i32::from(unit))
+        });
+        let abs = if hash == i32::MIN { 0 } else { hash.abs() };
+        self.leader_of("__transaction_state", abs % partitions)
+    }
+
     /// The index in [`Self::nodes`] of the leader of `topic`'s `partition`.
     pub fn leader_of(&self, topic: &str, partition: i32) -> usize {
         let client: BaseConsumer = ClientConfig::new()
