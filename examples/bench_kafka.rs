@@ -12,7 +12,8 @@
 //! 4. `ces-stream run` drains it (a child process, 2 workers, each drain a
 //!    group of its own), from its first consumed event until the group's
 //!    committed offsets reach the end: the rate, and the CPU seconds of the
-//!    process per million events;
+//!    process per million events (and the broker's meanwhile: it shares
+//!    the cores, and transactions are work for it too);
 //! 5. `ces-stream replay` of the JSONL file: its CPU seconds per million;
 //!    `run`'s CPU against the relay's plus replay's is the overhead that is
 //!    ours (the broker, on the same cores, cannot blur CPU seconds);
@@ -50,6 +51,14 @@ use common::{ces_bin, client, create_topics, rusage_cpu, send_waiting, Broker};
 const PARTITIONS: i32 = 4;
 /// How long each latency phase produces.
 const LATENCY_FOR: Duration = Duration::from_secs(10);
+
+/// The broker's process id, for its CPU seconds during each drain.
+static BROKER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU seconds of the broker so far (0 when its process is unknown).
+fn broker_cpu() -> f64 {
+    BROKER_PID.get().map_or(0.0, |pid| child_cpu(*pid))
+}
 
 /// CPU seconds (user + system) of a running child process so far.
 fn child_cpu(pid: u32) -> f64 {
@@ -320,7 +329,8 @@ fn committed(consumer: &BaseConsumer, topic: &str) -> Vec<i64> {
 }
 
 /// Drains `topic` with `ces-stream run`: (seconds, CPU seconds of the
-/// process), both from its first assignment to the last commit.
+/// process, CPU seconds of the broker meanwhile), from its first
+/// assignment to the last commit.
 fn drain_with_run(
     dir: &Path,
     bootstrap: &str,
@@ -329,10 +339,10 @@ fn drain_with_run(
     shape: Shape,
     group: &str,
     bin: &Path,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let run = Run::start(dir, bootstrap, topic, "out", group, shape, bin);
     run.wait_for("partition starts", PARTITIONS as usize);
-    let (started, cpu0) = (Instant::now(), child_cpu(run.child.id()));
+    let (started, cpu0, broker0) = (Instant::now(), child_cpu(run.child.id()), broker_cpu());
     let watcher: BaseConsumer = client(bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -348,6 +358,7 @@ fn drain_with_run(
     let result = (
         started.elapsed().as_secs_f64(),
         child_cpu(run.child.id()) - cpu0,
+        broker_cpu() - broker0,
     );
     run.stop();
     result
@@ -528,6 +539,9 @@ fn main() {
         eprintln!("runs' logs in {}", dir.path().display());
     }
     let broker = Broker::start();
+    if let Some(pid) = broker.pid() {
+        let _ = BROKER_PID.set(pid);
+    }
     let bootstrap = broker.bootstrap.clone();
     create_topics(
         &bootstrap,
@@ -561,7 +575,7 @@ fn main() {
         for round in 0..rounds {
             for (label, bin) in [("A", &a), ("B", &b)] {
                 let group = format!("ab-{round}-{label}");
-                let (t, cpu) = drain_with_run(
+                let (t, cpu, _) = drain_with_run(
                     dir.path(),
                     &bootstrap,
                     "in",
@@ -606,7 +620,7 @@ fn main() {
         let (t, cpu) = bare_relay(&bootstrap, "in", "relayed", events);
         relay.push((events as f64 / t, cpu));
         let drain = |shape: Shape, group: String| {
-            let (t, cpu) = drain_with_run(
+            let (t, cpu, broker) = drain_with_run(
                 dir.path(),
                 &bootstrap,
                 "in",
@@ -615,19 +629,21 @@ fn main() {
                 &group,
                 &ces_bin(),
             );
-            (events as f64 / t, cpu)
+            (events as f64 / t, cpu, broker)
         };
         run.push(drain(Shape::AT_LEAST_ONCE, format!("drain-2-{round}")));
         eos.push(drain(Shape::EXACTLY_ONCE, format!("drain-eos-{round}")));
         replay.push(replay_cpu(&file));
         println!(
-            "round {round}: relay {:>8.0} msg/s {:.2} CPU s/M; run {:>8.0} msg/s {:.2} CPU s/M; exactly_once {:>8.0} msg/s {:.2} CPU s/M; replay {:.2} CPU s/M",
+            "round {round}: relay {:>8.0} msg/s {:.2} CPU s/M; run {:>8.0} msg/s {:.2} CPU s/M (broker {:.2}); exactly_once {:>8.0} msg/s {:.2} CPU s/M (broker {:.2}); replay {:.2} CPU s/M",
             relay[round].0,
             per_m(relay[round].1),
             run[round].0,
             per_m(run[round].1),
+            per_m(run[round].2),
             eos[round].0,
             per_m(eos[round].1),
+            per_m(eos[round].2),
             per_m(replay[round])
         );
     }
@@ -662,7 +678,21 @@ fn main() {
         "run, exactly_once: {eos_rate:>9.0} msg/s   {:.2} CPU s per million   CPU {cpu_ratio:.2}x at_least_once's (goal <= 1.25x), rate {rate_ratio:.2}x (goal >= 0.8x; medians of the rounds' pairs)",
         per_m(eos_cpu),
     );
-    let (t, cpu) = drain_with_run(
+    // The broker's side of it, on the same two cores: its CPU per event
+    // while each drain ran, and ours plus its.
+    let broker_ratio = median(eos.iter().zip(&run).map(|(e, r)| e.2 / r.2).collect());
+    let total_ratio = median(
+        eos.iter()
+            .zip(&run)
+            .map(|(e, r)| (e.1 + e.2) / (r.1 + r.2))
+            .collect(),
+    );
+    println!(
+        "broker during the drains: at_least_once {:.2}, exactly_once {:.2} CPU s per million: {broker_ratio:.2}x; ours and the broker's together {total_ratio:.2}x",
+        per_m(median(run.iter().map(|r| r.2).collect())),
+        per_m(median(eos.iter().map(|r| r.2).collect())),
+    );
+    let (t, cpu, _) = drain_with_run(
         dir.path(),
         &bootstrap,
         "in",
