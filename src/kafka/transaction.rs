@@ -32,6 +32,9 @@ use crate::metrics::{Metrics, TRANSACTION_ABORT_CAUSES};
 
 /// How long one transactional call may take before it is tried again.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past its own timeout a call that librdkafka may not bound
+/// is waited for before the producer is given up (see [`bounded_call`]).
+const STUCK_GRACE: Duration = Duration::from_secs(5);
 /// How long an abort waits for the delivery reports of what it purged.
 const PURGE_REPORTS_WAIT: Duration = Duration::from_secs(5);
 
@@ -145,7 +148,7 @@ impl Transactions {
     pub fn commit(
         &mut self,
         offsets: &TopicPartitionList,
-        group: &ConsumerGroupMetadata,
+        group: Arc<ConsumerGroupMetadata>,
     ) -> Result<(), Failure> {
         let Some(began) = self.open else {
             return Ok(());
@@ -163,14 +166,30 @@ impl Transactions {
                 _ => None,
             })
             .collect();
+        let mut stuck = false;
         let sent = if offsets.count() > 0 {
             retrying(deadline, || {
-                self.producer
-                    .send_offsets_to_transaction(offsets, group, CALL_TIMEOUT)
+                let (producer, offsets, group) = (
+                    Arc::clone(&self.producer),
+                    offsets.clone(),
+                    Arc::clone(&group),
+                );
+                let call =
+                    move || producer.send_offsets_to_transaction(&offsets, &group, CALL_TIMEOUT);
+                bounded_call(CALL_TIMEOUT + STUCK_GRACE, call).unwrap_or_else(|| {
+                    stuck = true;
+                    Ok(())
+                })
             })
         } else {
             Ok(())
         };
+        if stuck {
+            return Err(self.replace(format!(
+                "sending the offsets to the transaction was still blocked {:?} after its timeout (the group coordinator away; librdkafka#5456): the producer is given up",
+                STUCK_GRACE
+            )));
+        }
         let offsets_sent = began.elapsed();
         // commit_transaction flushes what is in flight first, and that
         // flush waits in steps of the ThreadedProducer's 100 ms poll (as
@@ -381,6 +400,27 @@ fn new_producer(
         ))
     })?;
     Ok(Arc::new(producer))
+}
+
+/// Runs a transactional call on a thread of its own and waits for it at
+/// most `limit`; `None` when it is still blocked then (the thread is left
+/// to end when the call does). librdkafka's `send_offsets_to_transaction`
+/// can block past its own timeout while the group coordinator is away
+/// (confluentinc/librdkafka#5456): a worker stayed blocked in it for
+/// minutes after the node that coordinated both its group and its
+/// transactions was killed, and its partitions never committed again.
+fn bounded_call(
+    limit: Duration,
+    call: impl FnOnce() -> KafkaResult<()> + Send + 'static,
+) -> Option<KafkaResult<()>> {
+    let (done, answer) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("transactional-call".into())
+        .spawn(move || {
+            let _ = done.send(call());
+        })
+        .ok()?;
+    answer.recv_timeout(limit).ok()
 }
 
 /// Sends what lingers in `producer` at once and waits, until `deadline`,

@@ -967,7 +967,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         let Some(group) = group else {
             return Err(Halt::Rewind(txn.abort(AbortCause::Error)));
         };
-        txn.commit(&offsets, &group).map_err(Halt::Rewind)?;
+        txn.commit(&offsets, group).map_err(Halt::Rewind)?;
         drop(txn);
         self.last_commit = Instant::now();
         let mut tracker = self.ctx.tracker.lock();
