@@ -152,45 +152,14 @@ fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
 #[test]
 fn a_broker_killed_in_the_middle_of_open_transactions() {
     let mut cluster = common::cluster::Cluster::apache_kafka(3);
-    let soak = Soak::on(
-        &cluster.bootstrap,
-        PARTITIONS,
-        "store = \"kafka\"\ninterval = \"300ms\"\n",
-        |m| m,
-    )
-    .exactly_once();
-    let per_partition = soak_stream(12_000, 300, 12, 41, PARTITIONS);
-    let mut a = soak.start_as("a", "a");
-    a.wait_assigned(Duration::from_secs(60));
-    let producer = produce_in_rounds(
-        &soak.bootstrap,
-        &soak.input,
-        &per_partition,
-        150,
-        Duration::from_millis(100),
-    );
-    a.wait_until("transactions commit", Duration::from_secs(60), |a| {
-        a.metric("ces_transactions_committed_total") > 5.0
+    let bootstrap = cluster.bootstrap.clone();
+    killed_in_the_middle_of_open_transactions(&bootstrap, |soak, a| {
+        let victim = cluster.transaction_coordinator_of(&format!("{}-a-0", soak.group));
+        cluster.nodes[victim].kill();
+        commits_again(a, "transactions commit with a node down");
+        cluster.nodes[victim].restart();
+        commits_again(a, "transactions commit after the node's restart");
     });
-    let victim = cluster.transaction_coordinator_of(&format!("{}-a-0", soak.group), 4);
-    cluster.nodes[victim].kill();
-    let before = a.metric("ces_transactions_committed_total");
-    a.wait_until(
-        "transactions commit with a node down",
-        Duration::from_secs(120),
-        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
-    );
-    cluster.nodes[victim].restart();
-    let before = a.metric("ces_transactions_committed_total");
-    a.wait_until(
-        "transactions commit after the node's restart",
-        Duration::from_secs(120),
-        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
-    );
-    producer
-        .join()
-        .expect("the producer survives the node's kill and restart");
-    finish(&soak, &mut [a], &per_partition);
 }
 
 /// The same on a lone broker, killed -9 and started again: ignored, since
@@ -213,8 +182,22 @@ fn a_broker_killed_in_the_middle_of_open_transactions() {
 #[ignore = "a lone broker's restart can leave transactions open (Apache Kafka skips markers of leaderless partitions, KAFKA-5202): the cluster test is the guarantee"]
 fn a_lone_broker_killed_in_the_middle_of_open_transactions() {
     let mut broker = Broker::apache_kafka(&[]);
+    let bootstrap = broker.bootstrap.clone();
+    killed_in_the_middle_of_open_transactions(&bootstrap, |_, a| {
+        broker.kill();
+        broker.restart();
+        commits_again(a, "transactions commit after the broker's restart");
+    });
+}
+
+/// One instance with transactions committing on `bootstrap`, then
+/// `faults` (while events keep coming), then the exactly-once comparison.
+fn killed_in_the_middle_of_open_transactions(
+    bootstrap: &str,
+    faults: impl FnOnce(&Soak, &mut Instance),
+) {
     let soak = Soak::on(
-        &broker.bootstrap,
+        bootstrap,
         PARTITIONS,
         "store = \"kafka\"\ninterval = \"300ms\"\n",
         |m| m,
@@ -233,18 +216,19 @@ fn a_lone_broker_killed_in_the_middle_of_open_transactions() {
     a.wait_until("transactions commit", Duration::from_secs(60), |a| {
         a.metric("ces_transactions_committed_total") > 5.0
     });
-    broker.kill();
-    broker.restart();
-    let before = a.metric("ces_transactions_committed_total");
-    a.wait_until(
-        "transactions commit after the broker's restart",
-        Duration::from_secs(120),
-        |a| a.metric("ces_transactions_committed_total") > before + 5.0,
-    );
+    faults(&soak, &mut a);
     producer
         .join()
-        .expect("the producer survives the broker's restart");
+        .expect("the producer survives the broker's kill and restart");
     finish(&soak, &mut [a], &per_partition);
+}
+
+/// Waits until `a` commits five more transactions.
+fn commits_again(a: &mut Instance, what: &str) {
+    let before = a.metric("ces_transactions_committed_total");
+    a.wait_until(what, Duration::from_secs(120), |a| {
+        a.metric("ces_transactions_committed_total") > before + 5.0
+    });
 }
 
 #[test]

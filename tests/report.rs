@@ -55,6 +55,11 @@ fn numbers(v: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// A JSON array of arrays of counts.
+fn matrix(v: &Value) -> Vec<Vec<u64>> {
+    v.as_array().unwrap().iter().map(numbers).collect()
+}
+
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
@@ -142,12 +147,7 @@ fn the_figures_of_a_small_history_are_the_hand_checked_ones() {
     // end b is somewhat engaged.
     let m = &f["movement"];
     assert_eq!(m["since"], "2026-11-21T10:00:00.000Z");
-    let counts: Vec<Vec<u64>> = m["counts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(numbers)
-        .collect();
+    let counts = matrix(&m["counts"]);
     assert_eq!(
         counts,
         [
@@ -418,46 +418,14 @@ fn lines(path: &Path) -> Vec<Value> {
 #[test]
 fn on_a_generated_history_the_figures_agree_with_replays_own_outputs_and_final_state() {
     let tmp = tempfile::tempdir().unwrap();
-    let history = tmp.path().join("history.jsonl");
-    let bin = env!("CARGO_BIN_EXE_ces-stream");
-    let generated = Command::new(bin)
-        .args([
-            "generate",
-            "--events",
-            "40000",
-            "--customers",
-            "1500",
-            "--span",
-            "30d",
-            "--erasures",
-            "0.002",
-            "--output",
-        ])
-        .arg(&history)
-        .output()
-        .unwrap();
-    assert!(generated.status.success());
+    let history = generated(tmp.path(), "40000", "1500", "30d");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
     let (ok, stderr, _, f) = report_with(&config, &history, &[]);
     assert!(ok, "{stderr}");
 
     // replay, with the final state at the report's end (the last event).
     let end = f["summary"]["period_end"].as_str().unwrap();
-    let (outputs, state) = (tmp.path().join("out.jsonl"), tmp.path().join("state.jsonl"));
-    let replayed = Command::new(bin)
-        .args(["replay", "--no-progress", "--config"])
-        .arg(&config)
-        .arg("--input")
-        .arg(&history)
-        .arg("--output")
-        .arg(&outputs)
-        .arg("--final-state")
-        .arg(&state)
-        .args(["--at", end])
-        .output()
-        .unwrap();
-    assert!(replayed.status.success());
-    let (outputs, state) = (lines(&outputs), lines(&state));
+    let (outputs, state) = replay_outputs_and_state(&config, &history, end);
 
     // Signals by kind, and churn signals per day, from replay's outputs.
     for kind in [
@@ -692,12 +660,7 @@ fn movement_follows_erased_forgotten_and_returning_customers() {
     assert_eq!(f["movement"]["since"], "2026-11-25T00:00:00.000Z");
     // Held at the end: reborn, bounce, stays, returning.
     assert_eq!(f["summary"]["customers"], 4);
-    let counts: Vec<Vec<u64>> = f["movement"]["counts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(numbers)
-        .collect();
+    let counts = matrix(&f["movement"]["counts"]);
     assert_eq!(
         counts,
         [
@@ -722,6 +685,20 @@ fn movement_follows_erased_forgotten_and_returning_customers() {
         !ok && stderr.contains("\"yesterday\" is not an RFC 3339 time"),
         "{stderr}"
     );
+}
+
+/// A history of `events` over `customers` and `span` made by `generate`
+/// (with erasures) in `dir`.
+fn generated(dir: &Path, events: &str, customers: &str, span: &str) -> PathBuf {
+    let history = dir.join("history.jsonl");
+    let status = Command::new(env!("CARGO_BIN_EXE_ces-stream"))
+        .args(["generate", "--events", events, "--customers", customers])
+        .args(["--span", span, "--erasures", "0.002", "--output"])
+        .arg(&history)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    history
 }
 
 /// `replay` of `history` under `config`: its outputs and its final state
@@ -752,15 +729,7 @@ fn a_comparison_on_a_generated_history_agrees_with_two_replays() {
     // again under the other when they do not (social_like unknown there,
     // so those events are ignored by the other model only).
     let tmp = tempfile::tempdir().unwrap();
-    let history = tmp.path().join("history.jsonl");
-    let bin = env!("CARGO_BIN_EXE_ces-stream");
-    let generated = Command::new(bin)
-        .args(["generate", "--events", "30000", "--customers", "1200"])
-        .args(["--span", "60d", "--erasures", "0.002", "--output"])
-        .arg(&history)
-        .output()
-        .unwrap();
-    assert!(generated.status.success());
+    let history = generated(tmp.path(), "30000", "1200", "60d");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
     let default = std::fs::read_to_string(&config).unwrap();
     let alike = default
@@ -805,12 +774,7 @@ fn a_comparison_on_a_generated_history_agrees_with_two_replays() {
                     [tier_index(&c["other_tiers"], &o["tier"])] += 1;
             }
         }
-        let reported: Vec<Vec<u64>> = c["migration"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(numbers)
-            .collect();
+        let reported = matrix(&c["migration"]);
         assert_eq!(reported, migration, "{name}");
         assert!(
             migration[0][0] < both,

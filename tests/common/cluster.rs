@@ -81,10 +81,7 @@ impl Cluster {
 
     /// Waits until the metadata lists `n` brokers.
     pub fn wait_for_brokers(&self, n: usize, timeout: Duration) {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("a metadata client");
+        let client = self.metadata_client();
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(metadata) = client.fetch_metadata(None, Duration::from_secs(1)) {
@@ -104,7 +101,14 @@ impl Cluster {
     /// `transactional_id`: the leader of its `__transaction_state`
     /// partition (Kafka's `TransactionStateManager.partitionFor`: the id's
     /// Java `String.hashCode`, its absolute value, modulo the partitions).
-    pub fn transaction_coordinator_of(&self, transactional_id: &str, partitions: i32) -> usize {
+    pub fn transaction_coordinator_of(&self, transactional_id: &str) -> usize {
+        let partitions = self
+            .metadata_client()
+            .fetch_metadata(Some("__transaction_state"), Duration::from_secs(10))
+            .expect("metadata")
+            .topics()[0]
+            .partitions()
+            .len() as i32;
         let hash = transactional_id.encode_utf16().fold(0i32, |h, unit| {
             h.wrapping_mul(31).wrapping_add(i32::from(unit))
         });
@@ -114,11 +118,8 @@ impl Cluster {
 
     /// The index in [`Self::nodes`] of the leader of `topic`'s `partition`.
     pub fn leader_of(&self, topic: &str, partition: i32) -> usize {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()
-            .expect("a metadata client");
-        let metadata = client
+        let metadata = self
+            .metadata_client()
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .expect("metadata");
         let leader = metadata.topics()[0]
@@ -128,5 +129,12 @@ impl Cluster {
             .map(|p| p.leader())
             .expect("the partition");
         (leader - 1) as usize
+    }
+
+    fn metadata_client(&self) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("a metadata client")
     }
 }
