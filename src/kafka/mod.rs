@@ -1,6 +1,7 @@
 //! ces-stream on Kafka: the `run` pipeline and what it is built from.
 
 pub mod claim_signature;
+pub mod committer;
 pub mod delivery;
 pub mod error;
 pub mod first_contact;

@@ -34,6 +34,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::customers::Slot;
 use crate::engine::{Outcome, Signal, SignalKind};
 use crate::event::{self, ParseContext, Parsed};
+use crate::kafka::committer::{Committer, Ended, Offsets};
 use crate::kafka::delivery::{
     copy_headers, headers, is_about_the_message, is_permanent, Delivery, OffsetTracker, Produced,
     SourceCodec,
@@ -59,6 +60,11 @@ const SCAN_EVERY: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_millis(50);
 /// How many messages ahead a customer's state is prefetched.
 const PREFETCH_DISTANCE: usize = 8;
+/// exactly_once: how many bytes of outputs a worker holds while its
+/// transaction commits before it stops scoring until the commit ends (a
+/// commit takes milliseconds; one that takes seconds must not grow the
+/// outputs held without bound).
+const HELD_MAX_BYTES: usize = 4 << 20;
 
 /// What every worker shares.
 pub(crate) struct Context {
@@ -244,6 +250,20 @@ impl<C: ConsumerContext + 'static> Pool<C> {
             };
             let (commands, rx) = mpsc::channel();
             let wake = Arc::new(Wake::default());
+            let txn = match txn {
+                Some(txn) => {
+                    let woken = Arc::clone(&wake);
+                    let committer =
+                        Committer::start(i, Arc::clone(&txn), Box::new(move || woken.notify()))
+                            .map_err(|e| {
+                                PipelineError::Producer(format!(
+                                    "cannot start the committer thread of worker {i}: {e}"
+                                ))
+                            })?;
+                    Some((txn, committer))
+                }
+                None => None,
+            };
             let worker = Worker::new(i, Arc::clone(&ctx), rx, Arc::clone(&wake), txn);
             let thread = std::thread::Builder::new()
                 .name(format!("ces-worker-{i}"))
@@ -429,6 +449,20 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Moves `other`'s messages to the end of this outbox (their bytes
+    /// with them); `other`'s counts and offsets stay.
+    fn append(&mut self, other: &mut Outbox) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        let shift = |r: Range<usize>| r.start + base..r.end + base;
+        self.out.extend(other.out.drain(..).map(|out| Out {
+            key: shift(out.key),
+            payload: out.payload.map(shift),
+            ..out
+        }));
+        other.bytes.clear();
+    }
+
     fn clear(&mut self, feeds: usize) {
         self.bytes.clear();
         self.out.clear();
@@ -463,6 +497,11 @@ struct Worker<C: ConsumerContext + 'static> {
     /// partitions' changelog records in them.
     txn: Option<Arc<Mutex<Transactions>>>,
     sink: Option<Arc<dyn RecordSink>>,
+    /// exactly_once: runs the commits, while the worker goes on.
+    committer: Option<Committer>,
+    /// exactly_once: outputs of the batches taken while a commit runs,
+    /// sent into the next transaction once it has ended.
+    held: Outbox,
     /// Commands taken while a rewind settled the worker's partitions, to
     /// be handled next.
     deferred: VecDeque<Command<C>>,
@@ -476,8 +515,12 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         ctx: Arc<Context>,
         commands: mpsc::Receiver<Command<C>>,
         wake: Arc<Wake>,
-        txn: Option<Arc<Mutex<Transactions>>>,
+        txn: Option<(Arc<Mutex<Transactions>>, Committer)>,
     ) -> Worker<C> {
+        let (txn, committer) = match txn {
+            Some((txn, committer)) => (Some(txn), Some(committer)),
+            None => (None, None),
+        };
         let model = Arc::clone(&ctx.shared.model);
         let kind_headers = SignalKind::NAMES
             .iter()
@@ -505,6 +548,8 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             kind_headers,
             txn,
             sink,
+            committer,
+            held: Outbox::default(),
             deferred: VecDeque::new(),
             last_commit: Instant::now(),
         }
@@ -554,6 +599,11 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// How long an idle worker waits for messages: no longer than until
     /// its open transaction is due to commit.
     fn idle_wait(&self) -> Duration {
+        // The committer wakes the worker when its commit ends (and holds
+        // the transactions' lock until then).
+        if self.commit_in_flight() {
+            return IDLE;
+        }
         let opened = self.txn.as_ref().and_then(|t| t.lock().opened_at());
         match opened {
             Some(at) => (at + self.ctx.kafka.commit_interval)
@@ -561,6 +611,11 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                 .min(IDLE),
             None => IDLE,
         }
+    }
+
+    /// exactly_once: whether a commit runs (outputs are held meanwhile).
+    fn commit_in_flight(&self) -> bool {
+        self.committer.as_ref().is_some_and(Committer::in_flight)
     }
 
     fn partitions(&self) -> Vec<i32> {
@@ -751,11 +806,28 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         self.send_outbox()
     }
 
+    /// Sends the outbox's messages; exactly_once, while a commit runs,
+    /// holds them for the next transaction instead.
     fn send_outbox(&mut self) -> Result<(), Halt> {
         if self.outbox.out.is_empty() {
             return Ok(());
         }
-        // exactly_once: into the worker's transaction, begun if need be.
+        if self.commit_in_flight() {
+            self.held.append(&mut self.outbox);
+            if self.held.bytes.len() >= HELD_MAX_BYTES {
+                return self.finish_commit(true);
+            }
+            return Ok(());
+        }
+        let outbox = std::mem::take(&mut self.outbox);
+        let result = self.send_all(&outbox);
+        self.outbox = outbox;
+        result
+    }
+
+    /// Sends `outbox`'s messages; exactly_once, into the worker's
+    /// transaction, begun if need be.
+    fn send_all(&self, outbox: &Outbox) -> Result<(), Halt> {
         let producer = match &self.txn {
             Some(txn) => {
                 let mut txn = txn.lock();
@@ -764,13 +836,10 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             }
             None => Arc::clone(&self.ctx.producer),
         };
-        let outbox = std::mem::take(&mut self.outbox);
-        let result = outbox
+        outbox
             .out
             .iter()
-            .try_for_each(|out| self.send(&producer, &outbox.bytes, out));
-        self.outbox = outbox;
-        result
+            .try_for_each(|out| self.send(&producer, &outbox.bytes, out))
     }
 
     fn send(
@@ -865,15 +934,21 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// wall-clock sweep, a step of a snapshot, a gauge scan.
     fn between_batches(&mut self, i: usize) -> Result<(), Halt> {
         let now = Instant::now();
+        self.finish_commit(false)?;
         if self.ctx.clock == Clock::Wall {
             self.sweep_step(i, now)?;
         }
-        let unit = &self.units[i];
-        if let Some(hooks) = &self.ctx.hooks {
-            hooks.tick(unit.partition, &mut unit.state.lock(), &self.ctx.progress());
+        // A snapshot step waits while a commit runs: its records belong
+        // in the next transaction, which does not exist yet.
+        if !self.commit_in_flight() {
+            let unit = &self.units[i];
+            if let Some(hooks) = &self.ctx.hooks {
+                hooks.tick(unit.partition, &mut unit.state.lock(), &self.ctx.progress());
+            }
+            // A snapshot step may have sent into the transaction, and failed.
+            self.unhandled_failure()?;
         }
-        // A snapshot step may have sent into the transaction, and failed.
-        self.unhandled_failure()?;
+        let unit = &self.units[i];
         if now >= unit.next_scan {
             let mut st = unit.state.lock();
             scan_gauges(&mut st, &self.ctx.shared);
@@ -898,8 +973,15 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// Events that produce no output open no transaction; their offsets
     /// still need one to be committed in: once the interval has passed
     /// since the last commit, a transaction is opened for them alone.
+    ///
+    /// The commit runs on the committer's thread; the worker goes on (see
+    /// `committer`).
     fn commit_when_due(&mut self) -> Result<(), Halt> {
-        let Some(txn) = &self.txn else {
+        if self.txn.is_none() {
+            return Ok(());
+        }
+        self.finish_commit(false)?;
+        let Some(txn) = self.txn.as_ref().filter(|_| !self.commit_in_flight()) else {
             return Ok(());
         };
         let interval = self.ctx.kafka.commit_interval;
@@ -909,9 +991,63 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             None => self.last_commit.elapsed() >= interval && self.offsets_moved(),
         };
         if due {
-            self.commit()?;
+            self.begin_commit()?;
         }
         Ok(())
+    }
+
+    /// exactly_once: once the commit in flight has ended (`wait`: waits
+    /// for it to end), marks its offsets committed and sends the outputs
+    /// held meanwhile, which open the next transaction; a commit that
+    /// failed rewinds (what was held goes: its events are processed
+    /// again).
+    fn finish_commit(&mut self, wait: bool) -> Result<(), Halt> {
+        let Some(committer) = &mut self.committer else {
+            return Ok(());
+        };
+        let ended = if wait {
+            committer.wait()
+        } else {
+            committer.poll()
+        };
+        match ended {
+            None => Ok(()),
+            Some(Ended::Committed(offsets)) => {
+                self.mark_committed(offsets);
+                if self.held.out.is_empty() {
+                    return Ok(());
+                }
+                let held = std::mem::take(&mut self.held);
+                let result = self.send_all(&held);
+                self.held = held;
+                self.held.clear(0);
+                result
+            }
+            Some(Ended::Failed(failure)) => {
+                self.held.clear(0);
+                Err(Halt::Rewind(failure))
+            }
+            Some(Ended::ThreadGone) => Err(Halt::Stop(PipelineError::Panicked)),
+        }
+    }
+
+    /// exactly_once, before the partitions go back to their last committed
+    /// state: waits for the commit in flight (it may commit) and drops the
+    /// outputs held meanwhile, whose events are processed again.
+    fn abandon_held(&mut self) {
+        if let Some(Ended::Committed(offsets)) = self.committer.as_mut().and_then(Committer::wait) {
+            self.mark_committed(offsets);
+        }
+        self.held.clear(0);
+    }
+
+    /// The broker confirmed a commit of `offsets`.
+    fn mark_committed(&mut self, offsets: Offsets) {
+        self.last_commit = Instant::now();
+        let mut tracker = self.ctx.tracker.lock();
+        for (topic, p, next) in offsets {
+            tracker.mark_committed(&topic, p, next);
+        }
     }
 
     /// Whether an offset of the worker's partitions moved past the
@@ -929,16 +1065,25 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         })
     }
 
-    /// exactly_once: commits the open transaction (or one opened for them)
-    /// with the next offset of every partition of the worker that moved
-    /// past its committed one; they count as committed once the broker
-    /// says so.
+    /// exactly_once: commits the open transaction (or one opened for
+    /// them) with the next offset of every partition of the worker that
+    /// moved past its committed one, and waits for the commit to end.
     fn commit(&mut self) -> Result<(), Halt> {
-        let Some(txn) = &self.txn else {
+        self.finish_commit(true)?;
+        self.begin_commit()?;
+        self.finish_commit(true)
+    }
+
+    /// exactly_once: hands the open transaction (or one opened for them)
+    /// to the committer with the next offset of every partition of the
+    /// worker that moved past its committed one; they count as committed
+    /// once the broker says so. No commit may be in flight.
+    fn begin_commit(&mut self) -> Result<(), Halt> {
+        let (Some(txn), Some(committer)) = (&self.txn, &mut self.committer) else {
             return Ok(());
         };
         let mut offsets = TopicPartitionList::new();
-        let mut moved = Vec::new();
+        let mut moved: Offsets = Vec::new();
         {
             let tracker = self.ctx.tracker.lock();
             for unit in &self.units {
@@ -967,12 +1112,9 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         let Some(group) = group else {
             return Err(Halt::Rewind(txn.abort(AbortCause::Error)));
         };
-        txn.commit(&offsets, group).map_err(Halt::Rewind)?;
         drop(txn);
-        self.last_commit = Instant::now();
-        let mut tracker = self.ctx.tracker.lock();
-        for (topic, p, next) in moved {
-            tracker.mark_committed(&topic, p, next);
+        if !committer.begin(offsets, group, moved) {
+            return Err(Halt::Stop(PipelineError::Panicked));
         }
         Ok(())
     }
@@ -987,8 +1129,12 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             return Ok(());
         };
         if how == Revocation::Lost {
+            self.abandon_held();
             return Err(Halt::Rewind(txn.lock().abort(AbortCause::Lost)));
         }
+        // The release snapshots go into a transaction after the one that
+        // commits now, if any.
+        self.finish_commit(true)?;
         if let Some(hooks) = &self.ctx.hooks {
             let deadline = Instant::now() + self.ctx.kafka.shutdown_timeout;
             for unit in self.units.iter().filter(|u| ps.contains(&u.partition)) {
@@ -1019,6 +1165,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// the committed offset only rebuild, the later ones are processed (and
     /// their outputs sent) again.
     fn rewind(&mut self, why: &Failure) {
+        self.abandon_held();
         if let Some(txn) = &self.txn {
             txn.lock().take_unhandled();
         }
