@@ -581,15 +581,8 @@ fn main() {
         for round in 0..rounds {
             for (label, bin) in [("A", &a), ("B", &b)] {
                 let group = format!("ab-{round}-{label}");
-                let (t, cpu, _) = drain_with_run(
-                    dir.path(),
-                    &bootstrap,
-                    "in",
-                    &ends,
-                    shape,
-                    &group,
-                    bin,
-                );
+                let (t, cpu, _) =
+                    drain_with_run(dir.path(), &bootstrap, "in", &ends, shape, &group, bin);
                 println!(
                     "{label} ({}): {:>9.0} msg/s   {:.2} CPU s per million",
                     bin.display(),

@@ -1612,3 +1612,56 @@ fn scan_gauges(st: &mut PartitionState, shared: &Shared) {
     st.score_ranges = ranges;
     st.segment_tiers = by_segment;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox_of(messages: &[(&str, Option<&str>)]) -> Outbox {
+        let mut outbox = Outbox::default();
+        for (key, payload) in messages {
+            let key = outbox.push_bytes(key.as_bytes());
+            let payload = payload.map(|p| outbox.push_bytes(p.as_bytes()));
+            outbox.out.push(Out {
+                dest: Dest::Output,
+                key,
+                payload,
+                headers: Ok(0),
+                opaque: 7,
+            });
+        }
+        outbox
+    }
+
+    fn read(outbox: &Outbox) -> Vec<(String, Option<String>)> {
+        let text =
+            |r: &Range<usize>| String::from_utf8_lossy(&outbox.bytes[r.clone()]).into_owned();
+        outbox
+            .out
+            .iter()
+            .map(|o| (text(&o.key), o.payload.as_ref().map(text)))
+            .collect()
+    }
+
+    /// Outputs held while a commit runs are sent later from the held
+    /// buffer: each must keep its own key and payload (a tombstone stays
+    /// one), batch after batch.
+    #[test]
+    fn held_outputs_keep_their_bytes_across_batches() {
+        let mut held = Outbox::default();
+        let mut first = outbox_of(&[("c-1", Some("{\"score\":1}")), ("c-2", None)]);
+        let mut second = outbox_of(&[("customer-3", Some("{\"score\":33}"))]);
+        held.append(&mut first);
+        held.append(&mut second);
+        let expected = vec![
+            ("c-1".to_string(), Some("{\"score\":1}".to_string())),
+            ("c-2".to_string(), None),
+            ("customer-3".to_string(), Some("{\"score\":33}".to_string())),
+        ];
+        assert_eq!(read(&held), expected);
+        assert!(first.out.is_empty() && first.bytes.is_empty());
+        assert!(second.out.is_empty() && second.bytes.is_empty());
+        held.clear(0);
+        assert!(held.out.is_empty() && held.bytes.is_empty());
+    }
+}
