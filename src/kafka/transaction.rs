@@ -9,7 +9,9 @@
 //! tombstone and changelog record of the worker's partitions until the
 //! next commit, which adds their input offsets with the consumer group's
 //! metadata (`send_offsets_to_transaction`): a member of an older
-//! generation cannot commit, so a zombie's work is never visible.
+//! generation cannot commit, so a zombie's work is never visible. The
+//! commit runs on the worker's committer thread (`committer`), which holds
+//! this producer's lock until it ends.
 //!
 //! Errors are classified as librdkafka classifies them: retriable (the
 //! same call again, until the deadline), abortable (abort; the worker

@@ -12,7 +12,9 @@
 //! Between batches the worker runs what would otherwise stall consumption:
 //! a part of a sweep, a step of a snapshot, a gauge scan of a partition.
 //! The consumer's own thread only serves callbacks (rebalances, statistics)
-//! and commits; see `pipeline` and `rebalance`.
+//! and commits; see `pipeline` and `rebalance`. In exactly_once mode each
+//! worker commits its own transaction, on a thread of its own while it
+//! goes on scoring (`committer`), holding the outputs meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
