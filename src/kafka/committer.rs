@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::kafka::transaction::{Failure, Transactions};
 
@@ -40,7 +40,7 @@ pub enum Ended {
 
 /// A commit for the committer's thread.
 struct Request {
-    offsets: TopicPartitionList,
+    offsets: Offsets,
     group: Arc<ConsumerGroupMetadata>,
 }
 
@@ -67,7 +67,12 @@ impl Committer {
             .name(format!("ces-commit-{worker}"))
             .spawn(move || {
                 for request in inbox {
-                    let result = txn.lock().commit(&request.offsets, request.group);
+                    let mut offsets = TopicPartitionList::new();
+                    for (topic, partition, next) in &request.offsets {
+                        let _ =
+                            offsets.add_partition_offset(topic, *partition, Offset::Offset(*next));
+                    }
+                    let result = txn.lock().commit(&offsets, request.group);
                     if answer.send(result).is_err() {
                         return;
                     }
@@ -87,23 +92,22 @@ impl Committer {
         self.in_flight.is_some()
     }
 
-    /// Hands the open transaction's commit over, with `offsets` (the
-    /// list the broker gets) and `moved` (the same, for the tracker).
-    /// One commit at a time: the caller waits for the last one first.
-    /// False when the committer's thread is gone.
-    pub fn begin(
-        &mut self,
-        offsets: TopicPartitionList,
-        group: Arc<ConsumerGroupMetadata>,
-        moved: Offsets,
-    ) -> bool {
+    /// Hands the open transaction's commit over, with the input
+    /// `offsets` it covers, in the group of `group`. One commit at a
+    /// time: the caller waits for the last one first. False when the
+    /// committer's thread is gone.
+    pub fn begin(&mut self, group: Arc<ConsumerGroupMetadata>, offsets: Offsets) -> bool {
         debug_assert!(self.in_flight.is_none(), "one commit at a time");
+        let request = Request {
+            offsets: offsets.clone(),
+            group,
+        };
         let sent = self
             .requests
             .as_ref()
-            .is_some_and(|r| r.send(Request { offsets, group }).is_ok());
+            .is_some_and(|r| r.send(request).is_ok());
         if sent {
-            self.in_flight = Some(moved);
+            self.in_flight = Some(offsets);
         }
         sent
     }

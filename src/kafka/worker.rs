@@ -31,7 +31,7 @@ use rdkafka::consumer::{ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
 
 use crate::customers::Slot;
 use crate::engine::{Outcome, Signal, SignalKind};
@@ -990,7 +990,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         let opened = txn.lock().opened_at();
         let due = match opened {
             Some(at) => at.elapsed() >= interval,
-            None => self.last_commit.elapsed() >= interval && self.offsets_moved(),
+            None => self.last_commit.elapsed() >= interval && !self.moved_offsets().is_empty(),
         };
         if due {
             self.begin_commit()?;
@@ -1052,19 +1052,24 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         }
     }
 
-    /// Whether an offset of the worker's partitions moved past the
-    /// committed one.
-    fn offsets_moved(&self) -> bool {
+    /// The next offset of every input partition of the worker that moved
+    /// past its committed one: what a commit now would carry. Never back
+    /// below the committed offset (a partition still rebuilding its state
+    /// is behind it).
+    fn moved_offsets(&self) -> Offsets {
         let tracker = self.ctx.tracker.lock();
-        self.units.iter().any(|u| {
-            u.feeds.iter().any(|f| {
-                tracker.next(&f.topic, u.partition).is_some_and(|n| {
-                    tracker
-                        .committed(&f.topic, u.partition)
-                        .is_none_or(|c| n > c)
-                })
-            })
-        })
+        let mut moved = Vec::new();
+        for unit in &self.units {
+            for feed in &unit.feeds {
+                let (topic, p) = (&*feed.topic, unit.partition);
+                if let Some(next) = tracker.next(topic, p) {
+                    if tracker.committed(topic, p).is_none_or(|c| next > c) {
+                        moved.push((Arc::clone(&feed.topic), p, next));
+                    }
+                }
+            }
+        }
+        moved
     }
 
     /// exactly_once: commits the open transaction (or one opened for
@@ -1081,27 +1086,10 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     /// worker that moved past its committed one; they count as committed
     /// once the broker says so. No commit may be in flight.
     fn begin_commit(&mut self) -> Result<(), Halt> {
+        let moved = self.moved_offsets();
         let (Some(txn), Some(committer)) = (&self.txn, &mut self.committer) else {
             return Ok(());
         };
-        let mut offsets = TopicPartitionList::new();
-        let mut moved: Offsets = Vec::new();
-        {
-            let tracker = self.ctx.tracker.lock();
-            for unit in &self.units {
-                for feed in &unit.feeds {
-                    let (topic, p) = (&*feed.topic, unit.partition);
-                    if let Some(next) = tracker.next(topic, p) {
-                        // Never back below the committed offset (a partition
-                        // still rebuilding its state is behind it).
-                        if tracker.committed(topic, p).is_none_or(|c| next > c) {
-                            let _ = offsets.add_partition_offset(topic, p, Offset::Offset(next));
-                            moved.push((Arc::clone(&feed.topic), p, next));
-                        }
-                    }
-                }
-            }
-        }
         let group = self.ctx.group.get().and_then(|g| g.group_metadata());
         let mut txn = txn.lock();
         if txn.opened_at().is_none() {
@@ -1115,7 +1103,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             return Err(Halt::Rewind(txn.abort(AbortCause::Error)));
         };
         drop(txn);
-        if !committer.begin(offsets, group, moved) {
+        if !committer.begin(group, moved) {
             return Err(Halt::Stop(PipelineError::Panicked));
         }
         Ok(())
