@@ -98,6 +98,9 @@ pub struct Metrics {
     pub transactions_aborted: Vec<IntCounter>,
     /// exactly_once: from a transaction's begin to its commit.
     pub transaction_seconds: Histogram,
+    /// exactly_once: partitions taken back to their last committed state
+    /// after a failed transaction (their later events are processed again).
+    pub partition_rewinds: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -343,6 +346,13 @@ impl Metrics {
             .iter()
             .map(|c| aborted.with_label_values(&[c]))
             .collect();
+        let partition_rewinds = IntCounter::new(
+            "ces_partition_rewinds_total",
+            "Partitions taken back to their last committed state after a failed Kafka transaction (guarantee = exactly_once): their events since are processed again.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(partition_rewinds.clone()))
+            .expect("unique metric");
         let transaction_seconds = histogram(
             "ces_transaction_duration_seconds",
             "From a Kafka transaction's begin to its commit (guarantee = exactly_once).",
@@ -408,6 +418,7 @@ impl Metrics {
             transactions_committed,
             transactions_aborted,
             transaction_seconds,
+            partition_rewinds,
         }
     }
 

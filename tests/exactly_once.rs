@@ -143,6 +143,82 @@ fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
     finish(&soak, &mut [a, b], &per_partition);
 }
 
+/// A member whose partitions were lost (frozen past its session, as the
+/// zombie above) rejoins, takes partitions again and works on them while
+/// events flow: the abort of its lost transaction must not reach into the
+/// transactions of its new partitions. It did: each of its workers, left
+/// without partitions, kept the lost transaction's failure, and after the
+/// next assignment took it for a failure of the new transaction, rewound
+/// without aborting it and sent its first batch's outputs into it a second
+/// time (30 duplicate outputs and 2 duplicate dead letters, in one
+/// committed transaction, on a loaded CI machine).
+#[test]
+fn a_member_whose_partitions_were_lost_works_on_new_ones_without_duplicates() {
+    let soak = Soak::build(PARTITIONS, "interval = \"300ms\"\nkeep = 3\n").exactly_once();
+    let per_partition = soak_stream(12_000, 300, 12, 47, PARTITIONS);
+    // The first part flows until a is frozen, the rest once a has rejoined.
+    let (first, rest): (Vec<_>, Vec<_>) = per_partition
+        .iter()
+        .map(|events| {
+            let (first, rest) = events.split_at(events.len() * 2 / 5);
+            (first.to_vec(), rest.to_vec())
+        })
+        .unzip();
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &first,
+        40,
+        Duration::from_millis(150),
+    );
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let mut b = soak.start_as("b", "b");
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a works", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_committed_total") > 0.0
+    });
+    a.signal("STOP");
+    b.wait_until("b owns every partition", Duration::from_secs(60), |b| {
+        b.metric("ces_assigned_partitions") == PARTITIONS as f64
+    });
+    a.signal("CONT");
+    // Once a has answered for its lost partitions (the gauge is set when
+    // every worker has handed them back), a rewind could only be for a
+    // failure of the transactions of the partitions it is given next.
+    a.wait_until("a's partitions are lost", Duration::from_secs(90), |a| {
+        a.losses() > 0.0 && a.metric("ces_assigned_partitions") == 0.0
+    });
+    let rewinds = a.metric("ces_partition_rewinds_total");
+    a.wait_until(
+        "a is given partitions again",
+        Duration::from_secs(90),
+        |a| a.metric("ces_assigned_partitions") > 0.0,
+    );
+    producer.join().expect("the producer");
+    let committed = a.metric("ces_transactions_committed_total");
+    let producer = produce_in_rounds(
+        &soak.bootstrap,
+        &soak.input,
+        &rest,
+        40,
+        Duration::from_millis(150),
+    );
+    a.wait_until(
+        "a commits work on its new partitions",
+        Duration::from_secs(90),
+        |a| a.metric("ces_transactions_committed_total") > committed + 5.0,
+    );
+    assert_eq!(
+        a.metric("ces_partition_rewinds_total"),
+        rewinds,
+        "a rewound partitions it was given after the loss, for no failure of theirs:\n{}",
+        a.log_text()
+    );
+    producer.join().expect("the producer");
+    finish(&soak, &mut [a, b], &per_partition);
+}
+
 /// A node of a three-node cluster (every topic with three replicas, two
 /// in sync, as production keeps them) is killed -9 while transactions are
 /// open: the transaction coordinator of the first worker's producer. The

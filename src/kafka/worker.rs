@@ -641,13 +641,13 @@ impl<C: ConsumerContext + 'static> Worker<C> {
                     let result = self.hand_back(&ps, how);
                     self.units.retain(|u| !ps.contains(&u.partition));
                     let _ = done.send(());
-                    match result {
-                        Err(Halt::Rewind(why)) if !self.units.is_empty() => {
-                            return Err(Halt::Rewind(why))
-                        }
-                        Err(Halt::Stop(e)) => return Err(Halt::Stop(e)),
-                        _ => {}
-                    }
+                    // A failed transaction is rewound for even when no
+                    // partition is left to rewind: the rewind takes the
+                    // failure and seals what the transaction touched. Left
+                    // pending, the failure was taken later for one of the
+                    // next partitions' transaction, which the rewind did
+                    // not abort: their first batch went out twice in it.
+                    result?;
                 }
                 Command::Message(m) => {
                     let Some(i) = self.units.iter().position(|u| u.partition == m.partition())
@@ -1157,7 +1157,18 @@ impl<C: ConsumerContext + 'static> Worker<C> {
     fn rewind(&mut self, why: &Failure) {
         self.abandon_held();
         if let Some(txn) = &self.txn {
-            txn.lock().take_unhandled();
+            let mut txn = txn.lock();
+            // The failure aborted the transaction already. Should one be
+            // open all the same, it goes too: the events whose outputs it
+            // holds are processed again, and their outputs sent again.
+            if txn.opened_at().is_some() {
+                tracing::warn!(
+                    worker = self.index,
+                    "a transaction was open at a rewind: aborting it"
+                );
+                txn.abort(AbortCause::Error);
+            }
+            txn.take_unhandled();
         }
         self.outbox.clear(0);
         let failed = self.partitions();
@@ -1165,7 +1176,14 @@ impl<C: ConsumerContext + 'static> Worker<C> {
         // group has given to another member, or to this one anew, would
         // move a position that is no longer this unit's.
         self.settle(&failed);
-        tracing::warn!(worker = self.index, partitions = ?failed, "rewinding to the last committed state: {why:?}");
+        if failed.is_empty() {
+            tracing::info!(
+                worker = self.index,
+                "transaction failed with no partition left to rewind: {why:?}"
+            );
+        } else {
+            tracing::warn!(worker = self.index, partitions = ?failed, "rewinding to the last committed state: {why:?}");
+        }
         let ctx = Arc::clone(&self.ctx);
         let group = ctx.group.get().cloned();
         self.seal_unfinished(group.as_deref());
@@ -1221,6 +1239,7 @@ impl<C: ConsumerContext + 'static> Worker<C> {
             }
             *unit.state.lock() = state;
             unit.sweep = None;
+            ctx.shared.metrics.partition_rewinds.inc();
             if let (Some(hooks), Some(sink)) = (&ctx.hooks, &self.sink) {
                 hooks.attach(p, Arc::clone(sink));
             }

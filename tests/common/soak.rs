@@ -133,10 +133,12 @@ impl Soak {
     /// Starts an instance logging to `NAME.log` with `instance_id` (kept
     /// by its restarts, so that each fences its predecessor).
     pub fn start_as(&self, name: &str, instance_id: &str) -> Instance {
+        // CES_TEST_RUST_LOG: a finer filter for a run under investigation.
+        let filter = std::env::var("CES_TEST_RUST_LOG");
         Instance::start_with(
             &self.config,
             &self.log(name),
-            "info,librdkafka=warn",
+            filter.as_deref().unwrap_or("info,librdkafka=warn"),
             &[("CES_KAFKA_INSTANCE_ID", instance_id)],
         )
     }
