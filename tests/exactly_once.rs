@@ -110,6 +110,26 @@ fn kill_9_soak_with_the_local_store_publishes_everything_exactly_once() {
     kill_soak("interval = \"300ms\"\nkeep = 3\n", 31);
 }
 
+/// Starts instances a and b, then freezes a (SIGSTOP) once it commits
+/// transactions, until its session has expired and b owns every
+/// partition, and resumes it: a comes back with its old generation, its
+/// partitions lost.
+fn freeze_a_past_its_session(soak: &Soak) -> (Instance, Instance) {
+    let mut a = soak.start_as("a", "a");
+    a.wait_assigned(Duration::from_secs(60));
+    let mut b = soak.start_as("b", "b");
+    b.wait_assigned(Duration::from_secs(60));
+    a.wait_until("a works", Duration::from_secs(60), |a| {
+        a.metric("ces_transactions_committed_total") > 0.0
+    });
+    a.signal("STOP");
+    b.wait_until("b owns every partition", Duration::from_secs(60), |b| {
+        b.metric("ces_assigned_partitions") == PARTITIONS as f64
+    });
+    a.signal("CONT");
+    (a, b)
+}
+
 #[test]
 fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
     // a is frozen (SIGSTOP) for longer than session.timeout.ms while it has
@@ -124,18 +144,7 @@ fn a_zombie_frozen_past_its_session_is_fenced_and_duplicates_nothing() {
         150,
         Duration::from_millis(150),
     );
-    let mut a = soak.start_as("a", "a");
-    a.wait_assigned(Duration::from_secs(60));
-    let mut b = soak.start_as("b", "b");
-    b.wait_assigned(Duration::from_secs(60));
-    a.wait_until("a works", Duration::from_secs(60), |a| {
-        a.metric("ces_transactions_committed_total") > 0.0
-    });
-    a.signal("STOP");
-    b.wait_until("b owns every partition", Duration::from_secs(60), |b| {
-        b.metric("ces_assigned_partitions") == PARTITIONS as f64
-    });
-    a.signal("CONT");
+    let (mut a, b) = freeze_a_past_its_session(&soak);
     a.wait_until("a aborts what it had open", Duration::from_secs(60), |a| {
         a.metric("ces_transactions_aborted_total") > 0.0
     });
@@ -171,18 +180,7 @@ fn a_member_whose_partitions_were_lost_works_on_new_ones_without_duplicates() {
         40,
         Duration::from_millis(150),
     );
-    let mut a = soak.start_as("a", "a");
-    a.wait_assigned(Duration::from_secs(60));
-    let mut b = soak.start_as("b", "b");
-    b.wait_assigned(Duration::from_secs(60));
-    a.wait_until("a works", Duration::from_secs(60), |a| {
-        a.metric("ces_transactions_committed_total") > 0.0
-    });
-    a.signal("STOP");
-    b.wait_until("b owns every partition", Duration::from_secs(60), |b| {
-        b.metric("ces_assigned_partitions") == PARTITIONS as f64
-    });
-    a.signal("CONT");
+    let (mut a, b) = freeze_a_past_its_session(&soak);
     // Once a has answered for its lost partitions (the gauge is set when
     // every worker has handed them back), a rewind could only be for a
     // failure of the transactions of the partitions it is given next.
