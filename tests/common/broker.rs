@@ -71,11 +71,48 @@ pub fn tansu_bin() -> PathBuf {
         })
 }
 
+/// A free port on loopback for a listener started later (a broker, an
+/// instance's HTTP server), taken **below the kernel's ephemeral range**:
+/// a port the kernel hands out (`bind(0)`) is also one it gives the next
+/// outgoing connection, and a client's connection took one between the
+/// pick and the broker's bind (a cluster node exited with "Address already
+/// in use"), or while a killed broker was down before its restart on the
+/// same port. Ports are handed out once per process, starting at a point
+/// of the range that depends on the process id, so that test binaries run
+/// one after the other do not reuse each other's last ports at once.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on loopback")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<(HashSet<u16>, u32)>> = Mutex::new(None);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let from = ephemeral_from.saturating_sub(12_000).max(10_000);
+    if ephemeral_from <= from {
+        // An unusual ephemeral range: leave the choice to the kernel.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port on loopback");
+    }
+    let span = ephemeral_from - from;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let (ports, next) = given.get_or_insert_with(|| (HashSet::new(), std::process::id() * 7));
+    for _ in 0..span {
+        *next = next.wrapping_add(1);
+        let port = (from + *next % span) as u16;
+        if ports.contains(&port) {
+            continue;
+        }
+        // Free now (nothing listens there); outgoing connections do not
+        // take ports outside the ephemeral range.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port on loopback between {from} and {ephemeral_from}")
 }
 
 /// A broker process; killed, and its directory removed, on drop.
